@@ -1,0 +1,1 @@
+"""moe-jax: Mixture-of-Experts routing research in JAX/Flax."""

@@ -1,0 +1,95 @@
+"""Feed-forward blocks: a functional core and two thin Flax modules.
+
+`FeedForward` is the dense FFN (also the shared, always-on experts of DeepSeekMoE: n shared experts
+of width f are exactly one FFN of width n * f). `Experts` holds E expert FFNs as stacked weights
+[E, d, f] and runs them on capacity buffers [E, C, d] or on expert-sorted ragged rows.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = ('swiglu', 'gelu')
+
+
+def feed_forward(matmul: Callable, x, w_in, w_out, w_gate=None):
+  """out = (act(x @ w_in) [* silu(x @ w_gate)]) @ w_out, with `matmul` doing each product.
+
+  SwiGLU when w_gate is given (h = (x @ w_in) * silu(x @ w_gate)), else GELU (h = gelu(x @ w_in)).
+  """
+  h = matmul(x, w_in)
+  h = h * nn.silu(matmul(x, w_gate)) if w_gate is not None else nn.gelu(h)
+  return matmul(h, w_out)
+
+
+def _dense(x, w):
+  return jnp.einsum('...d,df->...f', x, w)
+
+
+def _batched(x, w):
+  return jnp.einsum('ecd,edf->ecf', x, w)
+
+
+def _check_activation(activation: str) -> None:
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'activation must be one of {ACTIVATIONS}, got {activation!r}.')
+
+
+def _kernel_init(batch_axis=()):
+  return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=-2,
+                                          out_axis=-1, batch_axis=batch_axis)
+
+
+class FeedForward(nn.Module):
+  """Dense FFN. x: [..., d] -> [..., d]."""
+  d_ff: int
+  activation: str = 'swiglu'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    _check_activation(self.activation)
+    d = x.shape[-1]
+    w_in = self.param('w_in', _kernel_init(), (d, self.d_ff))
+    w_out = self.param('w_out', _kernel_init(), (self.d_ff, d))
+    w_gate = (self.param('w_gate', _kernel_init(), (d, self.d_ff))
+              if self.activation == 'swiglu' else None)
+    cast = lambda w: None if w is None else w.astype(self.dtype)
+    return feed_forward(_dense, x.astype(self.dtype), cast(w_in), cast(w_out), cast(w_gate))
+
+
+class Experts(nn.Module):
+  """E expert FFNs with stacked weights w_in/w_gate [E, d, f], w_out [E, f, d].
+
+  `num_experts` may be a shard of all experts (expert parallelism): the module only sees its own.
+  """
+  num_experts: int
+  d_model: int
+  d_ff: int
+  activation: str = 'swiglu'
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    _check_activation(self.activation)
+    e, d, f = self.num_experts, self.d_model, self.d_ff
+    init = _kernel_init(batch_axis=(0,))
+    self.w_in = self.param('w_in', init, (e, d, f))
+    self.w_out = self.param('w_out', init, (e, f, d))
+    self.w_gate = self.param('w_gate', init, (e, d, f)) if self.activation == 'swiglu' else None
+
+  def _weights(self):
+    cast = lambda w: None if w is None else w.astype(self.dtype)
+    return cast(self.w_in), cast(self.w_out), cast(self.w_gate)
+
+  def __call__(self, buffers: jax.Array) -> jax.Array:
+    """buffers: [E, C, d] -> [E, C, d]."""
+    return feed_forward(_batched, buffers.astype(self.dtype), *self._weights())
+
+  def ragged(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """rows: [N, d] sorted by expert, group_sizes: [E] -> [N, d] (grouped matmul)."""
+    matmul = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes,
+                                             preferred_element_type=jnp.float32).astype(x.dtype)
+    return feed_forward(matmul, rows.astype(self.dtype), *self._weights())

@@ -1,0 +1,110 @@
+"""Analytic FLOPs and parameter counts, and equal-FLOPs sizing of router comparisons.
+
+Conventions: forward FLOPs per token, a multiply-add counts 2. Experts count *as executed*: a
+capacity-bounded layer runs E * C slots per group of n tokens whether they are full or not, so
+capacity padding counts. Counted: router logits, Soft MoE's dispatch/combine products, expert and
+shared-expert FFNs. Not counted (O(d) per token, equal across routers): softmax/top-k, the combine
+weighting, norms and residuals. The one-hot 'einsum' dispatch reference does extra work that is an
+implementation choice, not part of the model, and is not counted either.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from moe_jax.routing.capacity import expert_capacity
+from moe_jax.spec import MoESpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """The token layout FLOPs depend on: a batch of `batch_size` sequences of `seq_len` tokens."""
+  batch_size: int
+  seq_len: int
+
+  def group_size(self, group_by: str) -> int:
+    """Tokens routed together (see `MoESpec.group_by`)."""
+    return {'sequence': self.seq_len, 'position': self.batch_size,
+            'batch': self.batch_size * self.seq_len}[group_by]
+
+
+def ffn_matrices(activation: str) -> int:
+  """Weight matrices of an FFN: 3 for SwiGLU (in, gate, out), 2 for GELU."""
+  return 3 if activation == 'swiglu' else 2
+
+
+def ffn_flops(d_model: int, d_ff: int, activation: str = 'swiglu') -> float:
+  """Forward FLOPs per token of a dense FFN."""
+  return 2.0 * d_model * d_ff * ffn_matrices(activation)
+
+
+def expert_slots_per_token(spec: MoESpec, shape: Shape) -> float:
+  """Routed-expert FFN evaluations per token as executed (capacity padding included)."""
+  if spec.capacity_factor is None:  # dropless: exactly k per token
+    return float(spec.k)
+  n = shape.group_size(spec.group_by)
+  if spec.router == 'soft':
+    slots = spec.slots_per_expert
+  else:
+    k = spec.k if spec.router == 'token_choice' else 1
+    slots = expert_capacity(n, spec.num_experts, spec.capacity_factor, k)
+  return spec.num_experts * slots / n
+
+
+def router_flops(spec: MoESpec, d_model: int) -> float:
+  """Router logits, plus Soft MoE's dispatch and combine products, per token."""
+  if spec.router == 'soft':
+    slots = spec.num_experts * spec.slots_per_expert
+    return 2.0 * d_model * slots * 3  # logits, dispatch, combine
+  return 2.0 * d_model * spec.num_experts
+
+
+def moe_flops(spec: MoESpec, d_model: int, shape: Shape) -> float:
+  """Forward FLOPs per token of an MoE layer as executed."""
+  per_expert = ffn_flops(d_model, spec.d_ff, spec.activation)
+  return (router_flops(spec, d_model) + spec.num_shared_experts * per_expert
+          + expert_slots_per_token(spec, shape) * per_expert)
+
+
+def layer_flops(spec: MoESpec | None, d_model: int, d_ff: int, shape: Shape,
+                activation: str = 'swiglu') -> float:
+  """FFN-layer FLOPs per token: the MoE layer, or a dense FFN of width d_ff when spec is None."""
+  return ffn_flops(d_model, d_ff, activation) if spec is None else moe_flops(spec, d_model, shape)
+
+
+def moe_params(spec: MoESpec, d_model: int, shape: Shape) -> tuple[int, float]:
+  """(total, active per token) parameters of an MoE layer."""
+  per_expert = ffn_matrices(spec.activation) * d_model * spec.d_ff
+  router = d_model * spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1)
+  router += int(spec.router == 'soft')  # learnable scale
+  shared = spec.num_shared_experts * per_expert
+  total = router + shared + spec.num_experts * per_expert
+  active = router + shared + min(expert_slots_per_token(spec, shape), spec.num_experts) * per_expert
+  return total, active
+
+
+def size_to_budget(spec: MoESpec, d_model: int, shape: Shape, budget: float) -> MoESpec:
+  """Returns `spec` with the expert width d_ff that brings its FLOPs closest to `budget`.
+
+  FLOPs are affine in d_ff, so the width is solved for directly and rounded to an integer.
+  """
+  at_one = moe_flops(spec.replace(d_ff=1), d_model, shape)
+  per_unit = moe_flops(spec.replace(d_ff=2), d_model, shape) - at_one
+  d_ff = round((budget - at_one) / per_unit) + 1
+  if d_ff < 1:
+    raise ValueError(
+        f'a FLOP budget of {budget:.4g}/token cannot fit this MoE layer: its router alone costs '
+        f'{at_one - per_unit:.4g}. Raise the budget (a wider dense d_ff) or use fewer experts/slots.')
+  return spec.replace(d_ff=d_ff)
+
+
+def check_equal_flops(flops: Mapping[str, float], budget: float, tolerance: float) -> None:
+  """Raises ValueError naming every member whose FLOPs/token miss `budget` by more than tolerance."""
+  misses = {name: value / budget - 1 for name, value in flops.items()
+            if abs(value / budget - 1) > tolerance}
+  if misses:
+    lines = [f'  {name}: {flops[name]:.4g} FLOPs/token ({miss:+.1%})' for name, miss in misses.items()]
+    raise ValueError(
+        f'unequal FLOPs: these members miss the budget of {budget:.4g} FLOPs/token by more than '
+        f'{tolerance:.1%}:\n' + '\n'.join(lines) + '\nLet the sweep size them (size_to_budget, '
+        'config.size_experts=True) or change their d_ff / k / capacity_factor.')

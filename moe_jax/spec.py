@@ -1,0 +1,123 @@
+"""`MoESpec`: one validated description of an MoE layer, shared by the layer, FLOP counts and configs.
+
+Every field is checked when the spec is built, before anything is traced or compiled, and a bad
+value raises a ValueError that names the config field (`config.moe.<field>`) and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+ROUTERS = ('token_choice', 'expert_choice', 'soft')
+GROUPINGS = ('sequence', 'position', 'batch')
+SCORES = ('softmax', 'sigmoid')
+PRIORITIES = ('choice', 'token', 'batch')
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+  """An MoE FFN layer.
+
+  Attributes:
+    router: 'token_choice' (Switch k=1, GShard/Mixtral k=2, DeepSeek with score='sigmoid'),
+      'expert_choice' or 'soft'.
+    num_experts: E routed experts (fine-grained experts: more, narrower ones; see flops.py).
+    d_ff: hidden width of each routed expert (and of each shared expert).
+    k: experts per token (token choice).
+    capacity_factor: slot multiplier; None = dropless (token choice only).
+    slots_per_expert: S (Soft MoE).
+    num_shared_experts: always-on experts of width d_ff (DeepSeekMoE), run as one dense FFN.
+    score: 'softmax' or 'sigmoid' token-choice affinities.
+    renormalize: rescale kept top-k weights to sum to 1 (None: router's default).
+    priority: capacity priority: 'choice', 'token' (causal) or 'batch' (BPR).
+    bias_update_rate: > 0 turns on auxiliary-loss-free balancing (needs score='sigmoid').
+    jitter: multiplicative jitter eps on the router input in training (Switch).
+    noise_std: Gaussian noise on router logits in training (noisy top-k).
+    load_balancing_coef, z_loss_coef: auxiliary loss weights.
+    group_by: token groups routed together: 'sequence' (each sequence), 'position' (the same
+      position across the batch: causal for expert choice and Soft MoE), 'batch' (all tokens).
+    dispatch: 'gather', 'einsum' or 'ragged' (see dispatch.py).
+    activation: 'swiglu' or 'gelu'.
+  """
+  router: str = 'token_choice'
+  num_experts: int = 8
+  d_ff: int = 256
+  k: int = 1
+  capacity_factor: float | None = 1.25
+  slots_per_expert: int = 1
+  num_shared_experts: int = 0
+  score: str = 'softmax'
+  renormalize: bool | None = None
+  priority: str = 'choice'
+  bias_update_rate: float = 0.0
+  jitter: float = 0.0
+  noise_std: float = 0.0
+  load_balancing_coef: float = 0.01
+  z_loss_coef: float = 1e-3
+  group_by: str = 'sequence'
+  dispatch: str = 'gather'
+  activation: str = 'swiglu'
+
+  def __post_init__(self):
+    _one_of('router', self.router, ROUTERS)
+    _one_of('group_by', self.group_by, GROUPINGS)
+    _one_of('score', self.score, SCORES)
+    _one_of('priority', self.priority, PRIORITIES)
+    _one_of('dispatch', self.dispatch, ('gather', 'einsum', 'ragged'))
+    _one_of('activation', self.activation, ('swiglu', 'gelu'))
+    _positive('num_experts', self.num_experts)
+    _positive('d_ff', self.d_ff)
+    _positive('slots_per_expert', self.slots_per_expert)
+    if self.num_shared_experts < 0:
+      _fail('num_shared_experts', self.num_shared_experts, 'use 0 or more shared experts')
+    if self.router == 'token_choice' and not 1 <= self.k <= self.num_experts:
+      _fail('k', self.k, f'choose 1 <= k <= num_experts={self.num_experts}')
+    if self.capacity_factor is None:
+      if self.router != 'token_choice':
+        _fail('capacity_factor', None, f'dropless routing is token choice only; give the '
+              f'{self.router} router a positive capacity_factor')
+    elif self.capacity_factor <= 0:
+      _fail('capacity_factor', self.capacity_factor, 'use a positive factor, or None for dropless')
+    if self.dispatch == 'ragged' and self.capacity_factor is not None:
+      _fail('dispatch', 'ragged', "ragged dispatch runs dropless routing: set capacity_factor=None "
+            "or use dispatch='gather'")
+    if self.bias_update_rate < 0:
+      _fail('bias_update_rate', self.bias_update_rate, 'use 0 (off) or a positive rate')
+    if self.bias_update_rate > 0 and (self.router != 'token_choice' or self.score != 'sigmoid'):
+      _fail('bias_update_rate', self.bias_update_rate, "auxiliary-loss-free balancing needs "
+            "router='token_choice' and score='sigmoid'")
+    for name in ('jitter', 'noise_std', 'load_balancing_coef', 'z_loss_coef'):
+      if getattr(self, name) < 0:
+        _fail(name, getattr(self, name), 'use a value >= 0')
+
+  @property
+  def active_experts(self) -> int:
+    """Routed experts per token as FLOPs see them (k for token choice, capacity for the others)."""
+    return self.k if self.router == 'token_choice' else 1
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> 'MoESpec':
+    """Builds a spec from a dict / ml_collections ConfigDict, rejecting unknown fields."""
+    values = dict(config.items())
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f'config.moe has unknown field(s) {unknown}; known fields: {sorted(known)}.')
+    return cls(**values)
+
+  def replace(self, **changes) -> 'MoESpec':
+    return dataclasses.replace(self, **changes)
+
+
+def _fail(field: str, value, fix: str):
+  raise ValueError(f'config.moe.{field}={value!r} is invalid: {fix}.')
+
+
+def _one_of(field: str, value, allowed):
+  if value not in allowed:
+    _fail(field, value, f'choose one of {allowed}')
+
+
+def _positive(field: str, value):
+  if not isinstance(value, int) or value < 1:
+    _fail(field, value, 'use a positive integer')

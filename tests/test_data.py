@@ -1,0 +1,127 @@
+"""Data pipeline tests on the real Tiny Shakespeare file, offline and without TensorFlow."""
+
+import importlib.util
+import pathlib
+import shutil
+import socket
+import sys
+
+import numpy as np
+import pytest
+
+from moe_jax import data
+from moe_jax.datasets import TinyShakespeareManual
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+INPUT_TXT = SHARED_DATA / 'tiny_shakespeare' / 'input.txt'
+TEXT = INPUT_TXT.read_bytes().decode('utf-8')
+
+
+def _no_network(*args, **kwargs):
+  raise AssertionError('network access attempted')
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  """(data_dir, splits): tiny_shakespeare prepared into a fresh data_dir, network blocked."""
+  data_dir = tmp_path_factory.mktemp('tfds')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(socket.socket, 'connect', _no_network)
+    mp.setattr(socket, 'getaddrinfo', _no_network)
+    mp.delenv(data.DATA_DIR_ENV, raising=False)
+    splits = data.load_text_splits('tiny_shakespeare', data_dir=data_dir)
+  return data_dir, splits
+
+
+def test_splits_follow_stock_rule(prepared):
+  data_dir, splits = prepared
+  assert set(splits) == {'train', 'validation', 'test'}
+  i = int(len(TEXT) * 0.9)
+  j = i + int((len(TEXT) - i) * 0.5)
+  assert (len(splits['train']), len(splits['validation']), len(splits['test'])) == (
+      i, j - i, len(TEXT) - j)
+  assert (i, j, len(TEXT)) == (1003854, 1059624, 1115394)
+  assert splits['train'] + splits['validation'] + splits['test'] == TEXT
+
+
+def test_prepared_as_array_record_without_tensorflow(prepared):
+  if importlib.util.find_spec('tensorflow'):
+    pytest.skip('TensorFlow is installed here, so its absence cannot be checked')
+  assert 'tensorflow' not in sys.modules
+  files = prepared[0].glob('tiny_shakespeare_manual/1.0.0/*.array_record*')
+  assert sorted(p.name for p in files) == [
+      f'tiny_shakespeare_manual-{split}.array_record-00000-of-00001'
+      for split in ('test', 'train', 'validation')]
+
+
+def test_second_load_reuses_prepared_files(prepared, monkeypatch, tmp_path):
+  data_dir, splits = prepared
+  files = {p: p.stat().st_mtime_ns for p in data_dir.rglob('*') if p.is_file()}
+
+  def fail(*args, **kwargs):
+    raise AssertionError('data set prepared again')
+
+  monkeypatch.setattr(TinyShakespeareManual, '_split_generators', fail)
+  # The source file is not even needed once prepared.
+  assert data.load_text_splits(data_dir=data_dir, manual_dir=tmp_path) == splits
+  assert {p: p.stat().st_mtime_ns for p in data_dir.rglob('*') if p.is_file()} == files
+
+
+def test_find_manual_dir_resolution(monkeypatch, tmp_path):
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  assert data.find_manual_dir('tiny_shakespeare') == INPUT_TXT.parent
+  (tmp_path / 'tiny_shakespeare').mkdir()
+  shutil.copy(INPUT_TXT, tmp_path / 'tiny_shakespeare')
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+  assert data.find_manual_dir('tiny_shakespeare') == tmp_path / 'tiny_shakespeare'
+  # An explicit manual dir wins; it may hold the file or a <name>/ folder with it.
+  assert data.find_manual_dir('tiny_shakespeare', SHARED_DATA) == INPUT_TXT.parent
+  assert data.find_manual_dir('tiny_shakespeare', INPUT_TXT.parent) == INPUT_TXT.parent
+
+
+@pytest.mark.parametrize('via', ['argument', 'env'])
+def test_missing_data_set_names_it_and_the_fix(via, monkeypatch, tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(empty))
+  manual_dir = empty if via == 'argument' else None
+  with pytest.raises(FileNotFoundError) as info:
+    data.load_text_splits(data_dir=tmp_path / 'tfds', manual_dir=manual_dir)
+  message = str(info.value)
+  for part in ['tiny_shakespeare', str(empty), '--config.data.manual_dir', data.DATA_DIR_ENV]:
+    assert part in message
+
+
+def test_encode_decode_round_trip():
+  ids = data.encode(TEXT)
+  assert ids.dtype == np.uint8 and ids.shape == (len(TEXT.encode('utf-8')),)
+  assert data.VOCAB_SIZE == 256
+  assert data.decode(ids) == TEXT
+  assert data.decode(data.encode('Roméo — ')) == 'Roméo — '
+  with pytest.raises(ValueError):
+    data.decode([256])
+
+
+def test_train_batch(prepared):
+  train = prepared[1]['train']
+  tokens = data.encode(train)
+  batch = data.train_batch(tokens, step=7, batch_size=4, seq_len=32, seed=0)
+  assert batch.shape == (4, 33) and batch.dtype == np.int32
+  np.testing.assert_array_equal(batch, data.train_batch(tokens, 7, 4, 32, seed=0))
+  assert not np.array_equal(batch, data.train_batch(tokens, 8, 4, 32, seed=0))
+  assert not np.array_equal(batch, data.train_batch(tokens, 7, 4, 32, seed=1))
+  for row in batch:
+    # Each row is a contiguous slice of the split, so targets row[1:] follow inputs row[:-1].
+    assert data.decode(row) in train
+
+
+def test_eval_batches(prepared):
+  tokens = data.encode(prepared[1]['validation'])
+  batches = data.eval_batches(tokens, batch_size=3, seq_len=16, num_batches=2)
+  assert batches.shape == (2, 3, 17) and batches.dtype == np.int32
+  np.testing.assert_array_equal(batches, data.eval_batches(tokens, 3, 16, 2))
+  windows = batches.reshape(6, 17)
+  np.testing.assert_array_equal(windows[:, :-1].ravel(), tokens[:96])  # inputs tile the start
+  np.testing.assert_array_equal(windows[:, 1:].ravel(), tokens[1:97])  # and so do targets
+  with pytest.raises(ValueError):
+    data.eval_batches(tokens[:96], 3, 16, 2)
