@@ -1,0 +1,1 @@
+"""Models built from MoE layers: the decoder-only transformer LM."""

@@ -1,0 +1,204 @@
+"""Decoder-only byte-level transformer LM with MoE FFNs in every `moe_every`-th block.
+
+tokens [B, L] -> embed (V=256) -> num_layers pre-norm blocks -> RMSNorm -> unembed -> logits.
+A block is x += attn(norm(x)); x += ffn(norm(x)), with causal multi-head self-attention using
+rotary position embeddings (RoPE). Block i holds an MoE FFN (`MoELayer`) when
+(i + 1) % moe_every == 0, else a dense `FeedForward` of width d_ff; moe_every=0 is a dense model.
+The output projection is a separate (untied) [d, V] matrix: with a 256-byte vocabulary it costs
+little and keeps the input embedding free of the output's scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import flops
+from moe_jax.data import VOCAB_SIZE
+from moe_jax.experts import ACTIVATIONS, FeedForward
+from moe_jax.layers import MoELayer
+from moe_jax.spec import MoESpec
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """The LM's shape (`config.model`); the MoE FFN is described separately by a `MoESpec`."""
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  d_ff: int = 512
+  moe_every: int = 2
+  activation: str = 'swiglu'
+  dtype: str = 'float32'
+  rope_base: float = 10_000.0
+  vocab_size: int = VOCAB_SIZE
+
+  def __post_init__(self):
+    for name in ('d_model', 'num_layers', 'num_heads', 'd_ff', 'vocab_size'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        _fail(name, value, 'use a positive integer')
+    if self.d_model % self.num_heads:
+      _fail('num_heads', self.num_heads, f'it must divide d_model={self.d_model}')
+    if self.head_dim % 2:
+      _fail('num_heads', self.num_heads, f'RoPE needs an even head size, and d_model / num_heads '
+            f'= {self.head_dim}; pick num_heads so that d_model / num_heads is even')
+    if not isinstance(self.moe_every, int) or self.moe_every < 0:
+      _fail('moe_every', self.moe_every, 'use 0 (dense) or a positive integer')
+    if self.moe_every > self.num_layers:
+      _fail('moe_every', self.moe_every, f'with num_layers={self.num_layers} no block would be '
+            'MoE; use moe_every <= num_layers, or 0 for a dense model')
+    if self.activation not in ACTIVATIONS:
+      _fail('activation', self.activation, f'choose one of {ACTIVATIONS}')
+    if self.dtype not in DTYPES:
+      _fail('dtype', self.dtype, f'choose one of {DTYPES}')
+    if self.rope_base <= 0:
+      _fail('rope_base', self.rope_base, 'use a positive base (10000 is standard)')
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  def is_moe(self, block: int) -> bool:
+    return self.moe_every > 0 and (block + 1) % self.moe_every == 0
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> 'TransformerConfig':
+    """From `config.model` (dict or ConfigDict), rejecting unknown fields."""
+    values = dict(config.items())
+    known = {f.name for f in dataclasses.fields(cls)} - {'vocab_size'}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f'config.model has unknown field(s) {unknown}; known fields: '
+                       f'{sorted(known)}.')
+    return cls(**values)
+
+
+def _fail(field: str, value, fix: str):
+  raise ValueError(f'config.model.{field}={value!r} is invalid: {fix}.')
+
+
+def from_config(config) -> tuple[TransformerConfig, MoESpec | None]:
+  """(model config, MoE spec or None for a dense model) from a full experiment config."""
+  model = TransformerConfig.from_config(config.model)
+  spec = MoESpec.from_config(config.moe) if 'moe' in config else None
+  if model.moe_every and spec is None:
+    raise ValueError(f'config.model.moe_every={model.moe_every} needs a config.moe section; add '
+                     'one or set moe_every=0 for a dense model.')
+  return model, spec if model.moe_every else None
+
+
+def rope(x: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form). x: [B, L, H, D] -> [B, L, H, D]."""
+  length, dim = x.shape[1], x.shape[-1]
+  freqs = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # [D/2]
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * freqs  # [L, D/2]
+  cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Softmax attention in float32 with a causal mask. q, k, v: [B, L, H, D] -> [B, L, H, D]."""
+  length = q.shape[1]
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
+  mask = jnp.tril(jnp.ones((length, length), bool))
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention with RoPE. x: [B, L, d] -> [B, L, d]."""
+  num_heads: int
+  rope_base: float = 10_000.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    heads = (self.num_heads, d // self.num_heads)
+    project = lambda name: nn.DenseGeneral(heads, use_bias=False, dtype=self.dtype, name=name)(x)
+    q, k, v = project('query'), project('key'), project('value')  # [B, L, H, D]
+    out = causal_attention(rope(q, self.rope_base), rope(k, self.rope_base), v)
+    return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, name='out')(out)
+
+
+class Block(nn.Module):
+  """Pre-norm block: x += attn(norm(x)); x += ffn(norm(x)). x: [B, L, d] -> ([B, L, d], aux).
+
+  aux is the MoE layer's aux dict, or None for a dense FFN.
+  """
+  config: TransformerConfig
+  spec: MoESpec | None = None
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    x = x + Attention(cfg.num_heads, cfg.rope_base, dtype, name='attention')(
+        nn.RMSNorm(dtype=dtype, name='attention_norm')(x))
+    h = nn.RMSNorm(dtype=dtype, name='ffn_norm')(x)
+    if self.spec is None:
+      return x + FeedForward(cfg.d_ff, cfg.activation, dtype, name='ffn')(h), None
+    y, aux = MoELayer(self.spec, dtype, name='moe')(h, train=train)
+    return x + y, aux
+
+
+class Transformer(nn.Module):
+  """Byte LM. tokens [B, L] int -> (logits [B, L, V] float32, aux).
+
+  aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
+         'layers': {block_name: the MoE layer's metrics plus its unweighted
+                    'load_balancing_loss' and 'z_loss'}}.
+  Training with a router that has jitter or noise needs the 'router' RNG stream; aux-loss-free
+  balancing needs `mutable=['router_bias']` (see `MoELayer`).
+  """
+  config: TransformerConfig
+  spec: MoESpec | None = None
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    if cfg.moe_every and self.spec is None:
+      raise ValueError(f'moe_every={cfg.moe_every} needs a MoESpec; pass spec=, or moe_every=0.')
+    x = nn.Embed(cfg.vocab_size, cfg.d_model, name='embed')(tokens).astype(dtype)
+    aux = {'loss': jnp.zeros((), jnp.float32), 'layers': {}}
+    for i in range(cfg.num_layers):
+      name = f'block_{i}'
+      x, layer_aux = Block(cfg, self.spec if cfg.is_moe(i) else None, name=name)(x, train=train)
+      if layer_aux is not None:
+        aux['loss'] = aux['loss'] + layer_aux['loss']
+        aux['layers'][name] = {**layer_aux['metrics'],
+                               **{f'{k}_loss': v for k, v in layer_aux['losses'].items()}}
+    x = nn.RMSNorm(dtype=dtype, name='final_norm')(x)
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name='unembed')(x)
+    return logits.astype(jnp.float32), aux
+
+
+def build(config) -> Transformer:
+  """The LM described by a full experiment config (`config.model`, `config.moe`)."""
+  return Transformer(*from_config(config))
+
+
+def _counts(config, count):
+  model, spec = from_config(config)
+  return count(spec, d_model=model.d_model, num_layers=model.num_layers, d_ff=model.d_ff,
+               moe_every=model.moe_every, vocab_size=model.vocab_size,
+               shape=flops.Shape(config.data.batch_size, config.data.seq_len),
+               activation=model.activation)
+
+
+def model_flops_per_token(config) -> float:
+  """Forward FLOPs per token as executed (see `flops.transformer_flops`); training is ~3x."""
+  return _counts(config, flops.transformer_flops)
+
+
+def param_counts(config) -> tuple[int, float]:
+  """(total, active per token) parameters (see `flops.transformer_params`)."""
+  return _counts(config, flops.transformer_params)
