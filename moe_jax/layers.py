@@ -76,9 +76,20 @@ class MoELayer(nn.Module):
 
   With `spec.bias_update_rate > 0` the selection bias lives in the 'router_bias' collection and is
   updated by the sign rule in training when that collection is mutable (outside the gradient).
+
+  Expert parallelism (run inside `jax.shard_map`, see `moe_jax.parallel`): `expert_axis` names the
+  mesh axis the experts are sharded over. Each shard routes and dispatches its local groups to
+  [G, E, C, d]; an all_to_all over `expert_axis` hands every shard its E / n experts' slots from all
+  n shards, the local experts run on [E / n, n * G * C, d], and a second all_to_all brings the
+  outputs back for a local combine. `batch_axes` names the axes the tokens are sharded over: aux
+  losses and metrics are averaged over them (tokens_per_expert summed), so every shard reports the
+  global value and the bias update is identical on every shard. Dropless routing then runs through
+  slots of capacity = tokens per group (`DroplessPlan.to_slot_plan`) instead of 'ragged'.
   """
   spec: MoESpec
   dtype: Any = jnp.float32
+  expert_axis: str | None = None
+  batch_axes: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False):
@@ -91,7 +102,7 @@ class MoELayer(nn.Module):
     router_in = groups
     if train and spec.jitter > 0:
       eps = spec.jitter
-      router_in = router_in * jax.random.uniform(self.make_rng('router'), groups.shape,
+      router_in = router_in * jax.random.uniform(self._router_key(), groups.shape,
                                                  minval=1 - eps, maxval=1 + eps)
     if spec.router == 'soft':
       logits = RouterProjection(spec.num_experts * spec.slots_per_expert, normalize=True,
@@ -106,16 +117,20 @@ class MoELayer(nn.Module):
       bias = bias_var.value
     rngs = None
     if train and spec.noise_std > 0:
-      rngs = jax.random.split(self.make_rng('router'), num_groups)
+      rngs = jax.random.split(self._router_key(), num_groups)
     out = jax.vmap(lambda lg, r: route(spec, lg, bias, r))(logits, rngs)
 
-    experts = Experts(spec.num_experts, x.shape[-1], spec.d_ff, spec.activation, self.dtype,
+    num_experts = spec.num_experts
+    if self.expert_axis is not None:
+      num_experts = _local_experts(num_experts, self.expert_axis)
+    experts = Experts(num_experts, x.shape[-1], spec.d_ff, spec.activation, self.dtype,
                       name='experts')
-    if spec.dispatch == 'ragged':
+    if spec.dispatch == 'ragged' and self.expert_axis is None:
       plan = jax.tree.map(lambda leaf: leaf[0], out.plan)
       y = dispatch_lib.moe_apply(plan, groups[0], experts, 'ragged', experts.ragged)[None]
     else:
-      y = _execute_groups(out.plan, groups, experts, spec.dispatch)
+      impl = 'gather' if spec.dispatch == 'ragged' else spec.dispatch
+      y = _execute_groups(out.plan, groups, experts, impl, self.expert_axis)
     if spec.num_shared_experts:
       y = y + FeedForward(spec.num_shared_experts * spec.d_ff, spec.activation, self.dtype,
                           name='shared_experts')(groups)
@@ -123,7 +138,11 @@ class MoELayer(nn.Module):
 
     losses = jax.tree.map(jnp.mean, dict(out.losses))
     metrics = jax.tree.map(lambda value: value.mean(0), dict(out.metrics))
-    metrics['tokens_per_expert'] = out.metrics['tokens_per_expert'].sum(0)
+    load = out.metrics['tokens_per_expert'].sum(0)
+    if self.batch_axes:  # every shard reports the global value
+      losses, metrics = jax.lax.pmean((losses, metrics), self.batch_axes)
+      load = jax.lax.psum(load, self.batch_axes)
+    metrics['tokens_per_expert'] = load
     metrics['max_over_mean_load'] = routing.load_imbalance(metrics['tokens_per_expert'])
     if bias is not None and train and self.is_mutable_collection('router_bias'):
       bias_var.value = routing.update_bias(bias, metrics['tokens_per_expert'],
@@ -131,11 +150,34 @@ class MoELayer(nn.Module):
     loss = spec.load_balancing_coef * losses['load_balancing'] + spec.z_loss_coef * losses['z']
     return y.astype(x.dtype), {'loss': loss, 'losses': losses, 'metrics': metrics}
 
+  def _router_key(self) -> jax.Array:
+    """The 'router' rng; sharded, each shard folds in its index to draw its own noise."""
+    key = self.make_rng('router')
+    return jax.random.fold_in(key, jax.lax.axis_index(self.batch_axes)) if self.batch_axes else key
 
-def _execute_groups(plan, groups, experts: Experts, impl: str):
-  """All groups with one expert call: buffers [G, E, C, d] run as [E, G * C, d]."""
+
+def _local_experts(num_experts: int, expert_axis: str) -> int:
+  """Experts per shard of `expert_axis` (call inside shard_map)."""
+  size = jax.lax.axis_size(expert_axis)
+  if num_experts % size:
+    raise ValueError(f'config.mesh.expert={size} (mesh axis {expert_axis!r}) does not divide '
+                     f'config.moe.num_experts={num_experts}: use an expert axis size that divides '
+                     f'{num_experts}.')
+  return num_experts // size
+
+
+def _execute_groups(plan, groups, experts: Experts, impl: str, expert_axis: str | None = None):
+  """All groups with one expert call: buffers [G, E, C, d] run as [E, G * C, d].
+
+  With `expert_axis` (size n), an all_to_all turns the local [G, E, C, d] into [n * G, E / n, C, d]
+  (this shard's experts, every shard's groups), and a second one sends the outputs back.
+  """
   buffers = jax.vmap(lambda p, g: dispatch_lib.dispatch(p, g, impl))(plan, groups)
+  if expert_axis is not None:
+    buffers = jax.lax.all_to_all(buffers, expert_axis, split_axis=1, concat_axis=0, tiled=True)
   g, e, c, d = buffers.shape
   y = experts(buffers.transpose(1, 0, 2, 3).reshape(e, g * c, d))
   y = y.reshape(e, g, c, d).transpose(1, 0, 2, 3)
+  if expert_axis is not None:
+    y = jax.lax.all_to_all(y, expert_axis, split_axis=0, concat_axis=1, tiled=True)
   return jax.vmap(lambda p, b: dispatch_lib.combine(p, b, impl))(plan, y)

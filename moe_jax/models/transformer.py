@@ -10,7 +10,7 @@ little and keeps the input embedding free of the output's scale.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
@@ -36,10 +36,10 @@ class TransformerConfig:
   activation: str = 'swiglu'
   dtype: str = 'float32'
   rope_base: float = 10_000.0
-  vocab_size: int = VOCAB_SIZE
+  vocab_size: ClassVar[int] = VOCAB_SIZE  # bytes
 
   def __post_init__(self):
-    for name in ('d_model', 'num_layers', 'num_heads', 'd_ff', 'vocab_size'):
+    for name in ('d_model', 'num_layers', 'num_heads', 'd_ff'):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         _fail(name, value, 'use a positive integer')
@@ -70,13 +70,18 @@ class TransformerConfig:
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'TransformerConfig':
     """From `config.model` (dict or ConfigDict), rejecting unknown fields."""
-    values = dict(config.items())
-    known = {f.name for f in dataclasses.fields(cls)} - {'vocab_size'}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f'config.model has unknown field(s) {unknown}; known fields: '
-                       f'{sorted(known)}.')
-    return cls(**values)
+    return cls(**section_values(cls, 'model', config))
+
+
+def section_values(cls, section: str, config: Mapping[str, Any]) -> dict[str, Any]:
+  """`config.<section>` as a dict for dataclass `cls`, rejecting fields `cls` does not have."""
+  values = dict(config.items())
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f'config.{section} has unknown field(s) {unknown}; known fields: '
+                     f'{sorted(known)}.')
+  return values
 
 
 def _fail(field: str, value, fix: str):

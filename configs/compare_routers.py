@@ -1,0 +1,46 @@
+"""The main job: every router family against a dense LM at equal FLOPs per token, on Tiny Shakespeare.
+
+  moe-jax sweep --config configs/compare_routers.py --workdir runs/compare_routers
+
+Members override the base LM (`lm_tiny.py`). With `size_experts=True` the sweep sets every MoE
+member's expert width `moe.d_ff` so its FLOPs per token (as executed, capacity padding included;
+see moe_jax/flops.py) match the dense model's, then checks all members against the dense budget
+and refuses to start if any misses it by more than `flops_tolerance`.
+
+Causality: expert choice and Soft MoE choose over a group of tokens, so they route tokens at the
+same position across the batch (`group_by='position'`): no token ever sees a later one, at the price
+of coupling the sequences of a batch. Token-choice members route each sequence as a group.
+"""
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _base():
+  path = pathlib.Path(__file__).with_name('lm_tiny.py')
+  spec = importlib.util.spec_from_file_location('lm_tiny', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.base = _base()
+  config.size_experts = True
+  config.flops_tolerance = 0.02
+  config.members = ml_collections.ConfigDict(sort_keys=False, initial_dictionary={
+      'dense': {'model': {'moe_every': 0}},
+      'switch_top1': {'moe': {'router': 'token_choice', 'k': 1, 'capacity_factor': 1.25}},
+      'gshard_top2': {'moe': {'router': 'token_choice', 'k': 2, 'capacity_factor': 1.25}},
+      'expert_choice': {'moe': {'router': 'expert_choice', 'capacity_factor': 2.0,
+                                'group_by': 'position'}},
+      'soft_moe': {'moe': {'router': 'soft', 'slots_per_expert': 2, 'group_by': 'position'}},
+      'fine_grained_shared': {'moe': {'router': 'token_choice', 'num_experts': 32, 'k': 4,
+                                      'capacity_factor': 1.25, 'num_shared_experts': 1}},
+      'aux_loss_free': {'moe': {'router': 'token_choice', 'k': 2, 'capacity_factor': None,
+                                'dispatch': 'ragged', 'score': 'sigmoid',
+                                'bias_update_rate': 1e-3, 'load_balancing_coef': 0.0}},
+  })
+  return config

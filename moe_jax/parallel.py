@@ -1,0 +1,169 @@
+"""Expert + data parallelism: one mesh, partition specs by path, the MoE layer under `shard_map`.
+
+Layout. A 2-D mesh with axes ('data', 'expert') over all devices (1 device = a 1x1 mesh, same code).
+  * tokens: the batch dim is sharded over both axes: each device holds b = B / (data * expert)
+    sequences (`BATCH`).
+  * expert weights (leaves under a module named 'experts', leading dim E): sharded over 'expert'
+    (E / expert experts per device), replicated over 'data'.
+  * everything else (router, shared experts, the aux-free bias, scalars): replicated.
+Inside `shard_map` each device routes its own token groups and dispatches them to [G, E, C, d];
+`MoELayer(expert_axis='expert')` trades expert blocks for token blocks with an all_to_all, runs its
+E / expert local experts and trades back (see `moe_jax.layers`). Gradients of replicated params are
+summed over the devices that share them by `shard_map` itself.
+
+Exactness. Routing is per token group (`MoESpec.group_by`), and a shard routes only its own tokens.
+Let s = 0..N-1, N = data * expert, index the shards data-major (the order of `BATCH`).
+  * 'sequence': groups never straddle shards, so the sharded layer equals the unsharded layer on
+    the whole batch: outputs, aux losses, metrics, gradients, bias update (float rounding aside).
+  * 'position' and 'batch': a shard's groups hold only its b local sequences (one position of b
+    sequences; all b * L local tokens), and capacity is computed from that local group size. The
+    sharded layer equals the unsharded layer applied to each sub-batch x[s*b:(s+1)*b] separately,
+    outputs concatenated, aux losses and metrics averaged over the N sub-batches, tokens_per_expert
+    summed (max_over_mean_load taken from that sum), and the bias updated from the summed load.
+  * dropless ('ragged' routes one 'batch' group): token outputs do not depend on grouping and equal
+    the whole-batch layer; the aux losses follow the 'batch' rule above (the load-balancing loss is
+    not linear in a group's statistics).
+  * router jitter / noise: each shard folds its index into the 'router' key, so random draws differ
+    from an unsharded run.
+
+Dropless under expert parallelism runs through capacity slots of size = tokens per group
+(`DroplessPlan.to_slot_plan`) and the same all_to_all: exact and never drops, but the expert stage
+costs E / k times the FLOPs and buffer memory of the 'ragged' grouped matmul. The ragged exchange
+(`jax.lax.ragged_all_to_all`) is GPU/TPU only (XLA:CPU cannot run it, so it could not be tested here);
+at scale prefer token choice with a generous capacity_factor.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe_jax import flops
+from moe_jax.layers import MoELayer, route
+from moe_jax.spec import MoESpec
+
+DATA, EXPERT = 'data', 'expert'
+AXES = (DATA, EXPERT)
+BATCH = P(AXES)  # leading (batch) dim sharded over every device
+EXPERTS_KEY = 'experts'  # the MoELayer's `Experts` submodule: stacked weights [E, ...]
+
+
+def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'expert') mesh of shape [data, expert] over `devices` (default: all devices)."""
+  devices = jax.devices() if devices is None else list(devices)
+  for name, size in (('data', data), ('expert', expert)):
+    if not isinstance(size, int) or size < 1:
+      raise ValueError(f'config.mesh.{name}={size!r} is invalid: use a positive integer.')
+  if data * expert != len(devices):
+    n = len(devices)
+    hint = f'data={n // expert}, expert={expert}' if n % expert == 0 else f'data={n}, expert=1'
+    raise ValueError(
+        f'config.mesh.data={data} * config.mesh.expert={expert} = {data * expert} does not match '
+        f'the {n} devices: choose sizes whose product is {n} (e.g. {hint}).')
+  return jax.make_mesh((data, expert), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def check_mesh(spec: MoESpec, mesh: Mesh, batch_size: int, seq_len: int | None = None) -> None:
+  """Raises a ValueError naming the config field when `spec` cannot run sharded over `mesh`.
+
+  Checks the mesh axes, that the expert axis divides num_experts, that the global batch divides
+  over all devices and, given seq_len, that the router works on the local token groups.
+  """
+  missing = [a for a in AXES if a not in mesh.shape]
+  if missing:
+    raise ValueError(f'mesh axes {tuple(mesh.axis_names)} lack {missing}: build the mesh with '
+                     f'parallel.make_mesh(config.mesh.data, config.mesh.expert).')
+  data, expert = mesh.shape[DATA], mesh.shape[EXPERT]
+  if spec.num_experts % expert:
+    raise ValueError(f'config.mesh.expert={expert} does not divide config.moe.num_experts='
+                     f'{spec.num_experts}: use an expert axis size that divides the experts.')
+  shards = data * expert
+  if batch_size % shards:
+    raise ValueError(
+        f'config.batch_size={batch_size} is not divisible by config.mesh.data={data} * '
+        f'config.mesh.expert={expert} = {shards}: tokens are sharded over both axes; use a '
+        f'multiple of {shards}.')
+  if seq_len is None:
+    return
+  group_by = 'batch' if spec.dispatch == 'ragged' else spec.group_by
+  n = flops.Shape(batch_size // shards, seq_len).group_size(group_by)
+  shape = (n, spec.num_experts) + ((spec.slots_per_expert,) if spec.router == 'soft' else ())
+  try:
+    jax.eval_shape(lambda logits: route(spec, logits, None, None), jax.ShapeDtypeStruct(shape,
+                                                                                        jnp.float32))
+  except ValueError as e:
+    raise ValueError(
+        f'Under config.mesh.data={data}, config.mesh.expert={expert} each device routes '
+        f"group_by={group_by!r} groups of {n} tokens ({batch_size // shards} local sequences of "
+        f'{seq_len}): {e} Or raise config.batch_size / use fewer devices.') from e
+
+
+def _leaf_spec(path, leaf) -> P:
+  keys = {getattr(k, 'key', getattr(k, 'name', None)) for k in path}
+  return P(EXPERT) if EXPERTS_KEY in keys and len(getattr(leaf, 'shape', ())) >= 1 else P()
+
+
+def param_specs(tree: Any) -> Any:
+  """PartitionSpecs for a variables / params / optimizer-state pytree, by path.
+
+  Leaves under a key 'experts' (stacked expert weights [E, ...], and optimizer moments mirroring
+  them) get P('expert'); everything else P() (replicated).
+  """
+  return jax.tree_util.tree_map_with_path(_leaf_spec, tree)
+
+
+def param_shardings(tree: Any, mesh: Mesh) -> Any:
+  """`NamedSharding`s for `tree` (as `param_specs`), for `jax.jit` in/out_shardings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(mesh, _leaf_spec(path, leaf)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a [B, ...] token batch: B over every device."""
+  return NamedSharding(mesh, BATCH)
+
+
+def init_variables(module, mesh: Mesh, rngs, *args, **kwargs):
+  """`module.init(rngs, *args, **kwargs)` with its outputs laid out by `param_shardings`.
+
+  Use an unsharded module (expert_axis=None): its variables have the global shapes, and the values
+  are the same as on one device.
+  """
+  abstract = jax.eval_shape(lambda r: module.init(r, *args, **kwargs), rngs)
+  return jax.jit(lambda r: module.init(r, *args, **kwargs),
+                 out_shardings=param_shardings(abstract, mesh))(rngs)
+
+
+def expert_parallel(layer: MoELayer) -> MoELayer:
+  """`layer` configured to run inside shard_map over a ('data', 'expert') mesh."""
+  return layer.clone(expert_axis=EXPERT, batch_axes=AXES)
+
+
+def shard_moe_layer(layer: MoELayer, mesh: Mesh, *, train: bool = False,
+                    mutable: bool | Sequence[str] = False) -> Callable:
+  """`layer.apply` run expert-parallel over `mesh` with `jax.shard_map`.
+
+  Returns apply(variables, x, rngs=None) with layer.apply's outputs: (y, aux), or ((y, aux),
+  updated collections) when `mutable` names collections (e.g. ['router_bias']). `variables` hold
+  global arrays (an unsharded layer's tree, e.g. from `init_variables`); x: [B, L, d] with B over
+  every device; y: [B, L, d] sharded alike; aux and mutable collections replicated.
+  """
+  sharded = expert_parallel(layer)
+
+  def apply(variables, x, rngs=None):
+    check_mesh(layer.spec, mesh, batch_size=x.shape[0], seq_len=x.shape[1])
+    names = list(variables) if mutable is True else list(mutable or ())
+    out_specs = (BATCH, P())
+    if names:
+      out_specs = (out_specs, param_specs({c: variables[c] for c in names if c in variables}))
+
+    def body(variables, x, rngs):
+      return sharded.apply(variables, x, train=train, rngs=rngs, mutable=names or False)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(param_specs(variables), BATCH, P()),
+                         out_specs=out_specs)(variables, x, rngs)
+
+  return apply

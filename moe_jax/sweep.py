@@ -1,0 +1,112 @@
+"""Equal-FLOPs sweeps: build every member's config, size and check FLOPs, train each, report.
+
+A sweep config has `base` (a full experiment config), `members` ({name: overrides of base}),
+`size_experts` and `flops_tolerance`. Nothing is trained until every member is built, validated and
+found within tolerance of the dense budget; a crashed sweep resumes where it stopped (finished
+members are skipped, an unfinished one resumes from its last checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import ml_collections
+
+from moe_jax import flops, report
+from moe_jax.models import transformer
+from moe_jax.spec import MoESpec
+
+
+def member_config(base: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """A deep copy of `base` with `overrides` ({'moe': {...}, 'model': {...}, ...}) applied."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  for section, values in overrides.items():
+    if section not in config:
+      raise ValueError(f'config.members override section {section!r} is not in config.base; '
+                       f'known sections: {sorted(config)}.')
+    if isinstance(values, (dict, ml_collections.ConfigDict)):
+      for field, value in values.items():
+        if field not in config[section]:
+          raise ValueError(f'config.members override {section}.{field} is not a field of '
+                           f'config.base.{section}.')
+        config[section][field] = value
+    else:
+      config[section] = values
+  return config
+
+
+def dense_budget(config: ml_collections.ConfigDict) -> float:
+  """FLOPs per token of one dense FFN of width config.model.d_ff: what each MoE layer must cost."""
+  return flops.ffn_flops(config.model.d_model, config.model.d_ff, config.model.activation)
+
+
+def build_members(sweep: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """Every member's config, sized to the dense FLOP budget when `size_experts`, and checked.
+
+  Raises:
+    ValueError: a member's config is invalid, or its model FLOPs/token differ from the dense
+      model's by more than `flops_tolerance` (every offending member is named).
+  """
+  members = {}
+  for name, overrides in sweep.members.items():
+    config = member_config(sweep.base, overrides)
+    model, spec = transformer.from_config(config)
+    if spec is not None and sweep.size_experts:
+      shape = flops.Shape(config.data.batch_size, config.data.seq_len)
+      sized = flops.size_to_budget(spec, model.d_model, shape, dense_budget(config))
+      config.moe.d_ff = sized.d_ff
+    members[name] = config
+  dense = member_config(sweep.base, {'model': {'moe_every': 0}})
+  budget = transformer.model_flops_per_token(dense)
+  flops.check_equal_flops({name: transformer.model_flops_per_token(c) for name, c in members.items()},
+                          budget=budget, tolerance=sweep.flops_tolerance)
+  return members
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """A short human label of a member's FFN, e.g. 'token_choice k=2 cf=1.25 E=8 f=204'."""
+  model, spec = transformer.from_config(config)
+  if spec is None:
+    return f'dense f={model.d_ff}'
+  parts = [spec.router]
+  if spec.router == 'token_choice':
+    parts.append(f'k={spec.k}')
+  if spec.router == 'soft':
+    parts.append(f'S={spec.slots_per_expert}')
+  else:
+    parts.append('dropless' if spec.capacity_factor is None else f'cf={spec.capacity_factor:g}')
+  parts += [f'E={spec.num_experts}', f'f={spec.d_ff}']
+  if spec.num_shared_experts:
+    parts.append(f'shared={spec.num_shared_experts}')
+  if spec.bias_update_rate:
+    parts.append(f'aux-free u={spec.bias_update_rate:g}')
+  return ' '.join(parts)
+
+
+def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+              only: list[str] | None = None) -> str:
+  """Trains every member into `workdir/<name>`, then writes and returns the results table."""
+  from moe_jax import train  # heavy imports only when training
+
+  workdir = pathlib.Path(workdir)
+  members = build_members(sweep)
+  if only:
+    unknown = sorted(set(only) - set(members))
+    if unknown:
+      raise ValueError(f'--only names unknown member(s) {unknown}; members: {sorted(members)}.')
+    members = {name: members[name] for name in only}
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'sweep.json').write_text(json.dumps(
+      {name: {'description': describe(c), 'config': c.to_dict()} for name, c in members.items()},
+      indent=2, default=str))
+  start = time.time()
+  for i, (name, config) in enumerate(members.items()):
+    done = workdir / name / 'summary.json'
+    if done.exists() and json.loads(done.read_text()).get('steps') == config.train.steps:
+      print(f'[{i + 1}/{len(members)}] {name}: finished earlier, skipped')
+      continue
+    print(f'[{i + 1}/{len(members)}] {name}: {describe(config)}', flush=True)
+    train.train(config, workdir / name)
+  print(f'sweep finished in {time.time() - start:.0f} s')
+  return report.write_report(workdir)

@@ -1,0 +1,329 @@
+"""Training and evaluation of the transformer LM on byte-level text, with a run directory.
+
+`train(config, workdir)` trains `config.train.steps` AdamW steps (linear warmup, cosine decay,
+global-norm clipping) on next-byte cross-entropy plus the MoE auxiliary loss, and records:
+
+  workdir/
+    config.json      the full config; a later call with a different config is refused
+    metrics.jsonl    one JSON object per logged step (see `_record`)
+    checkpoints/     orbax CheckpointManager: {params, opt_state, model_state (router_bias)}
+    summary.json     final losses, FLOPs and parameter counts, throughput, router description
+
+Training restarts from the latest checkpoint and continues exactly as an uninterrupted run
+would: batch i is `data.train_batch(tokens, i, ...)`, a function of (seed, i) only, and its RNG
+is fold_in(key, i). Lines of metrics.jsonl past the restored step are dropped first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from moe_jax import data
+from moe_jax.models import transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """`config.train`. Steps count optimizer updates; 0 for an `*_every` field means 'final only'."""
+  steps: int = 300
+  learning_rate: float = 3e-3
+  end_lr_fraction: float = 0.1
+  warmup_steps: int = 30
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ('steps', 'log_every', 'eval_batches', 'keep_checkpoints'):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        _fail(name, getattr(self, name), 'use a positive integer')
+    for name in ('eval_every', 'checkpoint_every'):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        _fail(name, getattr(self, name), 'use 0 (final step only) or a positive integer')
+    if not 0 <= self.warmup_steps < self.steps:
+      _fail('warmup_steps', self.warmup_steps, f'use 0 <= warmup_steps < steps={self.steps}')
+    if self.learning_rate <= 0:
+      _fail('learning_rate', self.learning_rate, 'use a positive rate')
+    for name in ('end_lr_fraction', 'weight_decay', 'clip_norm'):
+      if getattr(self, name) < 0:
+        _fail(name, getattr(self, name), 'use a value >= 0 (clip_norm=0: no clipping)')
+
+  @classmethod
+  def from_config(cls, config) -> 'TrainConfig':
+    return cls(**transformer.section_values(cls, 'train', config))
+
+
+def _fail(field: str, value, fix: str):
+  raise ValueError(f'config.train.{field}={value!r} is invalid: {fix}.')
+
+
+def _check_data_config(config) -> None:
+  for name in ('seq_len', 'batch_size'):
+    value = config.data[name]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'config.data.{name}={value!r} is invalid: use a positive integer.')
+
+
+# --- Run directory -----------------------------------------------------------------------------
+
+
+def _config_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n'
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def write_config(config, workdir: pathlib.Path) -> None:
+  """Writes workdir/config.json, or checks that an existing one holds the same config."""
+  path = workdir / 'config.json'
+  text = _config_json(config)
+  if path.exists():
+    old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(text))
+    diff = [f'  {key}: {old.get(key, "<absent>")!r} in {path.name}, {new.get(key, "<absent>")!r} '
+            'now' for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if diff:
+      raise ValueError(
+          f'{path} holds a different config, so this is not a restart of that run:\n'
+          + '\n'.join(diff) + '\nUse a new --workdir for a new run, or rerun with the config in '
+          f'{path} to resume it.')
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_atomic(path, text)
+
+
+def _resume_metrics(path: pathlib.Path, step: int) -> list[dict]:
+  """Records of metrics.jsonl up to `step` (a restored checkpoint); drops the rest from the file."""
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  records = []
+  for n, line in enumerate(lines):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if n == len(lines) - 1:  # the last line, cut short by a kill
+        break
+      raise ValueError(f'{path}:{n + 1} is not JSON; fix or remove that line.') from None
+    if record['step'] <= step:
+      records.append(record)
+  _write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
+  return records
+
+
+# --- Model, optimizer, steps -------------------------------------------------------------------
+
+
+def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (decay on matrices only) with linear warmup + cosine decay, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
+      end_value=cfg.learning_rate * cfg.end_lr_fraction)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
+  return optax.chain(clip, optax.adamw(schedule, weight_decay=cfg.weight_decay,
+                                       mask=decay_mask)), schedule
+
+
+def cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:
+  """Mean next-byte cross-entropy. logits: [B, L, V] for inputs batch[:, :-1], batch: [B, L+1]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+
+def init_state(model, tx, rng: jax.Array, batch_size: int, seq_len: int) -> dict:
+  """{'params', 'opt_state', 'model_state'}; model_state holds the non-trainable collections."""
+  tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {'params': rng, 'router': rng}, tokens)
+  params = variables.pop('params')
+  return {'params': params, 'opt_state': tx.init(params), 'model_state': dict(variables)}
+
+
+def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, tx):
+  """One update on batch [B, L+1]. Returns (new state, metrics)."""
+
+  def loss_fn(params):
+    (logits, aux), model_state = model.apply(
+        {'params': params, **state['model_state']}, batch[:, :-1], train=True,
+        rngs={'router': rng}, mutable=['router_bias'])
+    loss = cross_entropy(logits, batch)
+    return loss + aux['loss'], (loss, aux, model_state)
+
+  grads, (loss, aux, model_state) = jax.grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
+               'model_state': dict(model_state)}
+  metrics = {'train_loss': loss, 'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
+             'layers': aux['layers']}
+  return new_state, metrics
+
+
+def eval_step(params, model_state: dict, batch: jax.Array, *, model) -> jax.Array:
+  """Mean cross-entropy of batch [B, L+1] in inference mode."""
+  logits, _ = model.apply({'params': params, **model_state}, batch[:, :-1], train=False)
+  return cross_entropy(logits, batch)
+
+
+def _record(step: int, metrics: dict, lr: float, tokens_per_s: float) -> dict:
+  """A metrics.jsonl line: step, train_loss, aux_loss, grad_norm, lr, tokens_per_s and
+  'moe/<block>/<metric>' per MoE layer (tokens_per_expert as a list); eval_loss is added later."""
+  record = {'step': step, 'train_loss': float(metrics['train_loss']),
+            'aux_loss': float(metrics['aux_loss']), 'grad_norm': float(metrics['grad_norm']),
+            'lr': lr, 'tokens_per_s': tokens_per_s}
+  for block, values in metrics['layers'].items():
+    for name, value in values.items():
+      value = np.asarray(value)
+      record[f'moe/{block}/{name}'] = value.tolist() if value.ndim else float(value)
+  return record
+
+
+def describe_router(config) -> str:
+  """One line naming the FFN layers, e.g. 'token_choice (num_experts=8, k=1, ...) in blocks [1, 3]
+  of 4'."""
+  model, spec = transformer.from_config(config)
+  if spec is None:
+    return f'dense (d_ff={model.d_ff}) in all {model.num_layers} blocks'
+  default = type(spec)()
+  fields = [f.name for f in dataclasses.fields(spec) if f.name != 'router' and (
+      f.name in ('num_experts', 'd_ff', 'capacity_factor', 'group_by')
+      or getattr(spec, f.name) != getattr(default, f.name))]
+  options = ', '.join(f'{name}={getattr(spec, name)}' for name in fields)
+  blocks = [i for i in range(model.num_layers) if model.is_moe(i)]
+  return f'{spec.router} ({options}) in blocks {blocks} of {model.num_layers}'
+
+
+# --- The loop ----------------------------------------------------------------------------------
+
+
+def train(config, workdir: str | os.PathLike) -> dict:
+  """Trains (or resumes) the run in `workdir` to config.train.steps; returns summary.json's dict.
+
+  Raises ValueError, before writing anything, for a bad config field or when workdir/config.json
+  holds a different config.
+  """
+  start_time = time.perf_counter()
+  cfg = TrainConfig.from_config(config.train)
+  model = transformer.build(config)
+  _check_data_config(config)
+  batch_size, seq_len = config.data.batch_size, config.data.seq_len
+  workdir = pathlib.Path(workdir).resolve()
+  write_config(config, workdir)
+
+  splits = data.load_text_splits(config.data.name, data_dir=config.data.data_dir,
+                                 manual_dir=config.data.manual_dir)
+  tokens = data.encode(splits['train'])
+  eval_set = data.eval_batches(data.encode(splits['validation']), batch_size, seq_len,
+                               cfg.eval_batches)
+
+  tx, schedule = make_optimizer(cfg)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  state = init_state(model, tx, init_key, batch_size, seq_len)
+  manager = ocp.CheckpointManager(
+      workdir / 'checkpoints',
+      options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
+  start = manager.latest_step() or 0
+  if start:
+    state = manager.restore(start, args=ocp.args.StandardRestore(state))
+    log.info('restored the checkpoint at step %d from %s', start, workdir / 'checkpoints')
+  metrics_path = workdir / 'metrics.jsonl'
+  records = _resume_metrics(metrics_path, start)
+
+  compile_start = time.perf_counter()
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx)).lower(
+      state, data.train_batch(tokens, start, batch_size, seq_len, config.seed),
+      jax.random.fold_in(train_key, start)).compile()
+  eval_fn = jax.jit(functools.partial(eval_step, model=model)).lower(
+      state['params'], state['model_state'], eval_set[0]).compile()
+  compile_s = time.perf_counter() - compile_start
+
+  def evaluate(state) -> float:
+    losses = [eval_fn(state['params'], state['model_state'], batch) for batch in eval_set]
+    return float(np.mean(jax.device_get(losses)))
+
+  tokens_per_step = batch_size * seq_len
+  train_s, last_step, last_time = 0.0, start, time.perf_counter()
+  bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=f'train {workdir.name}', unit='step',
+                  disable=not cfg.progress or not sys.stderr.isatty(), dynamic_ncols=True)
+  try:
+    with metrics_path.open('a') as metrics_file:
+      for i in range(start, cfg.steps):
+        batch = data.train_batch(tokens, i, batch_size, seq_len, config.seed)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, i))
+        step = i + 1
+        bar.update()
+        final = step == cfg.steps
+        evaluating = final or (cfg.eval_every and step % cfg.eval_every == 0)
+        if evaluating or step % cfg.log_every == 0:
+          metrics = jax.device_get(metrics)  # waits for the step
+          elapsed = time.perf_counter() - last_time
+          train_s += elapsed
+          record = _record(step, metrics, float(schedule(i)),
+                           (step - last_step) * tokens_per_step / elapsed)
+          if evaluating:
+            record['eval_loss'] = evaluate(state)
+            log.info('step %d: train_loss %.4f, eval_loss %.4f', step, record['train_loss'],
+                     record['eval_loss'])
+          metrics_file.write(json.dumps(record) + '\n')
+          metrics_file.flush()
+          records.append(record)
+          bar.set_postfix(loss=f'{record["train_loss"]:.3f}')
+          last_step, last_time = step, time.perf_counter()
+        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+          manager.save(step, args=ocp.args.StandardSave(state))
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+
+  total, active = transformer.param_counts(config)
+  trained = (cfg.steps - start) * tokens_per_step
+  last = records[-1]
+  summary = {
+      'steps': cfg.steps,
+      'final_train_loss': last['train_loss'],
+      'final_eval_loss': last.get('eval_loss'),
+      'flops_per_token': transformer.model_flops_per_token(config),
+      'params_total': total,
+      'params_active': active,
+      'tokens_per_s': trained / train_s if trained else None,
+      'wall_s': time.perf_counter() - start_time,
+      'compile_s': compile_s,
+      'resumed_from_step': start,
+      'router': describe_router(config),
+  }
+  _write_atomic(workdir / 'summary.json', json.dumps(summary, indent=2) + '\n')
+  return summary
