@@ -20,13 +20,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.manual_dir = config_dict.placeholder(str)
   config.data.data_dir = config_dict.placeholder(str)
   config.data.seq_len = 128
-  config.data.batch_size = 16
+  config.data.batch_size = 8
 
   config.model = ml_collections.ConfigDict()
   config.model.d_model = 128
   config.model.num_layers = 4
   config.model.num_heads = 4
-  config.model.d_ff = 512  # dense FFN width
+  config.model.d_ff = 256  # dense FFN width
   config.model.moe_every = 2  # blocks 1 and 3 are MoE; 0 = dense
   config.model.activation = 'swiglu'
   config.model.dtype = 'float32'
@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.moe = ml_collections.ConfigDict()
   config.moe.router = 'token_choice'
   config.moe.num_experts = 8
-  config.moe.d_ff = 512
+  config.moe.d_ff = 256
   config.moe.k = 1
   config.moe.capacity_factor = config_dict.FieldReference(1.25, field_type=float)
   config.moe.slots_per_expert = 1

@@ -164,16 +164,23 @@ def cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def init_state(model, tx, rng: jax.Array, batch_size: int, seq_len: int) -> dict:
+def init_state(model, cfg: TrainConfig, rng: jax.Array, batch_size: int, seq_len: int) -> dict:
   """{'params', 'opt_state', 'model_state'}; model_state holds the non-trainable collections."""
-  tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      {'params': rng, 'router': rng}, tokens)
+  variables = _init_variables(rng, jnp.zeros((batch_size, seq_len), jnp.int32), model=model)
   params = variables.pop('params')
-  return {'params': params, 'opt_state': tx.init(params), 'model_state': dict(variables)}
+  return {'params': params, 'opt_state': make_optimizer(cfg)[0].init(params),
+          'model_state': dict(variables)}
 
 
-def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, tx):
+# Compiled functions take the model and TrainConfig (frozen, hashable) as static arguments, so
+# runs of one config in one process (a resume, a test) reuse the compiled code.
+@functools.partial(jax.jit, static_argnames='model')
+def _init_variables(rng, tokens, *, model):
+  return model.init({'params': rng, 'router': rng}, tokens, train=False)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'cfg'))
+def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, cfg: TrainConfig):
   """One update on batch [B, L+1]. Returns (new state, metrics)."""
 
   def loss_fn(params):
@@ -184,7 +191,7 @@ def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, tx):
     return loss + aux['loss'], (loss, aux, model_state)
 
   grads, (loss, aux, model_state) = jax.grad(loss_fn, has_aux=True)(state['params'])
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  updates, opt_state = make_optimizer(cfg)[0].update(grads, state['opt_state'], state['params'])
   new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                'model_state': dict(model_state)}
   metrics = {'train_loss': loss, 'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
@@ -192,6 +199,7 @@ def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, tx):
   return new_state, metrics
 
 
+@functools.partial(jax.jit, static_argnames='model')
 def eval_step(params, model_state: dict, batch: jax.Array, *, model) -> jax.Array:
   """Mean cross-entropy of batch [B, L+1] in inference mode."""
   logits, _ = model.apply({'params': params, **model_state}, batch[:, :-1], train=False)
@@ -249,9 +257,9 @@ def train(config, workdir: str | os.PathLike) -> dict:
   eval_set = data.eval_batches(data.encode(splits['validation']), batch_size, seq_len,
                                cfg.eval_batches)
 
-  tx, schedule = make_optimizer(cfg)
+  schedule = make_optimizer(cfg)[1]
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state = init_state(model, tx, init_key, batch_size, seq_len)
+  state = init_state(model, cfg, init_key, batch_size, seq_len)
   manager = ocp.CheckpointManager(
       workdir / 'checkpoints',
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
@@ -262,37 +270,35 @@ def train(config, workdir: str | os.PathLike) -> dict:
   metrics_path = workdir / 'metrics.jsonl'
   records = _resume_metrics(metrics_path, start)
 
-  compile_start = time.perf_counter()
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx)).lower(
-      state, data.train_batch(tokens, start, batch_size, seq_len, config.seed),
-      jax.random.fold_in(train_key, start)).compile()
-  eval_fn = jax.jit(functools.partial(eval_step, model=model)).lower(
-      state['params'], state['model_state'], eval_set[0]).compile()
-  compile_s = time.perf_counter() - compile_start
-
   def evaluate(state) -> float:
-    losses = [eval_fn(state['params'], state['model_state'], batch) for batch in eval_set]
+    losses = [eval_step(state['params'], state['model_state'], batch, model=model)
+              for batch in eval_set]
     return float(np.mean(jax.device_get(losses)))
 
   tokens_per_step = batch_size * seq_len
-  train_s, last_step, last_time = 0.0, start, time.perf_counter()
+  first_step_s, train_s, last_step, last_time = None, 0.0, start, time.perf_counter()
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=f'train {workdir.name}', unit='step',
                   disable=not cfg.progress or not sys.stderr.isatty(), dynamic_ncols=True)
   try:
     with metrics_path.open('a') as metrics_file:
       for i in range(start, cfg.steps):
         batch = data.train_batch(tokens, i, batch_size, seq_len, config.seed)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, i))
+        state, metrics = train_step(state, batch, jax.random.fold_in(train_key, i), model=model,
+                                    cfg=cfg)
         step = i + 1
         bar.update()
+        if first_step_s is None:  # compiles (unless this process already did); not timed
+          jax.block_until_ready(metrics)
+          first_step_s = time.perf_counter() - last_time
+          last_step, last_time = step, time.perf_counter()
         final = step == cfg.steps
         evaluating = final or (cfg.eval_every and step % cfg.eval_every == 0)
         if evaluating or step % cfg.log_every == 0:
           metrics = jax.device_get(metrics)  # waits for the step
           elapsed = time.perf_counter() - last_time
           train_s += elapsed
-          record = _record(step, metrics, float(schedule(i)),
-                           (step - last_step) * tokens_per_step / elapsed)
+          tokens_per_s = (step - last_step) * tokens_per_step / elapsed if step > last_step else None
+          record = _record(step, metrics, float(schedule(i)), tokens_per_s)
           if evaluating:
             record['eval_loss'] = evaluate(state)
             log.info('step %d: train_loss %.4f, eval_loss %.4f', step, record['train_loss'],
@@ -310,7 +316,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     manager.close()
 
   total, active = transformer.param_counts(config)
-  trained = (cfg.steps - start) * tokens_per_step
+  timed = (cfg.steps - start - 1) * tokens_per_step  # all steps of this call but the first
   last = records[-1]
   summary = {
       'steps': cfg.steps,
@@ -319,9 +325,9 @@ def train(config, workdir: str | os.PathLike) -> dict:
       'flops_per_token': transformer.model_flops_per_token(config),
       'params_total': total,
       'params_active': active,
-      'tokens_per_s': trained / train_s if trained else None,
+      'tokens_per_s': timed / train_s if timed > 0 else None,
       'wall_s': time.perf_counter() - start_time,
-      'compile_s': compile_s,
+      'first_step_s': first_step_s,
       'resumed_from_step': start,
       'router': describe_router(config),
   }

@@ -1,0 +1,327 @@
+"""Grouped matmuls over expert-sorted, block-aligned rows: Pallas Mosaic GPU kernels for Hopper.
+
+Layout (`BlockLayout`): M rows sorted by expert, cut into row blocks of `block_rows`. Expert e owns
+the `group_blocks[e]` consecutive blocks that start at block `group_start[e]`; experts come in order
+and every block after the last expert's is idle. Because no block is shared by two experts, a grouped
+matmul is a plain tiled matmul whose right-hand side is chosen per row block, and idle blocks cost
+nothing (they are skipped, not computed).
+
+* `gmm(lhs [M, K], rhs [E, K, N], layout)             -> [M, N]`  out[r] = lhs[r] @ rhs[expert(r)]
+* `gmm(lhs [M, K], rhs [E, N, K], layout, transpose_rhs=True)`   out[r] = lhs[r] @ rhs[expert(r)].T
+* `tgmm(lhs [M, P], rhs [M, Q], layout)               -> [E, P, Q]` out[e] = lhs_e.T @ rhs_e
+
+Rows of idle blocks in gmm's output are left unwritten by the GPU kernel: callers mask them
+(`grouped_matmul` does). tgmm reads only the experts' own blocks and writes zeros for empty experts.
+
+Backends: 'mosaic' (the kernels, Hopper sm_90), 'interpret' (the same kernels run by Pallas' GPU
+interpreter on CPU: slow, for tests), 'xla' (`jax.lax.ragged_dot` reference; fine on CPU, on GPU
+XLA expands it to dense per-expert work).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BACKENDS = ('mosaic', 'interpret', 'xla')
+SMEM_BYTES = 220 * 1024  # of the H100's 227 KiB per block, leaving room for barriers
+
+
+@struct.dataclass
+class BlockLayout:
+  """Which expert owns each row block. Blocks of one expert are consecutive, idle blocks trail.
+
+  Attributes:
+    block_group: [M / block_rows] int32 expert of each block, -1 for idle blocks.
+    group_start: [E] int32 first block of each expert.
+    group_blocks: [E] int32 number of blocks of each expert (0 for an expert without rows).
+    block_rows: rows per block (static).
+  """
+  block_group: jax.Array
+  group_start: jax.Array
+  group_blocks: jax.Array
+  block_rows: int = struct.field(pytree_node=False)
+
+  @property
+  def num_rows(self) -> int:
+    return self.block_group.shape[0] * self.block_rows
+
+  def row_active(self) -> jax.Array:
+    """[M] bool: the row lies in an expert's block."""
+    return jnp.repeat(self.block_group >= 0, self.block_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Kernel tiles. Two compute warpgroups split a CTA tile along `split`; a third issues the TMA copies.
+
+  gmm: a warpgroup computes [tile_m, tile_n] of the output, stepping over K by tile_k.
+  tgmm: tile_m tiles P, tile_n tiles Q (split must be 'n'), tile_k rows are reduced per step.
+  """
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 64
+  stages: int = 4
+  split: str = 'n'
+  band: int = 8  # row tiles visited together (L2 reuse of the weights)
+  epi: int = 64  # epilogue tile edge
+
+  @property
+  def cta_m(self) -> int:
+    return self.tile_m * (2 if self.split == 'm' else 1)
+
+  @property
+  def cta_n(self) -> int:
+    return self.tile_n * (2 if self.split == 'n' else 1)
+
+  def smem_bytes(self, itemsize: int = 2) -> int:
+    stage = (self.cta_m + self.cta_n) * self.tile_k * itemsize
+    return self.stages * stage + 2 * 2 * self.epi * self.epi * itemsize
+
+
+GMM_TILINGS = (Tiling(128, 128, stages=4), Tiling(64, 128, stages=4, split='m'),
+               Tiling(64, 128, stages=4), Tiling(64, 64, stages=4, split='m'),
+               Tiling(64, 64, stages=4))
+TGMM_TILINGS = (Tiling(128, 128, stages=4), Tiling(128, 64, stages=4), Tiling(64, 64, stages=4))
+
+
+def pick_tiling(candidates, m_tile: int, n: int, k: int | None = None) -> Tiling | None:
+  """First tiling whose CTA tile divides (m_tile, n) and whose tile_k divides k; None if none does."""
+  for t in candidates:
+    fits = m_tile % t.cta_m == 0 and n % t.cta_n == 0 and (k is None or k % t.tile_k == 0)
+    if fits and t.smem_bytes() <= SMEM_BYTES:
+      return t
+  return None
+
+
+def default_backend() -> str:
+  """'mosaic' on a Hopper GPU, else 'xla'."""
+  device = jax.devices()[0]
+  if device.platform == 'gpu' and str(getattr(device, 'compute_capability', '')).startswith('9'):
+    return 'mosaic'
+  return 'xla'
+
+
+def _transforms(minor: int, dtype):
+  swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _store_tile(acc, out_smem, out_ref, wg, t: Tiling):
+  """Writes a warpgroup's [tile_m, tile_n] accumulator through double-buffered SMEM epilogue tiles."""
+  acc = acc.astype(out_ref.dtype)
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  n_epi = t.tile_n // t.epi
+  for i in range(t.tile_m // t.epi):
+    for j in range(n_epi):
+      slot = (i * n_epi + j) % 2
+      rows, cols = slice(i * t.epi, (i + 1) * t.epi), slice(j * t.epi, (j + 1) * t.epi)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      out_smem[wg, slot] = acc[rows, cols]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_ref.at[rows, cols])
+
+
+def _pipeline(body, context, specs, steps, stages):
+  return plgpu.emit_pipeline_warp_specialized(
+      body, grid=(steps,), memory_registers=40, in_specs=specs, wg_axis='wg', num_compute_wgs=2,
+      max_concurrent_steps=stages, compute_context=context)
+
+
+def _ignore(*_, **__):
+  return None
+
+
+def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_rhs: bool):
+  m, k = a_ref.shape
+  n = out_ref.shape[1]
+  m_iters, n_iters, k_iters = m // t.cta_m, n // t.cta_n, k // t.tile_k
+  smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM)
+  a_spec = plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem)
+  if transpose_rhs:
+    b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem)
+  else:
+    b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda kk: (kk, 0), **smem)
+  specs = [a_spec, b_spec]
+  allocs = _pipeline(_ignore, _ignore, specs, k_iters, t.stages).get_allocations(a_ref, b_ref.at[0])
+  out_smem = plgpu.SMEM((2, 2, t.epi, t.epi), out_ref.dtype,
+                        transforms=_transforms(t.epi, out_ref.dtype))
+
+  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
+  def _scope(allocs, out_smem):
+    wg = lax.axis_index('wg')
+    wg_m = pl.ds(wg * t.tile_m, t.tile_m) if t.split == 'm' else slice(None)
+    wg_n = pl.ds(wg * t.tile_n, t.tile_n) if t.split == 'n' else slice(None)
+
+    @plgpu.nd_loop((m_iters * n_iters,), collective_axes='sm')
+    def _tile(info):
+      mi, ni = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 0, t.band)
+      group = block_group_ref[mi]
+      cta_m, cta_n = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
+
+      def context(run):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
+        def _acc(acc_ref):
+          run(acc_ref)
+          _store_tile(acc_ref[...], out_smem, out_ref.at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
+
+      def mma(_, a_smem, b_smem, acc_ref):
+        b = b_smem.at[wg_n, :].transpose((1, 0)) if transpose_rhs else b_smem.at[:, wg_n]
+        plgpu.wgmma(acc_ref, a_smem.at[wg_m, :], b)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      @pl.when(group >= 0)
+      def _run():
+        expert = b_ref.at[group]
+        b_tile = expert.at[cta_n, :] if transpose_rhs else expert.at[:, cta_n]
+        _pipeline(mma, context, specs, k_iters, t.stages)(
+            a_ref.at[cta_m, :], b_tile, allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
+  num_experts, p, q = out_ref.shape
+  p_iters, q_iters = p // t.cta_m, q // t.cta_n
+  smem = dict(memory_space=plgpu.SMEM)
+  wg_n_size = t.tile_n
+
+  def specs(first):
+    return [plgpu.BlockSpec((t.tile_k, t.cta_m), lambda j: (first + j, 0),
+                            transforms=_transforms(t.cta_m, a_ref.dtype), **smem),
+            plgpu.BlockSpec((t.tile_k, t.cta_n), lambda j: (first + j, 0),
+                            transforms=_transforms(t.cta_n, b_ref.dtype), **smem)]
+
+  allocs = _pipeline(_ignore, _ignore, specs(0), t.stages, t.stages).get_allocations(a_ref, b_ref)
+  out_smem = plgpu.SMEM((2, 2, t.epi, t.epi), out_ref.dtype,
+                        transforms=_transforms(t.epi, out_ref.dtype))
+
+  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
+  def _scope(allocs, out_smem):
+    wg = lax.axis_index('wg')
+    wg_n = pl.ds(wg * wg_n_size, wg_n_size)
+
+    @plgpu.nd_loop((num_experts, p_iters * q_iters), collective_axes='sm')
+    def _tile(info):
+      e, lin = info.index
+      pi, qi = plgpu.planar_snake(lin, (p_iters, q_iters), 1, t.band)
+      cta_p, cta_q = pl.ds(pi * t.cta_m, t.cta_m), pl.ds(qi * t.cta_n, t.cta_n)
+      first, steps = start_ref[e], blocks_ref[e]  # in tile_k-row steps
+
+      def context(run):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
+        def _acc(acc_ref):
+          run(acc_ref)
+          _store_tile(acc_ref[...], out_smem, out_ref.at[e, cta_p, cta_q].at[:, wg_n], wg, t)
+
+      def mma(_, a_smem, b_smem, acc_ref):
+        plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)), b_smem.at[:, wg_n])
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      _pipeline(mma, context, specs(first), steps, t.stages)(
+          a_ref.at[:, cta_p], b_ref.at[:, cta_q], allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _launch(body, out_type, backend: str, *args):
+  interpret = None
+  if backend == 'interpret':
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
+    interpret = InterpretGPUParams()
+  num_sms = 2 if backend == 'interpret' else getattr(jax.devices()[0], 'core_count', 132)
+  kernel = plgpu.kernel(
+      body, out_type=out_type, grid=(num_sms,), grid_names=('sm',), num_threads=3,
+      thread_name='wg', interpret=interpret,
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+  return kernel(*args)
+
+
+def _tile_groups(layout: BlockLayout, cta_m: int) -> jax.Array:
+  """Expert of each cta_m-row tile (cta_m divides block_rows)."""
+  return jnp.repeat(layout.block_group, layout.block_rows // cta_m)
+
+
+def _group_sizes(layout: BlockLayout) -> jax.Array:
+  return layout.group_blocks * layout.block_rows
+
+
+def gmm(lhs, rhs, layout: BlockLayout, *, transpose_rhs: bool = False, backend: str = 'xla',
+        tiling: Tiling | None = None) -> jax.Array:
+  """Grouped matmul on raw kernels (no masking, no custom gradient). See module docstring."""
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  if backend == 'xla':
+    w = rhs.transpose(0, 2, 1) if transpose_rhs else rhs
+    out = lax.ragged_dot(lhs, w, _group_sizes(layout), preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype)
+  t = tiling or pick_tiling(GMM_TILINGS, layout.block_rows, n, lhs.shape[1])
+  if t is None:
+    raise ValueError(f'no gmm tiling fits block_rows={layout.block_rows}, N={n}, K={lhs.shape[1]}.')
+  body = functools.partial(_gmm_kernel, t=t, transpose_rhs=transpose_rhs)
+  out_type = jax.ShapeDtypeStruct((lhs.shape[0], n), lhs.dtype)
+  return _launch(body, out_type, backend, _tile_groups(layout, t.cta_m), lhs, rhs)
+
+
+def tgmm(lhs, rhs, layout: BlockLayout, *, backend: str = 'xla',
+         tiling: Tiling | None = None) -> jax.Array:
+  """out[e] = lhs_e.T @ rhs_e over expert e's rows: lhs [M, P], rhs [M, Q] -> [E, P, Q]."""
+  num_experts = layout.group_start.shape[0]
+  p, q = lhs.shape[1], rhs.shape[1]
+  if backend == 'xla':
+    dims = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[])
+    out = lax.ragged_dot_general(lhs, rhs, _group_sizes(layout), dims,
+                                 preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype)
+  t = tiling or pick_tiling(TGMM_TILINGS, p, q)
+  if t is None or layout.block_rows % t.tile_k:
+    raise ValueError(f'no tgmm tiling fits P={p}, Q={q}, block_rows={layout.block_rows}.')
+  steps = layout.block_rows // t.tile_k
+  body = functools.partial(_tgmm_kernel, t=t)
+  out_type = jax.ShapeDtypeStruct((num_experts, p, q), lhs.dtype)
+  return _launch(body, out_type, backend, layout.group_start * steps, layout.group_blocks * steps,
+                 lhs, rhs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped(lhs, rhs, layout, backend, tilings):
+  return gmm(lhs, rhs, layout, backend=backend, tiling=tilings[0])
+
+
+def _grouped_fwd(lhs, rhs, layout, backend, tilings):
+  return _grouped(lhs, rhs, layout, backend, tilings), (lhs, rhs, layout)
+
+
+def _grouped_bwd(backend, tilings, residuals, g):
+  lhs, rhs, layout = residuals
+  dlhs = gmm(g, rhs, layout, transpose_rhs=True, backend=backend, tiling=tilings[1])
+  drhs = tgmm(lhs, g, layout, backend=backend, tiling=tilings[2])
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jax.dtypes.float0), layout)
+  return dlhs, drhs.astype(rhs.dtype), zeros
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def grouped_matmul(lhs, rhs, layout: BlockLayout, backend: str | None = None,
+                   tilings: tuple = (None, None, None)) -> jax.Array:
+  """Differentiable out[r] = lhs[r] @ rhs[expert(r)], zero on idle rows. lhs [M, K], rhs [E, K, N].
+
+  The backward pass runs gmm with the transposed weights (d lhs) and tgmm (d rhs).
+  tilings: optional (forward, d lhs, d rhs) kernel tilings.
+  """
+  backend = backend or default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}.')
+  out = _grouped(lhs, rhs.astype(lhs.dtype), layout, backend, tuple(tilings))
+  return jnp.where(layout.row_active()[:, None], out, 0)
