@@ -101,13 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise flags.Error(f'unexpected arguments {rest[1:]}')
     for path in nones:
       _set_none(fv.config, path)
-  except (flags.Error, KeyError) as e:
-    print(f'{PROG} {name}: {e}\n\nSee `{PROG} {name} --help`.', file=sys.stderr)
+  except (flags.Error, KeyError, AttributeError) as e:  # the latter two: unknown config fields
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    if isinstance(e, AttributeError):  # ConfigDict's message is a repr: unquote it
+      message = 'unknown config field ' + message.strip('\'').replace('\\n', ' ').replace(
+          "\\'", "'")
+    print(f'{PROG} {name}: {message}\n\nSee `{PROG} {name} --help`.', file=sys.stderr)
     return 2
   logger = logging.getLogger('moe_jax')
   if not logger.handlers:
     logger.addHandler(logging.StreamHandler())
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # a root handler (absl's) would print each line twice
   COMMANDS[name].run(fv)
   return 0
 

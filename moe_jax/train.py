@@ -149,7 +149,7 @@ def _resume_metrics(path: pathlib.Path, step: int) -> list[dict]:
 
 
 def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (decay on matrices only) with linear warmup + cosine decay, after global-norm clipping."""
+  """AdamW (weight decay on matrices only), warmup + cosine schedule, global-norm clipping first."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
       end_value=cfg.learning_rate * cfg.end_lr_fraction)
@@ -207,8 +207,9 @@ def eval_step(params, model_state: dict, batch: jax.Array, *, model) -> jax.Arra
 
 
 def _record(step: int, metrics: dict, lr: float, tokens_per_s: float) -> dict:
-  """A metrics.jsonl line: step, train_loss, aux_loss, grad_norm, lr, tokens_per_s and
-  'moe/<block>/<metric>' per MoE layer (tokens_per_expert as a list); eval_loss is added later."""
+  """A metrics.jsonl line: step, train_loss, aux_loss, grad_norm, lr, tokens_per_s (None right
+  after a call's first step) and 'moe/<block>/<metric>' per MoE layer (tokens_per_expert as a
+  list). eval_loss is added on evaluation steps."""
   record = {'step': step, 'train_loss': float(metrics['train_loss']),
             'aux_loss': float(metrics['aux_loss']), 'grad_norm': float(metrics['grad_norm']),
             'lr': lr, 'tokens_per_s': tokens_per_s}
@@ -238,7 +239,12 @@ def describe_router(config) -> str:
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
-  """Trains (or resumes) the run in `workdir` to config.train.steps; returns summary.json's dict.
+  """Trains (or resumes) the run in `workdir` to config.train.steps; returns summary.json's dict:
+
+  steps; train_loss, eval_loss (the final step's); flops_per_token (forward,
+  as executed); params_total, params_active; tokens_per_s (training throughput of this call, its
+  first, compiling step and evaluations left out); wall_s and first_step_s (of this call);
+  resumed_from_step; router (`describe_router`).
 
   Raises ValueError, before writing anything, for a bad config field or when workdir/config.json
   holds a different config.
@@ -297,7 +303,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
           metrics = jax.device_get(metrics)  # waits for the step
           elapsed = time.perf_counter() - last_time
           train_s += elapsed
-          tokens_per_s = (step - last_step) * tokens_per_step / elapsed if step > last_step else None
+          tokens_per_s = ((step - last_step) * tokens_per_step / elapsed
+                          if step > last_step else None)
           record = _record(step, metrics, float(schedule(i)), tokens_per_s)
           if evaluating:
             record['eval_loss'] = evaluate(state)
@@ -320,8 +327,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
   last = records[-1]
   summary = {
       'steps': cfg.steps,
-      'final_train_loss': last['train_loss'],
-      'final_eval_loss': last.get('eval_loss'),
+      'train_loss': last['train_loss'],
+      'eval_loss': last.get('eval_loss'),
       'flops_per_token': transformer.model_flops_per_token(config),
       'params_total': total,
       'params_active': active,
