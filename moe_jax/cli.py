@@ -1,14 +1,13 @@
 """The `moe-jax` command line: `moe-jax <command> [flags]`.
 
-  moe-jax train --config configs/lm_tiny.py --workdir DIR [--config.model.d_model=64 ...]
+  moe-jax train  --config configs/lm_tiny.py --workdir DIR [--config.model.d_model=64 ...]
+  moe-jax sweep  --config configs/compare_routers.py --workdir DIR [--only dense,switch_top1]
+  moe-jax report --workdir DIR
 
 Config overrides are ml_collections' `--config.<field>=<value>`; `--config.<field>=None` sets a
 field to None (e.g. `--config.moe.capacity_factor=None` for dropless routing), applied after the
 other overrides. Each command is one `COMMANDS` entry: a function defining its flags on its own
-`FlagValues` and a function running with them. Adding one is a few lines:
-
-  def _sweep(fv): ...  # fv.config, fv.workdir are parsed
-  COMMANDS['sweep'] = Command('run a config sweep', _config_and_workdir_flags, _sweep)
+`FlagValues` and a function running with them.
 """
 from __future__ import annotations
 
@@ -55,9 +54,38 @@ def _train(fv: flags.FlagValues) -> None:
   print(json.dumps(summary, indent=2))
 
 
+def _sweep_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  _config_and_workdir_flags(fv, argv)
+  flags.DEFINE_list('only', None, 'train only these members (comma-separated names).',
+                    flag_values=fv)
+
+
+def _sweep(fv: flags.FlagValues) -> None:
+  from moe_jax import sweep
+
+  print(sweep.run_sweep(fv.config, fv.workdir, only=fv.only))
+
+
+def _workdir_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  del argv
+  flags.DEFINE_string('workdir', None, 'a run directory, or a sweep directory of runs.',
+                      flag_values=fv)
+  flags.mark_flags_as_required(['workdir'], flag_values=fv)
+
+
+def _report(fv: flags.FlagValues) -> None:
+  from moe_jax import report
+
+  print(report.write_report(fv.workdir))
+  print(f'\nwritten: {fv.workdir}/results.md, results.csv and PNG plots')
+
+
 COMMANDS: dict[str, Command] = {
     'train': Command('train (or resume) a transformer LM run', _config_and_workdir_flags,
                      _train),
+    'sweep': Command('train every member of an equal-FLOPs sweep, then report', _sweep_flags,
+                     _sweep),
+    'report': Command('results.md/.csv and plots from run directories', _workdir_flag, _report),
 }
 
 

@@ -30,17 +30,22 @@ def find_runs(workdir: pathlib.Path) -> list[dict]:
   workdir = pathlib.Path(workdir)
   dirs = [workdir] if (workdir / 'summary.json').exists() else sorted(
       p.parent for p in workdir.glob('*/summary.json'))
-  order = _sweep_order(workdir)
+  members = _sweep_members(workdir)
+  order = {name: i for i, name in enumerate(members)}
   dirs.sort(key=lambda d: order.get(d.name, len(order)))
   if not dirs:
     raise FileNotFoundError(f'no finished runs (summary.json) under {workdir}; train or sweep '
                             'into it first.')
-  return [read_run(d) for d in dirs]
+  runs = [read_run(d) for d in dirs]
+  for run in runs:  # the sweep's short description of each member's FFN, where there is one
+    run['ffn'] = members.get(run['name'], {}).get('description', run['summary'].get('router', ''))
+  return runs
 
 
-def _sweep_order(workdir: pathlib.Path) -> dict[str, int]:
+def _sweep_members(workdir: pathlib.Path) -> dict[str, dict]:
+  """sweep.json's {member: {'description', 'config'}} in sweep order ({} outside a sweep)."""
   sweep = workdir / 'sweep.json'
-  return {name: i for i, name in enumerate(json.loads(sweep.read_text()))} if sweep.exists() else {}
+  return json.loads(sweep.read_text()) if sweep.exists() else {}
 
 
 def moe_series(metrics: list[dict], metric: str) -> dict[str, list]:
@@ -64,7 +69,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
   for run in runs:
     s = run['summary']
     rows.append({
-        'run': run['name'], 'ffn': s.get('router', ''), 'eval_loss': s.get('eval_loss'),
+        'run': run['name'], 'ffn': run['ffn'], 'eval_loss': s.get('eval_loss'),
         'train_loss': s.get('train_loss'), 'flops_per_token': s.get('flops_per_token'),
         'params_total': s.get('params_total'), 'params_active': s.get('params_active'),
         'dropped': _last_mean(run['metrics'], 'fraction_dropped'),

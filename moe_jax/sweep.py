@@ -48,9 +48,12 @@ def build_members(sweep: ml_collections.ConfigDict) -> dict[str, ml_collections.
     ValueError: a member's config is invalid, or its model FLOPs/token differ from the dense
       model's by more than `flops_tolerance` (every offending member is named).
   """
+  from moe_jax import train  # heavy imports only when building a sweep
+
   members = {}
   for name, overrides in sweep.members.items():
     config = member_config(sweep.base, overrides)
+    train.check_config(config)
     model, spec = transformer.from_config(config)
     if spec is not None and sweep.size_experts:
       shape = flops.Shape(config.data.batch_size, config.data.seq_len)
@@ -87,7 +90,7 @@ def describe(config: ml_collections.ConfigDict) -> str:
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path,
               only: list[str] | None = None) -> str:
   """Trains every member into `workdir/<name>`, then writes and returns the results table."""
-  from moe_jax import train  # heavy imports only when training
+  from moe_jax import train
 
   workdir = pathlib.Path(workdir)
   members = build_members(sweep)

@@ -238,6 +238,14 @@ def describe_router(config) -> str:
 # --- The loop ----------------------------------------------------------------------------------
 
 
+def check_config(config) -> tuple['TrainConfig', transformer.Transformer]:
+  """Validates every section of an experiment config, before any work; errors name the field."""
+  cfg = TrainConfig.from_config(config.train)
+  model = transformer.build(config)
+  _check_data_config(config)
+  return cfg, model
+
+
 def train(config, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) the run in `workdir` to config.train.steps; returns summary.json's dict:
 
@@ -250,9 +258,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   holds a different config.
   """
   start_time = time.perf_counter()
-  cfg = TrainConfig.from_config(config.train)
-  model = transformer.build(config)
-  _check_data_config(config)
+  cfg, model = check_config(config)
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
   workdir = pathlib.Path(workdir).resolve()
   write_config(config, workdir)

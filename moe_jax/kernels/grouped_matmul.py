@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 from jax.experimental import pallas as pl
@@ -306,8 +307,8 @@ def _grouped_bwd(backend, tilings, residuals, g):
   lhs, rhs, layout = residuals
   dlhs = gmm(g, rhs, layout, transpose_rhs=True, backend=backend, tiling=tilings[1])
   drhs = tgmm(lhs, g, layout, backend=backend, tiling=tilings[2])
-  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jax.dtypes.float0), layout)
-  return dlhs, drhs.astype(rhs.dtype), zeros
+  no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
+  return dlhs, drhs.astype(rhs.dtype), no_grad
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)

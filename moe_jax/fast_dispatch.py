@@ -1,0 +1,227 @@
+"""'blocked' dispatch: expert-sorted, block-aligned rows and grouped matmuls; only used slots compute.
+
+The capacity buffers [E, C, d] of 'einsum' / 'gather' run every slot, full or empty, so a capacity
+factor of 1.25 costs at least 25% more expert FLOPs than the routing uses; dropless 'ragged' relies
+on `jax.lax.ragged_dot`, which XLA's GPU backend expands per expert. Here every kept assignment
+becomes one row of a buffer sorted by expert, each expert's rows start on a block boundary
+(`block_rows`), and the expert FFN runs as grouped matmuls over those blocks
+(`moe_jax.kernels.grouped_matmul`: Pallas Mosaic GPU kernels on Hopper, an XLA reference
+elsewhere). Padding is under one block per expert, and blocks beyond the used ones are skipped.
+
+Routing is unchanged: a `SlotPlan` (token choice with capacity, expert choice) keeps exactly the
+tokens its slots hold, a `DroplessPlan` keeps all, so results equal 'einsum' up to rounding.
+Permutations are gathers in both directions when each token sits in at most `max_per_token` slots
+(token choice: k); otherwise (expert choice) the combine is a scatter-add. A `SoftPlan` is dense and
+runs as 'einsum'.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax.experts import feed_forward
+from moe_jax.kernels import grouped_matmul as gm
+from moe_jax.routing.plan import DroplessPlan, Plan, SlotPlan, SoftPlan
+
+IMPLEMENTATION = 'blocked'
+
+
+@struct.dataclass
+class RowPlan:
+  """Where each kept assignment of T tokens lives in the expert-sorted buffer of M rows.
+
+  Attributes:
+    layout: which expert owns each block of rows.
+    row_token: [M] int32 token of each row, T for padding and idle rows.
+    row_weight: [M] float32 combine weight of each row, 0 for padding.
+    dest: [T, K] int32 rows of each token's assignments (M = none), or None: combine by scatter-add.
+    weight: [T, K] float32 combine weight of each entry of dest (None with dest).
+  """
+  layout: gm.BlockLayout
+  row_token: jax.Array
+  row_weight: jax.Array
+  dest: jax.Array | None
+  weight: jax.Array | None
+
+
+def num_rows(assignments: int, num_experts: int, block_rows: int) -> int:
+  """Static buffer size: every assignment, under one block of padding per expert, one idle block."""
+  blocks = math.ceil(assignments / block_rows) + num_experts + 1
+  return blocks * block_rows
+
+
+def _layout(counts: jax.Array, total_rows: int, block_rows: int):
+  """Layout of experts holding counts [E] rows; returns it with each expert's first row [E]."""
+  blocks = (counts + block_rows - 1) // block_rows
+  ends = jnp.cumsum(blocks)
+  start = ends - blocks
+  block = jnp.arange(total_rows // block_rows, dtype=jnp.int32)
+  owner = jnp.searchsorted(ends, block, side='right').astype(jnp.int32)
+  layout = gm.BlockLayout(block_group=jnp.where(block < ends[-1], owner, -1),
+                          group_start=start.astype(jnp.int32), group_blocks=blocks.astype(jnp.int32),
+                          block_rows=block_rows)
+  return layout, (start * block_rows).astype(jnp.int32)
+
+
+def _rank_in_group(keys: jax.Array, num_groups: int) -> jax.Array:
+  """Stable position of each entry among the entries with the same key. keys: [N] in [0, num_groups]."""
+  order = jnp.argsort(keys, stable=True)
+  first = jnp.searchsorted(keys[order], jnp.arange(num_groups + 1), side='left')
+  rank_sorted = jnp.arange(keys.shape[0]) - first[keys[order]]
+  return jnp.zeros_like(keys).at[order].set(rank_sorted.astype(keys.dtype))
+
+
+def _token_major(token, row, weight, num_tokens: int, width: int, num_rows_: int):
+  """[T, width] rows and weights of each token's entries (row M / weight 0 where none)."""
+  rank = _rank_in_group(token, num_tokens)
+  dest = jnp.full((num_tokens + 1, width), num_rows_, jnp.int32).at[token, rank].set(row, mode='drop')
+  w = jnp.zeros((num_tokens + 1, width), weight.dtype).at[token, rank].set(weight, mode='drop')
+  return dest[:-1], w[:-1]
+
+
+def row_plan(plan: Plan, *, max_per_token: int | None = None, block_rows: int = 128) -> RowPlan:
+  """Builds the row buffer plan of a group-batched sparse plan.
+
+  Args:
+    plan: `SlotPlan` with slot_token [G, E, C] (token indices per group of n tokens), or
+      `DroplessPlan` with expert_index [G, n, k]. Token t of group g is global token g * n + t.
+    max_per_token: for a SlotPlan, the most slots one token can hold (token choice: k); None
+      combines by scatter-add (expert choice).
+    block_rows: rows per block (a multiple of the kernels' row tile).
+  """
+  if isinstance(plan, DroplessPlan):
+    g, n, k = plan.expert_index.shape
+    num_experts, t = plan.num_experts, g * n
+    expert = plan.expert_index.reshape(-1)
+    total = num_rows(t * k, num_experts, block_rows)
+    counts = jnp.zeros(num_experts, jnp.int32).at[expert].add(1)
+    layout, start = _layout(counts, total, block_rows)
+    row = start[expert] + _rank_in_group(expert, num_experts)
+    token = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
+    weight = plan.weight.reshape(-1)
+    dest, w = row.reshape(t, k), plan.weight.reshape(t, k)
+  elif isinstance(plan, SlotPlan):
+    g, num_experts, c = plan.slot_token.shape
+    n, t = plan.num_tokens, g * plan.num_tokens
+    occupied = plan.slot_token < n  # [G, E, C]
+    bound = g * num_experts * c if max_per_token is None else min(g * num_experts * c, t * max_per_token)
+    total = num_rows(bound, num_experts, block_rows)
+    counts_ge = occupied.sum(-1).astype(jnp.int32)  # [G, E]
+    layout, start = _layout(counts_ge.sum(0), total, block_rows)
+    offset = jnp.cumsum(counts_ge, axis=0) - counts_ge  # rows of earlier groups, per expert
+    rank = jnp.cumsum(occupied, axis=-1) - 1
+    row = jnp.where(occupied, start[None, :, None] + offset[..., None] + rank, total).reshape(-1)
+    group_base = (jnp.arange(g, dtype=jnp.int32) * n)[:, None, None]
+    token = jnp.where(occupied, plan.slot_token + group_base, t).reshape(-1)
+    weight = jnp.where(occupied, plan.slot_weight, 0.0).reshape(-1)
+    dest = w = None
+    if max_per_token is not None:
+      dest, w = _token_major(token, row, weight, t, max_per_token, total)
+  else:
+    raise TypeError(f'row_plan takes a SlotPlan or DroplessPlan, got {type(plan).__name__}.')
+  row_token = jnp.full((total,), t, jnp.int32).at[row].set(token, mode='drop')
+  row_weight = jnp.zeros((total,), weight.dtype).at[row].set(weight, mode='drop')
+  return RowPlan(layout=layout, row_token=row_token, row_weight=row_weight, dest=dest, weight=w)
+
+
+def _gather_rows(x, index):
+  """x[index] with zeros where index is out of range. x: [N, d], index: [...]."""
+  return jnp.take(x, index, axis=0, mode='fill', fill_value=0)
+
+
+@jax.custom_vjp
+def _permute(x, row_token, dest):
+  """rows[r] = x[row_token[r]] (zero for padding); the gradient gathers through dest."""
+  return _gather_rows(x, row_token)
+
+
+def _permute_fwd(x, row_token, dest):
+  return _permute(x, row_token, dest), (row_token, dest)
+
+
+def _permute_bwd(res, g):
+  row_token, dest = res
+  dx = _gather_rows(g, dest).astype(jnp.float32).sum(1).astype(g.dtype)
+  return dx, None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@jax.custom_vjp
+def _unpermute(rows, dest, weight, row_token, row_weight):
+  """out[t] = sum_j weight[t, j] * rows[dest[t, j]], accumulated in float32. rows: [M, d].
+
+  row_token / row_weight (the same map seen from the rows) serve the backward pass only: the
+  gradient of the weights flows through `weight`.
+  """
+  out = jnp.einsum('tk,tkd->td', weight, _gather_rows(rows, dest),
+                   preferred_element_type=jnp.float32)
+  return out.astype(rows.dtype)
+
+
+def _unpermute_fwd(rows, dest, weight, row_token, row_weight):
+  return _unpermute(rows, dest, weight, row_token, row_weight), (rows, dest, weight, row_token,
+                                                                  row_weight)
+
+
+def _unpermute_bwd(res, g):
+  rows, dest, weight, row_token, row_weight = res
+  d_rows = (row_weight[:, None] * _gather_rows(g, row_token).astype(jnp.float32)).astype(rows.dtype)
+  d_weight = jnp.einsum('td,tkd->tk', g, _gather_rows(rows, dest),
+                        preferred_element_type=jnp.float32).astype(weight.dtype)
+  return d_rows, None, d_weight, None, None
+
+
+_unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
+
+
+def permute(rows_plan: RowPlan, x: jax.Array) -> jax.Array:
+  """x: [T, d] -> [M, d] expert-sorted rows (zero padding)."""
+  if rows_plan.dest is None:
+    return _gather_rows(x, rows_plan.row_token)
+  return _permute(x, rows_plan.row_token, rows_plan.dest)
+
+
+def unpermute(rows_plan: RowPlan, rows: jax.Array, num_tokens: int) -> jax.Array:
+  """Weighted sum of each token's rows: [M, d] -> [T, d] in rows' dtype."""
+  if rows_plan.dest is None:
+    weighted = rows_plan.row_weight[:, None] * rows.astype(jnp.float32)
+    out = jnp.zeros((num_tokens + 1, rows.shape[-1]), jnp.float32)
+    return out.at[rows_plan.row_token].add(weighted)[:-1].astype(rows.dtype)
+  return _unpermute(rows, rows_plan.dest, rows_plan.weight, rows_plan.row_token,
+                    rows_plan.row_weight)
+
+
+def moe_apply(plan: Plan, x: jax.Array, weights: tuple, *, max_per_token: int | None = None,
+              block_rows: int = 128, backend: str | None = None, tilings: tuple = (None,) * 3,
+              expert_fn: Callable = feed_forward) -> jax.Array:
+  """Routes groups of tokens through the experts. x: [G, n, d] -> [G, n, d].
+
+  Args:
+    plan: group-batched plan (leading axis G), as `jax.vmap` of a router returns it.
+    weights: (w_in [E, d, f], w_out [E, f, d], w_gate [E, d, f] or None), in the compute dtype.
+    max_per_token: see `row_plan` (token choice: k).
+    backend, tilings: grouped matmul backend (default: kernels on Hopper, XLA elsewhere) and
+      optional (forward, d lhs, d rhs) kernel tilings.
+    expert_fn: (matmul, x, w_in, w_out, w_gate) -> out, the expert FFN core.
+  """
+  g, n, d = x.shape
+  dtype = weights[0].dtype
+  if isinstance(plan, SoftPlan):
+    buffers = jax.vmap(lambda p, xg: dispatch_lib.dispatch(p, xg, 'einsum'))(plan, x)
+    e, s = buffers.shape[1:3]
+    flat = buffers.transpose(1, 0, 2, 3).reshape(e, g * s, d).astype(dtype)
+    y = expert_fn(lambda a, w: jnp.einsum('ecd,edf->ecf', a, w), flat, *weights)
+    y = y.reshape(e, g, s, d).transpose(1, 0, 2, 3)
+    return jax.vmap(lambda p, yg: dispatch_lib.combine(p, yg, 'einsum'))(plan, y)
+  rows_plan = row_plan(plan, max_per_token=max_per_token, block_rows=block_rows)
+  rows = permute(rows_plan, x.reshape(g * n, d).astype(dtype))
+  matmul = lambda a, w: gm.grouped_matmul(a, w, rows_plan.layout, backend, tilings)
+  y = expert_fn(matmul, rows, *weights)
+  return unpermute(rows_plan, y, g * n).reshape(g, n, d)

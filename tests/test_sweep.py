@@ -1,0 +1,95 @@
+"""Equal-FLOPs sweeps (refusal before any work, an end-to-end tiny sweep) and reports."""
+import csv
+import importlib.util
+import json
+import pathlib
+
+import matplotlib.image
+import pytest
+
+from moe_jax import cli, flops, report, sweep
+from moe_jax.models import transformer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def compare_config():
+  spec = importlib.util.spec_from_file_location('compare', ROOT / 'configs' / 'compare_routers.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_default_sweep_members_are_equal_flops():
+  config = compare_config()
+  members = sweep.build_members(config)
+  assert list(members)[0] == 'dense' and len(members) == 7
+  budget = transformer.model_flops_per_token(members['dense'])
+  for name, member in members.items():
+    assert abs(transformer.model_flops_per_token(member) / budget - 1) <= config.flops_tolerance
+  # Sizing really changed the expert widths: top-2 at cf 1.25 gets about 1/2.5 of the dense width.
+  gshard = members['gshard_top2']
+  assert gshard.moe.d_ff == pytest.approx(config.base.model.d_ff / 2.5, abs=4)
+
+
+def test_unequal_member_is_refused_before_anything_is_written(tmp_path):
+  config = compare_config()
+  config.size_experts = False
+  with pytest.raises(ValueError, match=r'unequal FLOPs(.|\n)*gshard_top2: .* \(\+'):
+    sweep.run_sweep(config, tmp_path / 'sweep')
+  assert not (tmp_path / 'sweep').exists()
+
+
+def test_bad_member_field_is_named():
+  config = compare_config()
+  config.members.switch_top1.moe.capacity_factr = 2.0
+  with pytest.raises(ValueError, match=r'moe.capacity_factr is not a field'):
+    sweep.build_members(config)
+
+
+def test_flops_check_uses_the_tolerance():
+  config = compare_config()
+  members = sweep.build_members(config)
+  values = {n: transformer.model_flops_per_token(c) for n, c in members.items()}
+  budget = values['dense']
+  values['switch_top1'] *= 1.05
+  with pytest.raises(ValueError, match='switch_top1'):
+    flops.check_equal_flops(values, budget, tolerance=0.02)
+  flops.check_equal_flops(values, budget, tolerance=0.06)
+
+
+def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys):
+  workdir = tmp_path / 'sweep'
+  args = ['moe-jax', 'sweep', '--config', str(ROOT / 'configs' / 'compare_routers.py'),
+          '--workdir', str(workdir), '--only', 'dense,switch_top1',
+          '--config.base.data.data_dir', str(tmp_path / 'tfds'),
+          '--config.base.data.seq_len=16', '--config.base.data.batch_size=4',
+          '--config.base.model.d_model=32', '--config.base.model.num_layers=2',
+          '--config.base.model.num_heads=2', '--config.base.model.d_ff=64',
+          '--config.base.train.steps=4', '--config.base.train.warmup_steps=1',
+          '--config.base.train.log_every=2', '--config.base.train.eval_every=2',
+          '--config.base.train.eval_batches=2', '--config.base.train.progress=False']
+  assert cli.main(args) == 0
+  out = capsys.readouterr().out
+  assert '| dense | dense f=64 |' in out and '| switch_top1 | token_choice k=1 cf=1.25' in out
+
+  with open(workdir / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['run'] for r in rows] == ['dense', 'switch_top1']
+  for row in rows:
+    summary = json.loads((workdir / row['run'] / 'summary.json').read_text())
+    assert float(row['eval_loss']) == summary['eval_loss']
+  for plot in ('eval_loss.png', 'dropped.png', 'expert_load.png'):
+    image = matplotlib.image.imread(workdir / plot)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # a real picture
+  assert '![eval_loss.png](eval_loss.png)' in (workdir / 'results.md').read_text()
+
+  mtime = (workdir / 'dense' / 'summary.json').stat().st_mtime
+  assert cli.main(args) == 0  # a second run skips finished members and rewrites the report
+  assert 'finished earlier, skipped' in capsys.readouterr().out
+  assert (workdir / 'dense' / 'summary.json').stat().st_mtime == mtime
+
+
+def test_report_needs_finished_runs(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no finished runs'):
+    report.write_report(tmp_path)
