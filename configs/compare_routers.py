@@ -28,6 +28,7 @@ def _base():
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.base = _base()
+  config.base.train.eval_every = 50  # six points on the eval-loss plot
   config.size_experts = True
   config.flops_tolerance = 0.02
   config.members = ml_collections.ConfigDict(sort_keys=False, initial_dictionary={

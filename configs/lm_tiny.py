@@ -1,6 +1,7 @@
 """A small byte-level MoE LM on Tiny Shakespeare that trains in about a minute on 2 CPU cores.
 
   moe-jax train --config configs/lm_tiny.py --workdir runs/lm_tiny [--config.model.d_model=64 ...]
+  (on 8 devices: ... --config.mesh.data=2 --config.mesh.expert=4)
 
 `data.data_dir=None` prepares and reads TFDS files in TFDS's default data dir
 ($TFDS_DATA_DIR, else ~/tensorflow_datasets); `data.manual_dir=None` finds `input.txt` as
@@ -51,6 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.moe.group_by = 'sequence'
   config.moe.dispatch = 'gather'
   config.moe.activation = 'swiglu'
+
+  # Device mesh (docs/parallelism.md): data * expert = the device count, or 1x1 = one device.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 1
+  config.mesh.expert = 1  # divides moe.num_experts; expert weights are sharded over it
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 300

@@ -198,8 +198,13 @@ def unpermute(rows_plan: RowPlan, rows: jax.Array, num_tokens: int) -> jax.Array
                     rows_plan.row_weight)
 
 
+def default_block_rows(assignments: int, num_experts: int) -> int:
+  """128-row blocks, or 64 when experts average under 1024 rows (less padding per expert)."""
+  return 128 if assignments >= 1024 * num_experts else 64
+
+
 def moe_apply(plan: Plan, x: jax.Array, weights: tuple, *, max_per_token: int | None = None,
-              block_rows: int = 128, backend: str | None = None, tilings: tuple = (None,) * 3,
+              block_rows: int | None = None, backend: str | None = None, tilings: tuple = (None,) * 3,
               expert_fn: Callable = feed_forward) -> jax.Array:
   """Routes groups of tokens through the experts. x: [G, n, d] -> [G, n, d].
 
@@ -207,6 +212,7 @@ def moe_apply(plan: Plan, x: jax.Array, weights: tuple, *, max_per_token: int | 
     plan: group-batched plan (leading axis G), as `jax.vmap` of a router returns it.
     weights: (w_in [E, d, f], w_out [E, f, d], w_gate [E, d, f] or None), in the compute dtype.
     max_per_token: see `row_plan` (token choice: k).
+    block_rows: rows per block; default `default_block_rows` of the routed assignments.
     backend, tilings: grouped matmul backend (default: kernels on Hopper, XLA elsewhere) and
       optional (forward, d lhs, d rhs) kernel tilings.
     expert_fn: (matmul, x, w_in, w_out, w_gate) -> out, the expert FFN core.
@@ -220,6 +226,13 @@ def moe_apply(plan: Plan, x: jax.Array, weights: tuple, *, max_per_token: int | 
     y = expert_fn(lambda a, w: jnp.einsum('ecd,edf->ecf', a, w), flat, *weights)
     y = y.reshape(e, g, s, d).transpose(1, 0, 2, 3)
     return jax.vmap(lambda p, yg: dispatch_lib.combine(p, yg, 'einsum'))(plan, y)
+  if block_rows is None:
+    if isinstance(plan, DroplessPlan):
+      assignments = plan.expert_index.size
+    else:
+      slots = plan.slot_token.size
+      assignments = slots if max_per_token is None else min(slots, g * n * max_per_token)
+    block_rows = default_block_rows(assignments, weights[0].shape[0])
   rows_plan = row_plan(plan, max_per_token=max_per_token, block_rows=block_rows)
   rows = permute(rows_plan, x.reshape(g * n, d).astype(dtype))
   matmul = lambda a, w: gm.grouped_matmul(a, w, rows_plan.layout, backend, tilings)

@@ -1,6 +1,7 @@
 """Expert + data parallelism: one mesh, partition specs by path, the MoE layer under `shard_map`.
 
-Layout. A 2-D mesh with axes ('data', 'expert') over all devices (1 device = a 1x1 mesh, same code).
+Layout. A 2-D mesh with axes ('data', 'expert') over all devices (a 1x1 mesh is one device, no
+shard_map).
   * tokens: the batch dim is sharded over both axes: each device holds b = B / (data * expert)
     sequences (`BATCH`).
   * expert weights (leaves under a module named 'experts', leading dim E): sharded over 'expert'
@@ -66,18 +67,34 @@ def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = Non
                        devices=devices)
 
 
-def check_mesh(spec: MoESpec, mesh: Mesh, batch_size: int, seq_len: int | None = None) -> None:
+def mesh_from_config(config) -> Mesh:
+  """The mesh of `config.mesh` = {data, expert}; an absent section means 1x1.
+
+  1x1 is one (local) device however many there are; otherwise data * expert must equal the device
+  count (`make_mesh`).
+  """
+  sizes = dict(config.mesh.items()) if 'mesh' in config else {}
+  unknown = sorted(set(sizes) - set(AXES))
+  if unknown:
+    raise ValueError(f'config.mesh has unknown field(s) {unknown}; known fields: {list(AXES)}.')
+  data, expert = sizes.get(DATA, 1), sizes.get(EXPERT, 1)
+  return make_mesh(data, expert, jax.local_devices()[:1] if (data, expert) == (1, 1) else None)
+
+
+def check_mesh(spec: MoESpec | None, mesh: Mesh, batch_size: int,
+               seq_len: int | None = None) -> None:
   """Raises a ValueError naming the config field when `spec` cannot run sharded over `mesh`.
 
   Checks the mesh axes, that the expert axis divides num_experts, that the global batch divides
-  over all devices and, given seq_len, that the router works on the local token groups.
+  over all devices and, given seq_len, that the router works on the local token groups. spec=None
+  (a dense model) checks the mesh and the batch only.
   """
   missing = [a for a in AXES if a not in mesh.shape]
   if missing:
     raise ValueError(f'mesh axes {tuple(mesh.axis_names)} lack {missing}: build the mesh with '
                      f'parallel.make_mesh(config.mesh.data, config.mesh.expert).')
   data, expert = mesh.shape[DATA], mesh.shape[EXPERT]
-  if spec.num_experts % expert:
+  if spec is not None and spec.num_experts % expert:
     raise ValueError(f'config.mesh.expert={expert} does not divide config.moe.num_experts='
                      f'{spec.num_experts}: use an expert axis size that divides the experts.')
   shards = data * expert
@@ -86,7 +103,7 @@ def check_mesh(spec: MoESpec, mesh: Mesh, batch_size: int, seq_len: int | None =
         f'config.batch_size={batch_size} is not divisible by config.mesh.data={data} * '
         f'config.mesh.expert={expert} = {shards}: tokens are sharded over both axes; use a '
         f'multiple of {shards}.')
-  if seq_len is None:
+  if spec is None or seq_len is None:
     return
   group_by = 'batch' if spec.dispatch == 'ragged' else spec.group_by
   n = flops.Shape(batch_size // shards, seq_len).group_size(group_by)
@@ -121,6 +138,21 @@ def param_shardings(tree: Any, mesh: Mesh) -> Any:
       lambda path, leaf: NamedSharding(mesh, _leaf_spec(path, leaf)), tree)
 
 
+def constrain(tree: Any, mesh: Mesh) -> Any:
+  """`tree` laid out by `param_shardings` (inside jit): pins params / optimizer state of a step."""
+  return jax.lax.with_sharding_constraint(tree, param_shardings(tree, mesh))
+
+
+def restore_target(tree: Any, mesh: Mesh) -> Any:
+  """`jax.ShapeDtypeStruct`s of `tree` (arrays or shapes) carrying `param_shardings` over `mesh`.
+
+  An orbax restore target (`ocp.args.StandardRestore(restore_target(...))`): it lays a checkpoint
+  written on any mesh out on this one.
+  """
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      param_shardings(tree, mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a [B, ...] token batch: B over every device."""
   return NamedSharding(mesh, BATCH)
@@ -137,24 +169,29 @@ def init_variables(module, mesh: Mesh, rngs, *args, **kwargs):
                  out_shardings=param_shardings(abstract, mesh))(rngs)
 
 
-def expert_parallel(layer: MoELayer) -> MoELayer:
-  """`layer` configured to run inside shard_map over a ('data', 'expert') mesh."""
-  return layer.clone(expert_axis=EXPERT, batch_axes=AXES)
+def expert_parallel(module: MoELayer) -> MoELayer:
+  """`module` (a `MoELayer`, or a `Transformer` of them) configured to run inside shard_map over a
+  ('data', 'expert') mesh."""
+  return module.clone(expert_axis=EXPERT, batch_axes=AXES)
 
 
-def shard_moe_layer(layer: MoELayer, mesh: Mesh, *, train: bool = False,
-                    mutable: bool | Sequence[str] = False) -> Callable:
-  """`layer.apply` run expert-parallel over `mesh` with `jax.shard_map`.
+def shard_module(module: MoELayer, mesh: Mesh, *, train: bool = False,
+                 mutable: bool | Sequence[str] = False) -> Callable:
+  """`module.apply` run expert-parallel over `mesh` with `jax.shard_map`.
 
-  Returns apply(variables, x, rngs=None) with layer.apply's outputs: (y, aux), or ((y, aux),
+  `module`: an unsharded `MoELayer`, or a `Transformer` (fields spec, expert_axis, batch_axes).
+  Returns apply(variables, x, rngs=None) with module.apply's outputs: (y, aux), or ((y, aux),
   updated collections) when `mutable` names collections (e.g. ['router_bias']). `variables` hold
-  global arrays (an unsharded layer's tree, e.g. from `init_variables`); x: [B, L, d] with B over
-  every device; y: [B, L, d] sharded alike; aux and mutable collections replicated.
+  global arrays (an unsharded module's tree, e.g. from `init_variables`); x: [B, ...] with B over
+  every device; y: [B, ...] sharded alike; aux and mutable collections replicated. On a one-device
+  mesh this is plain `module.apply` (no shard_map: random draws as unsharded).
   """
-  sharded = expert_parallel(layer)
+  sharded = expert_parallel(module)
 
   def apply(variables, x, rngs=None):
-    check_mesh(layer.spec, mesh, batch_size=x.shape[0], seq_len=x.shape[1])
+    check_mesh(module.spec, mesh, batch_size=x.shape[0], seq_len=x.shape[1])
+    if mesh.size == 1:
+      return module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
     names = list(variables) if mutable is True else list(mutable or ())
     out_specs = (BATCH, P())
     if names:
@@ -167,3 +204,6 @@ def shard_moe_layer(layer: MoELayer, mesh: Mesh, *, train: bool = False,
                          out_specs=out_specs)(variables, x, rngs)
 
   return apply
+
+
+shard_moe_layer = shard_module  # the name for a single layer

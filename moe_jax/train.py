@@ -12,6 +12,11 @@ global-norm clipping) on next-byte cross-entropy plus the MoE auxiliary loss, an
 Training restarts from the latest checkpoint and continues exactly as an uninterrupted run
 would: batch i is `data.train_batch(tokens, i, ...)`, a function of (seed, i) only, and its RNG
 is fold_in(key, i). Lines of metrics.jsonl past the restored step are dropped first.
+
+`config.mesh` = {data, expert} (absent: 1x1, one device) lays the run out on a device mesh
+(`moe_jax.parallel`, docs/parallelism.md): params and optimizer state by `parallel.param_shardings`,
+the batch over every device, the MoE layers expert-parallel under `jax.shard_map`. A run may resume
+on a different mesh (config.mesh is exempt from the config.json check).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -31,8 +37,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
+from jax.sharding import Mesh
 
-from moe_jax import data
+from moe_jax import data, parallel
 from moe_jax.models import transformer
 
 log = logging.getLogger(__name__)
@@ -108,22 +115,45 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
+MESH_FIELDS = ('mesh.data', 'mesh.expert')  # device layout: may change when a run resumes
+
+
 def write_config(config, workdir: pathlib.Path) -> None:
-  """Writes workdir/config.json, or checks that an existing one holds the same config."""
+  """Writes workdir/config.json, or checks that an existing one holds the same config.
+
+  config.mesh may differ (a resume on another mesh); config.json keeps the first call's.
+  """
   path = workdir / 'config.json'
   text = _config_json(config)
   if path.exists():
     old, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(text))
     diff = [f'  {key}: {old.get(key, "<absent>")!r} in {path.name}, {new.get(key, "<absent>")!r} '
-            'now' for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            'now' for key in sorted(set(old) | set(new))
+            if key not in MESH_FIELDS and old.get(key) != new.get(key)]
     if diff:
       raise ValueError(
           f'{path} holds a different config, so this is not a restart of that run:\n'
           + '\n'.join(diff) + '\nUse a new --workdir for a new run, or rerun with the config in '
           f'{path} to resume it.')
+    _log_mesh_change(old, new, config)
     return
   workdir.mkdir(parents=True, exist_ok=True)
   _write_atomic(path, text)
+
+
+def _log_mesh_change(old: dict, new: dict, config) -> None:
+  """Logs a resume on another mesh; warns where routing depends on the number of shards."""
+  old_mesh, new_mesh = (tuple(flat.get(key, 1) for key in MESH_FIELDS) for flat in (old, new))
+  if old_mesh == new_mesh:
+    return
+  log.info('resuming on mesh (data, expert) = %s a run started on %s', new_mesh, old_mesh)
+  spec = transformer.from_config(config)[1]
+  if spec is not None and math.prod(old_mesh) != math.prod(new_mesh) and (
+      spec.group_by != 'sequence' or spec.dispatch == 'ragged' or spec.jitter or spec.noise_std):
+    log.warning('the number of shards changes from %d to %d: with group_by=%r, dispatch=%r, '
+                'jitter=%r, noise_std=%r routing is per shard, so the resumed run trains a '
+                'different model (docs/parallelism.md)', math.prod(old_mesh), math.prod(new_mesh),
+                spec.group_by, spec.dispatch, spec.jitter, spec.noise_std)
 
 
 def _resume_metrics(path: pathlib.Path, step: int) -> list[dict]:
@@ -164,29 +194,58 @@ def cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def init_state(model, cfg: TrainConfig, rng: jax.Array, batch_size: int, seq_len: int) -> dict:
-  """{'params', 'opt_state', 'model_state'}; model_state holds the non-trainable collections."""
-  variables = _init_variables(rng, jnp.zeros((batch_size, seq_len), jnp.int32), model=model)
-  params = variables.pop('params')
-  return {'params': params, 'opt_state': make_optimizer(cfg)[0].init(params),
-          'model_state': dict(variables)}
+def init_state(model, cfg: TrainConfig, rng: jax.Array, batch_size: int, seq_len: int,
+               mesh: Mesh | None = None) -> dict:
+  """{'params', 'opt_state', 'model_state'}; model_state holds the non-trainable collections.
+
+  With `mesh`, laid out by `parallel.param_shardings` (the values do not depend on the mesh).
+  """
+  return _init_state(rng, model=model, cfg=cfg, shape=(batch_size, seq_len), mesh=mesh)
 
 
-# Compiled functions take the model and TrainConfig (frozen, hashable) as static arguments, so
+def abstract_state(model, cfg: TrainConfig, batch_size: int, seq_len: int, mesh: Mesh) -> dict:
+  """`init_state`'s shapes with `mesh`'s shardings: the orbax restore target on this mesh."""
+  shapes = jax.eval_shape(functools.partial(init_state, model, cfg, batch_size=batch_size,
+                                            seq_len=seq_len), jax.random.key(0))
+  return parallel.restore_target(shapes, mesh)
+
+
+def _forward(model, mesh: Mesh | None, *, train: bool):
+  """apply(variables, tokens, rngs=None) of `model`; on `mesh` through `parallel.shard_module`.
+
+  Training, it returns ((logits, aux), updated router_bias collection); else (logits, aux).
+  """
+  mutable = ['router_bias'] if train else False
+  if mesh is None:
+    return functools.partial(model.apply, train=train, mutable=mutable)
+  return parallel.shard_module(model, mesh, train=train, mutable=mutable)
+
+
+# Compiled functions take the model, TrainConfig and mesh (hashable) as static arguments, so
 # runs of one config in one process (a resume, a test) reuse the compiled code.
-@functools.partial(jax.jit, static_argnames='model')
-def _init_variables(rng, tokens, *, model):
-  return model.init({'params': rng, 'router': rng}, tokens, train=False)
+@functools.partial(jax.jit, static_argnames=('model', 'cfg', 'shape', 'mesh'))
+def _init_state(rng, *, model, cfg: TrainConfig, shape: tuple[int, int], mesh: Mesh | None):
+  variables = model.init({'params': rng, 'router': rng}, jnp.zeros(shape, jnp.int32), train=False)
+  params = variables.pop('params')
+  state = {'params': params, 'opt_state': make_optimizer(cfg)[0].init(params),
+           'model_state': dict(variables)}
+  return state if mesh is None else parallel.constrain(state, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'cfg'))
-def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, cfg: TrainConfig):
-  """One update on batch [B, L+1]. Returns (new state, metrics)."""
+@functools.partial(jax.jit, static_argnames=('model', 'cfg', 'mesh'))
+def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, cfg: TrainConfig,
+               mesh: Mesh | None = None):
+  """One update on batch [B, L+1]. Returns (new state, metrics).
+
+  With `mesh`: state as `init_state(..., mesh)`, batch over every device; the model runs under
+  `shard_map` and the loss (cross-entropy of the whole batch + the globally averaged aux loss) and
+  its gradients, taken outside the shard_map, are those of the unsharded model.
+  """
+  forward = _forward(model, mesh, train=True)
 
   def loss_fn(params):
-    (logits, aux), model_state = model.apply(
-        {'params': params, **state['model_state']}, batch[:, :-1], train=True,
-        rngs={'router': rng}, mutable=['router_bias'])
+    (logits, aux), model_state = forward({'params': params, **state['model_state']},
+                                         batch[:, :-1], rngs={'router': rng})
     loss = cross_entropy(logits, batch)
     return loss + aux['loss'], (loss, aux, model_state)
 
@@ -194,15 +253,18 @@ def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, cfg: Tra
   updates, opt_state = make_optimizer(cfg)[0].update(grads, state['opt_state'], state['params'])
   new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                'model_state': dict(model_state)}
+  if mesh is not None:
+    new_state = parallel.constrain(new_state, mesh)
   metrics = {'train_loss': loss, 'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
              'layers': aux['layers']}
   return new_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames='model')
-def eval_step(params, model_state: dict, batch: jax.Array, *, model) -> jax.Array:
-  """Mean cross-entropy of batch [B, L+1] in inference mode."""
-  logits, _ = model.apply({'params': params, **model_state}, batch[:, :-1], train=False)
+@functools.partial(jax.jit, static_argnames=('model', 'mesh'))
+def eval_step(params, model_state: dict, batch: jax.Array, *, model,
+              mesh: Mesh | None = None) -> jax.Array:
+  """Mean cross-entropy of batch [B, L+1] in inference mode (on `mesh` as `train_step`)."""
+  logits, _ = _forward(model, mesh, train=False)({'params': params, **model_state}, batch[:, :-1])
   return cross_entropy(logits, batch)
 
 
@@ -238,12 +300,17 @@ def describe_router(config) -> str:
 # --- The loop ----------------------------------------------------------------------------------
 
 
-def check_config(config) -> tuple['TrainConfig', transformer.Transformer]:
-  """Validates every section of an experiment config, before any work; errors name the field."""
+def check_config(config) -> tuple[TrainConfig, transformer.Transformer, Mesh]:
+  """Validates every section of an experiment config, before any work; errors name the field.
+
+  Returns (config.train, the model, the device mesh of config.mesh).
+  """
   cfg = TrainConfig.from_config(config.train)
   model = transformer.build(config)
   _check_data_config(config)
-  return cfg, model
+  mesh = parallel.mesh_from_config(config)
+  parallel.check_mesh(model.spec, mesh, config.data.batch_size, config.data.seq_len)
+  return cfg, model, mesh
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
@@ -258,7 +325,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   holds a different config.
   """
   start_time = time.perf_counter()
-  cfg, model = check_config(config)
+  cfg, model, mesh = check_config(config)
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
   workdir = pathlib.Path(workdir).resolve()
   write_config(config, workdir)
@@ -266,24 +333,28 @@ def train(config, workdir: str | os.PathLike) -> dict:
   splits = data.load_text_splits(config.data.name, data_dir=config.data.data_dir,
                                  manual_dir=config.data.manual_dir)
   tokens = data.encode(splits['train'])
-  eval_set = data.eval_batches(data.encode(splits['validation']), batch_size, seq_len,
-                               cfg.eval_batches)
+  place = functools.partial(jax.device_put, device=parallel.batch_sharding(mesh))
+  eval_set = [place(batch) for batch in data.eval_batches(
+      data.encode(splits['validation']), batch_size, seq_len, cfg.eval_batches)]
 
   schedule = make_optimizer(cfg)[1]
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state = init_state(model, cfg, init_key, batch_size, seq_len)
   manager = ocp.CheckpointManager(
       workdir / 'checkpoints',
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
   start = manager.latest_step() or 0
-  if start:
-    state = manager.restore(start, args=ocp.args.StandardRestore(state))
-    log.info('restored the checkpoint at step %d from %s', start, workdir / 'checkpoints')
+  if start:  # onto this mesh, whichever mesh wrote it
+    target = abstract_state(model, cfg, batch_size, seq_len, mesh)
+    state = manager.restore(start, args=ocp.args.StandardRestore(target))
+    log.info('restored the checkpoint at step %d from %s onto mesh %s', start,
+             workdir / 'checkpoints', dict(mesh.shape))
+  else:
+    state = init_state(model, cfg, init_key, batch_size, seq_len, mesh)
   metrics_path = workdir / 'metrics.jsonl'
   records = _resume_metrics(metrics_path, start)
 
   def evaluate(state) -> float:
-    losses = [eval_step(state['params'], state['model_state'], batch, model=model)
+    losses = [eval_step(state['params'], state['model_state'], batch, model=model, mesh=mesh)
               for batch in eval_set]
     return float(np.mean(jax.device_get(losses)))
 
@@ -294,9 +365,9 @@ def train(config, workdir: str | os.PathLike) -> dict:
   try:
     with metrics_path.open('a') as metrics_file:
       for i in range(start, cfg.steps):
-        batch = data.train_batch(tokens, i, batch_size, seq_len, config.seed)
+        batch = place(data.train_batch(tokens, i, batch_size, seq_len, config.seed))
         state, metrics = train_step(state, batch, jax.random.fold_in(train_key, i), model=model,
-                                    cfg=cfg)
+                                    cfg=cfg, mesh=mesh)
         step = i + 1
         bar.update()
         if first_step_s is None:  # compiles (unless this process already did); not timed

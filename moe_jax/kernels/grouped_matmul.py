@@ -72,6 +72,7 @@ class Tiling:
   split: str = 'n'
   band: int = 8  # row tiles visited together (L2 reuse of the weights)
   epi: int = 64  # epilogue tile edge
+  delay: int = 1  # wgmma groups left in flight when a step ends (its SMEM is released a step later)
 
   @property
   def cta_m(self) -> int:
@@ -86,19 +87,26 @@ class Tiling:
     return self.stages * stage + 2 * 2 * self.epi * self.epi * itemsize
 
 
-GMM_TILINGS = (Tiling(128, 128, stages=4), Tiling(64, 128, stages=4, split='m'),
-               Tiling(64, 128, stages=4), Tiling(64, 64, stages=4, split='m'),
-               Tiling(64, 64, stages=4))
-TGMM_TILINGS = (Tiling(128, 128, stages=4), Tiling(128, 64, stages=4), Tiling(64, 64, stages=4))
+GMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(64, 256, stages=3, split='m'),
+               Tiling(64, 128, stages=4, split='m'), Tiling(64, 128, stages=4),
+               Tiling(64, 64, stages=4, split='m'), Tiling(64, 64, stages=4))
+TGMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(128, 64, stages=4), Tiling(64, 64, stages=4))
+# Measured winners by (kernel, block_rows, K, N), consulted before the candidate lists (see
+# `kernel_tilings`); benchmarks/moe_layer.py --tune fills it in-process.
+TUNED: dict[tuple, Tiling] = {}
+
+
+def fitting(candidates, m_tile: int, n: int, k: int | None = None) -> list[Tiling]:
+  """Tilings whose CTA tile divides (m_tile, n), whose tile_k divides k, and that fit in SMEM."""
+  return [t for t in candidates
+          if m_tile % t.cta_m == 0 and n % t.cta_n == 0 and (k is None or k % t.tile_k == 0)
+          and t.smem_bytes() <= SMEM_BYTES]
 
 
 def pick_tiling(candidates, m_tile: int, n: int, k: int | None = None) -> Tiling | None:
-  """First tiling whose CTA tile divides (m_tile, n) and whose tile_k divides k; None if none does."""
-  for t in candidates:
-    fits = m_tile % t.cta_m == 0 and n % t.cta_n == 0 and (k is None or k % t.tile_k == 0)
-    if fits and t.smem_bytes() <= SMEM_BYTES:
-      return t
-  return None
+  """The first fitting tiling, or None."""
+  fits = fitting(candidates, m_tile, n, k)
+  return fits[0] if fits else None
 
 
 def default_backend() -> str:
@@ -144,7 +152,8 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
   m, k = a_ref.shape
   n = out_ref.shape[1]
   m_iters, n_iters, k_iters = m // t.cta_m, n // t.cta_n, k // t.tile_k
-  smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM)
+  smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM,
+              delay_release=t.delay)
   a_spec = plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem)
   if transpose_rhs:
     b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem)
@@ -176,7 +185,7 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
       def mma(_, a_smem, b_smem, acc_ref):
         b = b_smem.at[wg_n, :].transpose((1, 0)) if transpose_rhs else b_smem.at[:, wg_n]
         plgpu.wgmma(acc_ref, a_smem.at[wg_m, :], b)
-        plgpu.wgmma_wait(0)
+        plgpu.wgmma_wait(t.delay)
         return acc_ref
 
       @pl.when(group >= 0)
@@ -192,7 +201,7 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
 def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
   num_experts, p, q = out_ref.shape
   p_iters, q_iters = p // t.cta_m, q // t.cta_n
-  smem = dict(memory_space=plgpu.SMEM)
+  smem = dict(memory_space=plgpu.SMEM, delay_release=t.delay)
   wg_n_size = t.tile_n
 
   def specs(first):
@@ -225,7 +234,7 @@ def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
 
       def mma(_, a_smem, b_smem, acc_ref):
         plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)), b_smem.at[:, wg_n])
-        plgpu.wgmma_wait(0)
+        plgpu.wgmma_wait(t.delay)
         return acc_ref
 
       _pipeline(mma, context, specs(first), steps, t.stages)(
@@ -285,7 +294,7 @@ def tgmm(lhs, rhs, layout: BlockLayout, *, backend: str = 'xla',
                                  preferred_element_type=jnp.float32)
     return out.astype(lhs.dtype)
   t = tiling or pick_tiling(TGMM_TILINGS, p, q)
-  if t is None or layout.block_rows % t.tile_k:
+  if t is None or layout.block_rows % t.tile_k or t.split != 'n':
     raise ValueError(f'no tgmm tiling fits P={p}, Q={q}, block_rows={layout.block_rows}.')
   steps = layout.block_rows // t.tile_k
   body = functools.partial(_tgmm_kernel, t=t)
@@ -314,15 +323,31 @@ def _grouped_bwd(backend, tilings, residuals, g):
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+def kernel_tilings(lhs_shape, rhs_shape, block_rows: int, tilings=(None, None, None)):
+  """(forward, d lhs, d rhs) tilings for lhs [M, K] @ rhs [E, K, N], or None if one does not fit."""
+  k, n = lhs_shape[1], rhs_shape[2]
+  fwd, dlhs, drhs = tilings
+  fwd = fwd or TUNED.get(('gmm', block_rows, k, n)) or pick_tiling(GMM_TILINGS, block_rows, n, k)
+  dlhs = (dlhs or TUNED.get(('gmm_t', block_rows, n, k))
+          or pick_tiling(GMM_TILINGS, block_rows, k, n))
+  drhs = drhs or TUNED.get(('tgmm', block_rows, k, n)) or pick_tiling(TGMM_TILINGS, k, n)
+  if drhs is not None and block_rows % drhs.tile_k:
+    drhs = None
+  return None if None in (fwd, dlhs, drhs) else (fwd, dlhs, drhs)
+
+
 def grouped_matmul(lhs, rhs, layout: BlockLayout, backend: str | None = None,
                    tilings: tuple = (None, None, None)) -> jax.Array:
   """Differentiable out[r] = lhs[r] @ rhs[expert(r)], zero on idle rows. lhs [M, K], rhs [E, K, N].
 
-  The backward pass runs gmm with the transposed weights (d lhs) and tgmm (d rhs).
-  tilings: optional (forward, d lhs, d rhs) kernel tilings.
+  The backward pass runs gmm with the transposed weights (d lhs) and tgmm (d rhs). tilings:
+  optional (forward, d lhs, d rhs) kernel tilings; shapes no kernel tiling fits run on 'xla'.
   """
   backend = backend or default_backend()
   if backend not in BACKENDS:
     raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}.')
-  out = _grouped(lhs, rhs.astype(lhs.dtype), layout, backend, tuple(tilings))
+  if backend != 'xla':
+    tilings = kernel_tilings(lhs.shape, rhs.shape, layout.block_rows, tuple(tilings))
+    backend = 'xla' if tilings is None else backend
+  out = _grouped(lhs, rhs.astype(lhs.dtype), layout, backend, tuple(tilings or (None,) * 3))
   return jnp.where(layout.row_active()[:, None], out, 0)

@@ -138,10 +138,12 @@ class Attention(nn.Module):
 class Block(nn.Module):
   """Pre-norm block: x += attn(norm(x)); x += ffn(norm(x)). x: [B, L, d] -> ([B, L, d], aux).
 
-  aux is the MoE layer's aux dict, or None for a dense FFN.
+  aux is the MoE layer's aux dict, or None for a dense FFN. expert_axis, batch_axes: as `MoELayer`.
   """
   config: TransformerConfig
   spec: MoESpec | None = None
+  expert_axis: str | None = None
+  batch_axes: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -151,7 +153,8 @@ class Block(nn.Module):
     h = nn.RMSNorm(dtype=dtype, name='ffn_norm')(x)
     if self.spec is None:
       return x + FeedForward(cfg.d_ff, cfg.activation, dtype, name='ffn')(h), None
-    y, aux = MoELayer(self.spec, dtype, name='moe')(h, train=train)
+    y, aux = MoELayer(self.spec, dtype, self.expert_axis, self.batch_axes, name='moe')(
+        h, train=train)
     return x + y, aux
 
 
@@ -162,10 +165,14 @@ class Transformer(nn.Module):
          'layers': {block_name: the MoE layer's metrics plus its unweighted
                     'load_balancing_loss' and 'z_loss'}}.
   Training with a router that has jitter or noise needs the 'router' RNG stream; aux-loss-free
-  balancing needs `mutable=['router_bias']` (see `MoELayer`).
+  balancing needs `mutable=['router_bias']` (see `MoELayer`). expert_axis / batch_axes set (by
+  `parallel.expert_parallel`), the MoE layers run expert-parallel inside `jax.shard_map`; the rest
+  is data-parallel on the local batch (`parallel.shard_module`).
   """
   config: TransformerConfig
   spec: MoESpec | None = None
+  expert_axis: str | None = None
+  batch_axes: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -176,7 +183,8 @@ class Transformer(nn.Module):
     aux = {'loss': jnp.zeros((), jnp.float32), 'layers': {}}
     for i in range(cfg.num_layers):
       name = f'block_{i}'
-      x, layer_aux = Block(cfg, self.spec if cfg.is_moe(i) else None, name=name)(x, train=train)
+      spec = self.spec if cfg.is_moe(i) else None
+      x, layer_aux = Block(cfg, spec, self.expert_axis, self.batch_axes, name=name)(x, train=train)
       if layer_aux is not None:
         aux['loss'] = aux['loss'] + layer_aux['loss']
         aux['layers'][name] = {**layer_aux['metrics'],

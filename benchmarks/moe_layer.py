@@ -1,0 +1,409 @@
+"""MoE layer speed: every dispatch implementation and router family against the dense ceiling.
+
+For each case (T tokens in groups of `seq` tokens, d, f, E, k) and router family, times the MoE
+layer (router projection, routing, dispatch, SwiGLU experts, combine) forward and forward+backward
+(gradients of the input and all parameters), and a dense SwiGLU FFN of width k * f on the same
+tokens: equal *useful* active FLOPs (T * k * 6 * d * f forward). ratio = dense time / MoE time, so
+1.0 means the MoE layer runs its useful expert FLOPs as fast as the dense FFN runs its own.
+Router and permutation costs are timed alone too. Every implementation is first checked against
+the one-hot 'einsum' reference at a small size (output and gradients).
+
+  python benchmarks/moe_layer.py --out moe_layer.json     # GPU: the issue's cases and a small one
+  python benchmarks/moe_layer.py --small                  # CPU smoke run, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moe_jax import dispatch as dispatch_lib  # noqa: E402
+from moe_jax import fast_dispatch, layers  # noqa: E402
+from moe_jax.experts import FeedForward  # noqa: E402
+from moe_jax.kernels import grouped_matmul as gm  # noqa: E402
+from moe_jax.spec import MoESpec  # noqa: E402
+
+FAST = fast_dispatch.IMPLEMENTATION
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  tokens: int
+  d: int
+  f: int
+  experts: int
+  k: int
+  seq: int = 2048  # tokens per routing group (one sequence)
+
+  @property
+  def useful_flops(self) -> float:
+    """Forward expert FLOPs the routing asks for: T * k * 6 * d * f (SwiGLU)."""
+    return self.tokens * self.k * 6.0 * self.d * self.f
+
+
+CASES = {
+    'small': Case('small', 4096, 512, 1024, 8, 2, seq=512),
+    'mixtral': Case('mixtral', 8192, 4096, 14336, 8, 2),
+    'fine64': Case('fine64', 16384, 2048, 1408, 64, 6),
+    'switch64': Case('switch64', 16384, 2048, 8192, 64, 1),
+}
+SMOKE = Case('smoke', 256, 64, 128, 4, 2, seq=64)
+VERIFY = Case('verify', 512, 128, 256, 4, 2, seq=128)
+FAMILIES = ('top_k', 'dropless', 'expert_choice', 'soft')
+
+
+def family_spec(case: Case, family: str, impl: str) -> MoESpec:
+  """The router family at equal useful FLOPs: k per token (expert choice: capacity k, soft: k*n/E)."""
+  base = dict(num_experts=case.experts, d_ff=case.f, group_by='sequence')
+  impl = impl if impl in dispatch_lib.IMPLEMENTATIONS else 'gather'
+  if family == 'top_k':
+    return MoESpec(k=case.k, capacity_factor=1.25, dispatch=impl, **base)
+  if family == 'dropless':
+    return MoESpec(k=case.k, capacity_factor=None, dispatch=impl, **base)
+  if family == 'expert_choice':
+    return MoESpec(router='expert_choice', capacity_factor=float(case.k), dispatch=impl, **base)
+  slots = max(1, case.k * case.seq // case.experts)
+  return MoESpec(router='soft', slots_per_expert=slots, dispatch='einsum', **base)
+
+
+def family_impls(case: Case, family: str, verify: bool) -> list[str]:
+  if family == 'soft':
+    return ['einsum', FAST]
+  if family == 'dropless':  # einsum / gather run dropless through capacity = group size: small only
+    return (['einsum', 'gather'] if verify or case.name in ('small', 'smoke') else []) + [
+        'ragged', FAST]
+  return ['einsum', 'gather', FAST]
+
+
+def spec_supports(impl: str) -> bool:
+  try:
+    MoESpec(dispatch=impl)
+    return True
+  except ValueError:
+    return False
+
+
+def make_layer(case: Case, family: str, impl: str, dtype, block_rows: int):
+  """(init(key, x) -> params, apply(params, x) -> y). 'blocked' runs MoELayer once registered."""
+  spec = family_spec(case, family, impl)
+  if impl != FAST or spec_supports(FAST):
+    module = layers.MoELayer(spec.replace(dispatch=impl) if impl == FAST else spec, dtype=dtype)
+    return module.init, lambda params, x: module.apply(params, x)[0]
+  module = layers.MoELayer(spec, dtype=dtype)  # same parameters; execution below
+
+  def apply(params, x):
+    p = params['params']
+    groups = layers.to_groups(x, spec.group_by)
+    logits = layers.RouterProjection(
+        spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1),
+        normalize=spec.router == 'soft').apply({'params': p['router']}, groups)
+    if spec.router == 'soft':
+      logits = logits.reshape(*logits.shape[:-1], spec.num_experts, spec.slots_per_expert)
+    plan = jax.vmap(lambda lg: layers.route(spec, lg, None, None))(logits).plan
+    w = p['experts']
+    weights = tuple(w[name].astype(dtype) for name in ('w_in', 'w_out', 'w_gate'))
+    y = fast_dispatch.moe_apply(
+        plan, groups, weights, block_rows=block_rows,
+        max_per_token=spec.k if spec.router == 'token_choice' else None)
+    return layers.from_groups(y, spec.group_by, x.shape).astype(x.dtype)
+
+  return module.init, apply
+
+
+def cast_params(params, dtype):
+  """Expert / FFN weights in the compute dtype (no per-step casts); router stays float32."""
+  def cast(path, leaf):
+    keys = [getattr(k, 'key', '') for k in path]
+    return leaf if 'router' in keys else leaf.astype(dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def fwd_and_grad(apply):
+  """jit'd forward, and forward+backward (gradients of params and input for a fixed cotangent)."""
+  fwd = jax.jit(apply)
+
+  def loss(params, x, ct):
+    return jnp.vdot(apply(params, x).astype(jnp.float32), ct)
+
+  return fwd, jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def time_ms(fn, *args, iters: int, warmup: int = 2) -> float:
+  """Median wall time of fn(*args) in ms, each call synchronized."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+def inputs(case: Case, dtype, seed=0):
+  kx, kc = jax.random.split(jax.random.key(seed))
+  shape = (case.tokens // case.seq, case.seq, case.d)
+  return jax.random.normal(kx, shape, dtype), jax.random.normal(kc, shape, jnp.float32)
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def verify(case: Case, dtype, block_rows: int, families, tol: float) -> list[dict]:
+  """Each family x implementation against 'einsum': output and gradients (params, input)."""
+  x, ct = inputs(case, dtype, seed=1)
+  records = []
+  for family in families:
+    init, ref_apply = make_layer(case, family, 'einsum', dtype, block_rows)
+    params = cast_params(init(jax.random.key(2), x), dtype)
+    ref_fwd, ref_grad = fwd_and_grad(ref_apply)
+    ref = (ref_fwd(params, x), ref_grad(params, x, ct))
+    for impl in family_impls(case, family, verify=True):
+      if impl == 'einsum':
+        continue
+      rec = dict(case=case.name, family=family, impl=impl)
+      try:
+        _, apply = make_layer(case, family, impl, dtype, block_rows)
+        fwd, grad = fwd_and_grad(apply)
+        out = (fwd(params, x), grad(params, x, ct))
+        errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))]
+        rec.update(max_rel_err=max(errs), ok=max(errs) < tol)
+      except Exception as e:  # pylint: disable=broad-except
+        rec.update(error=_short(e), ok=False)
+      records.append(rec)
+      print(f"verify {family:13s} {impl:8s} {rec.get('max_rel_err', rec.get('error'))}", flush=True)
+  return records
+
+
+def _short(e: Exception) -> str:
+  lines = [l for l in str(e).splitlines() if l.strip()]
+  return f'{type(e).__name__}: {lines[0][:300] if lines else ""}'
+
+
+def dense_times(case: Case, dtype, iters: int) -> tuple[float, float]:
+  x, ct = inputs(case, dtype)
+  module = FeedForward(case.k * case.f, dtype=dtype)
+  params = cast_params(module.init(jax.random.key(0), x), dtype)
+  fwd, grad = fwd_and_grad(module.apply)
+  return time_ms(fwd, params, x, iters=iters), time_ms(grad, params, x, ct, iters=iters)
+
+
+def overheads(case: Case, dtype, block_rows: int, iters: int) -> dict:
+  """Router alone; dispatch+combine alone (identity experts) for 'gather' and the fast path."""
+  x, ct = inputs(case, dtype)
+  spec = family_spec(case, 'top_k', 'gather')
+  router = layers.RouterProjection(case.experts)
+  rparams = router.init(jax.random.key(0), x)
+
+  def plan_of(rp, xs):
+    return jax.vmap(lambda lg: layers.route(spec, lg, None, None))(router.apply(rp, xs)).plan
+
+  def route_only(rp, xs):
+    return plan_of(rp, xs).slot_weight.sum()
+
+  def permute(rp, xs, impl):
+    plan = plan_of(rp, xs)
+    if impl == FAST:
+      return fast_dispatch.moe_apply(plan, xs, (jnp.zeros((case.experts, 1, 1), dtype),) * 3,
+                                     max_per_token=spec.k, block_rows=block_rows,
+                                     expert_fn=lambda mm, rows, *w: rows)
+    return jax.vmap(lambda p, g: dispatch_lib.moe_apply(p, g, lambda b: b, impl))(plan, xs)
+
+  out = {}
+  out['router_fwd_ms'] = time_ms(jax.jit(route_only), rparams, x, iters=iters)
+  out['router_fwdbwd_ms'] = time_ms(jax.jit(jax.grad(route_only)), rparams, x, iters=iters)
+  for impl in ('gather', FAST):
+    f = lambda rp, xs, c, impl=impl: jnp.vdot(permute(rp, xs, impl).astype(jnp.float32), c)
+    try:
+      out[f'permute_{impl}_fwd_ms'] = time_ms(jax.jit(lambda rp, xs, impl=impl: permute(rp, xs, impl)),
+                                              rparams, x, iters=iters)
+      out[f'permute_{impl}_fwdbwd_ms'] = time_ms(jax.jit(jax.grad(f, argnums=(0, 1))), rparams, x,
+                                                 ct, iters=iters)
+    except Exception as e:  # pylint: disable=broad-except
+      out[f'permute_{impl}_error'] = _short(e)
+  return out
+
+
+def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_filter) -> dict:
+  dense_fwd, dense_fb = dense_times(case, dtype, iters)
+  print(f'[{case.name}] dense ceiling fwd {dense_fwd:.3f} ms  fwd+bwd {dense_fb:.3f} ms', flush=True)
+  x, ct = inputs(case, dtype)
+  rows = []
+  for family in families:
+    init = None
+    for impl in family_impls(case, family, verify=False):
+      if impls_filter and impl not in impls_filter:
+        continue
+      rec = dict(case=case.name, family=family, impl=impl, dense_fwd_ms=dense_fwd,
+                 dense_fwdbwd_ms=dense_fb)
+      try:
+        init_fn, apply = make_layer(case, family, impl, dtype, block_rows)
+        if init is None:
+          init = cast_params(init_fn(jax.random.key(0), x), dtype)
+        fwd, grad = fwd_and_grad(apply)
+        rec['fwd_ms'] = time_ms(fwd, init, x, iters=iters)
+        rec['fwdbwd_ms'] = time_ms(grad, init, x, ct, iters=iters)
+        rec['ratio_fwd'] = dense_fwd / rec['fwd_ms']
+        rec['ratio_fwdbwd'] = dense_fb / rec['fwdbwd_ms']
+        rec['useful_tflops_fwdbwd'] = 3 * case.useful_flops / rec['fwdbwd_ms'] / 1e9
+      except Exception as e:  # pylint: disable=broad-except
+        rec['error'] = _short(e)
+        if os.environ.get('BENCH_TRACEBACK'):
+          traceback.print_exc()
+      rows.append(rec)
+      print(f"[{case.name}] {family:13s} {impl:8s} "
+            + (f"fwd {rec['fwd_ms']:.3f} ms ({rec['ratio_fwd']:.2f})  fwd+bwd {rec['fwdbwd_ms']:.3f} ms "
+               f"({rec['ratio_fwdbwd']:.2f})" if 'error' not in rec else rec['error']), flush=True)
+  over = overheads(case, dtype, block_rows, iters)
+  print(f'[{case.name}] overheads ' + ', '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
+                                               for k, v in over.items()), flush=True)
+  return dict(case=dataclasses.asdict(case), dense_fwd_ms=dense_fwd, dense_fwdbwd_ms=dense_fb,
+              rows=rows, overheads=over)
+
+
+def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 3) -> list[dict]:
+  """Times the grouped matmul kernels of the case's six shapes (forward d->f and f->d, their
+  transposed-weight backward, and the weight gradients) on T * k rows split evenly over the experts,
+  for the first fitting tilings; stores each winner in `grouped_matmul.TUNED` and reports TFLOP/s
+  next to the dense matmul of equal FLOPs (XLA / cuBLAS)."""
+  rows = case.tokens * case.k
+  block_rows = fast_dispatch.default_block_rows(rows, case.experts)
+  per = -(-rows // case.experts // block_rows)  # blocks per expert
+  counts = jnp.full((case.experts,), per * block_rows, jnp.int32)
+  layout, _ = fast_dispatch._layout(  # pylint: disable=protected-access
+      counts, (per * case.experts + 1) * block_rows, block_rows)
+  m, used = layout.num_rows, per * block_rows * case.experts
+  keys = iter(jax.random.split(jax.random.key(0), 16))
+  rand = lambda *shape: jax.random.normal(next(keys), shape, dtype)
+  be = gm.default_backend()
+  out = []
+  for k, n in ((case.d, case.f), (case.f, case.d)):
+    lhs, w, g = rand(m, k), rand(case.experts, k, n), rand(m, n)
+    flops = 2.0 * used * k * n
+    shapes = {  # kind: (kernel(tiling), dense twin, candidates, TUNED key)
+        'gmm': (lambda t: gm.gmm(lhs, w, layout, backend=be, tiling=t), lambda: lhs[:used] @ w[0],
+                gm.fitting(gm.GMM_TILINGS, block_rows, n, k), ('gmm', block_rows, k, n)),
+        'gmm_t': (lambda t: gm.gmm(g, w, layout, transpose_rhs=True, backend=be, tiling=t),
+                  lambda: g[:used] @ w[0].T, gm.fitting(gm.GMM_TILINGS, block_rows, k, n),
+                  ('gmm_t', block_rows, n, k)),
+        'tgmm': (lambda t: gm.tgmm(lhs, g, layout, backend=be, tiling=t),
+                 lambda: lhs[:used].T @ g[:used],
+                 [t for t in gm.fitting(gm.TGMM_TILINGS, k, n) if block_rows % t.tile_k == 0],
+                 ('tgmm', block_rows, k, n)),
+    }
+    for kind, (kernel, dense, candidates, key) in shapes.items():
+      rec = dict(case=case.name, kernel=kind, k=k, n=n, block_rows=block_rows, backend=be,
+                 dense_tflops=flops / time_ms(jax.jit(dense), iters=iters) / 1e9, tilings={})
+      candidates = candidates[:max_candidates] if be != 'xla' else [None]
+      if candidates and candidates[0] is not None and kind == 'gmm' and k == case.d:
+        candidates.append(dataclasses.replace(candidates[0], delay=0))  # delayed release A/B
+      for t in candidates:
+        try:
+          rec['tilings'][str(t)] = flops / time_ms(jax.jit(lambda t=t: kernel(t)), iters=iters) / 1e9
+        except Exception as e:  # pylint: disable=broad-except
+          rec['tilings'][str(t)] = _short(e)
+      timed = {t: rec['tilings'][str(t)] for t in candidates
+               if isinstance(rec['tilings'][str(t)], float)}
+      if timed:
+        best = max(timed, key=timed.get)
+        rec.update(best=str(best), tflops=timed[best])
+        if best is not None:
+          gm.TUNED[key] = best
+      print(f"[{case.name}] {kind:5s} K={k} N={n}: {rec.get('tflops', 0):.0f} TFLOP/s "
+            f"(dense {rec['dense_tflops']:.0f}) {rec.get('best')}", flush=True)
+      out.append(rec)
+  return out
+
+
+def table(results: list[dict]) -> str:
+  lines = ['| case | router | dispatch | fwd ms | fwd / dense | fwd+bwd ms | fwd+bwd / dense |',
+           '| --- | --- | --- | ---: | ---: | ---: | ---: |']
+  for res in results:
+    c = res['case']
+    name = f"{c['name']} T={c['tokens']} d={c['d']} f={c['f']} E={c['experts']} k={c['k']}"
+    lines.append(f"| {name} | dense SwiGLU d_ff={c['k'] * c['f']} | - | {res['dense_fwd_ms']:.3f} | "
+                 f"1.00 | {res['dense_fwdbwd_ms']:.3f} | 1.00 |")
+    for r in res['rows']:
+      if 'error' in r:
+        lines.append(f"| {c['name']} | {r['family']} | {r['impl']} | {r['error'][:80]} | | | |")
+      else:
+        lines.append(f"| {c['name']} | {r['family']} | {r['impl']} | {r['fwd_ms']:.3f} | "
+                     f"{r['ratio_fwd']:.2f} | {r['fwdbwd_ms']:.3f} | {r['ratio_fwdbwd']:.2f} |")
+  lines += ['', '| case | router fwd ms | router fwd+bwd ms | permute gather fwd / fwd+bwd ms | '
+            f'permute {FAST} fwd / fwd+bwd ms |', '| --- | ---: | ---: | ---: | ---: |']
+  for res in results:
+    o = res['overheads']
+    get = lambda key: f'{o[key]:.3f}' if key in o else o.get(key.rsplit('_', 2)[0] + '_error', '-')
+    lines.append(f"| {res['case']['name']} | {get('router_fwd_ms')} | {get('router_fwdbwd_ms')} | "
+                 f"{get('permute_gather_fwd_ms')} / {get('permute_gather_fwdbwd_ms')} | "
+                 f"{get(f'permute_{FAST}_fwd_ms')} / {get(f'permute_{FAST}_fwdbwd_ms')} |")
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--small', action='store_true', help='tiny CPU smoke run (float32)')
+  parser.add_argument('--cases', default='small,mixtral,fine64,switch64')
+  parser.add_argument('--families', default=','.join(FAMILIES))
+  parser.add_argument('--impls', default='', help='comma list; empty = all')
+  parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--block-rows', type=int, default=0, help='0: the fast path default')
+  parser.add_argument('--no-verify', action='store_true')
+  parser.add_argument('--tune', action='store_true',
+                      help='time the grouped matmul kernels per case and use the fastest tilings')
+  parser.add_argument('--out', default='')
+  args = parser.parse_args(argv)
+
+  dtype = jnp.float32 if args.small else jnp.bfloat16
+  cases = [SMOKE] if args.small else [CASES[c] for c in args.cases.split(',') if c]
+  iters = 2 if args.small else args.iters
+  block_rows = 16 if args.small else (args.block_rows or None)
+  device = jax.devices()[0]
+  meta = dict(jax=jax.__version__, device=str(getattr(device, 'device_kind', device.platform)),
+              platform=device.platform, grouped_matmul_backend=gm.default_backend(),
+              dtype=jnp.dtype(dtype).name, block_rows=block_rows, iters=iters,
+              command=' '.join(sys.argv))
+  print(json.dumps(meta), flush=True)
+  results = dict(meta=meta, verify=[], cases=[])
+  families = [f for f in args.families.split(',') if f]
+  if not args.no_verify:
+    vcase = SMOKE if args.small else VERIFY
+    results['verify'] = verify(vcase, dtype, block_rows, families,
+                               tol=1e-4 if args.small else 3e-2)
+  impls = [i for i in args.impls.split(',') if i]
+  results['kernels'] = []
+  for case in cases:
+    if args.tune:
+      results['kernels'] += tune_kernels(case, dtype, iters)
+    results['cases'].append(bench_case(case, dtype, block_rows, iters, families, impls))
+    if args.out:  # keep partial results if a later case dies
+      _write(args.out, results)
+  text = table(results['cases'])
+  results['table'] = text
+  print(text)
+  if args.out:
+    _write(args.out, results)
+  bad = [v for v in results['verify'] if not v['ok']]
+  return 1 if bad else 0
+
+
+def _write(path, results):
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

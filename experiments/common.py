@@ -1,0 +1,260 @@
+"""Shared machinery of the claim reproductions: scale presets, running seeds, statistics, verdicts.
+
+A claim module (`experiments/<claim>.py`) defines `STATEMENT`, `SOURCE`, `get_config(scale)` (a
+sweep config: `base`, `members`, `size_experts`, `flops_tolerance`, plus `task` ('lm' or 'vit')
+and `seeds`) and `verdict(results) -> Verdict`. `run_claim` trains every member with every seed
+into `workdir/<member>/seed_<s>/` (finished runs are skipped, so a crashed table resumes) and
+hands the verdict the per-run numbers of `run_numbers`.
+
+Statistics: every member runs with the same seeds (same data order and initialization key), so
+members are compared by paired differences; an interval is the mean +- the two-sided 95%
+Student-t half-width of n seeds (t * sd / sqrt(n)), wide by design when n is small.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import pathlib
+import time
+from typing import Callable, Sequence
+
+import ml_collections
+import numpy as np
+from scipy import stats
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SCALES = ('cpu', 'gpu')
+
+
+def load_config_file(relative_path: str) -> ml_collections.ConfigDict:
+  """get_config() of a repository config file, e.g. 'configs/lm_tiny.py'."""
+  path = REPO / relative_path
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _check_scale(scale: str) -> None:
+  if scale not in SCALES:
+    raise ValueError(f'scale={scale!r} is invalid: choose one of {SCALES} (--scale).')
+
+
+# --- Scale presets -----------------------------------------------------------------------------
+# cpu: tiny, for CI and a laptop: one run of a member takes ~10-20 s on 2 CPU cores after a
+#   ~10 s compile that the seeds of a member share (same model, same TrainConfig).
+# gpu: sized for ~10 minutes per claim on one H100 (not run here): see experiments/README.md.
+
+
+def lm_base(scale: str) -> ml_collections.ConfigDict:
+  """configs/lm_tiny.py at `scale`: a byte-level LM on Tiny Shakespeare, one MoE block in two
+  (cpu) or two in four (gpu); Switch top-1, 8 experts, as members override."""
+  _check_scale(scale)
+  config = load_config_file('configs/lm_tiny.py')
+  if scale == 'cpu':
+    config.data.update(seq_len=64, batch_size=16)
+    config.model.update(d_model=64, num_layers=2, num_heads=2, d_ff=128, moe_every=2)
+    config.moe.update(num_experts=8, d_ff=128)
+    config.train.update(steps=200, warmup_steps=10, learning_rate=1e-2, log_every=10,
+                        eval_every=100, eval_batches=4)
+  else:
+    config.data.update(seq_len=256, batch_size=32)
+    config.model.update(d_model=256, num_layers=4, num_heads=4, d_ff=1024, moe_every=2)
+    config.moe.update(num_experts=8, d_ff=1024)
+    config.train.update(steps=3000, warmup_steps=150, learning_rate=3e-3, log_every=25,
+                        eval_every=500, eval_batches=16)
+  config.train.update(checkpoint_every=0, progress=False)  # final checkpoint only
+  return config
+
+
+def vit_base(scale: str) -> ml_collections.ConfigDict:
+  """configs/vit_digits.py at `scale`: a ViT on the 8x8 digits, 2x2 patches (cpu, 16 tokens) or
+  1x1 patches (gpu, 64 tokens), an MoE FFN in every second block."""
+  _check_scale(scale)
+  config = load_config_file('configs/vit_digits.py')
+  if scale == 'cpu':
+    config.data.batch_size = 64
+    config.model.update(patch_size=2, d_model=64, num_layers=4, num_heads=4, d_ff=128)
+    config.train.update(steps=300, warmup_steps=20, learning_rate=3e-3, log_every=10,
+                        eval_every=100)
+  else:
+    config.data.batch_size = 128
+    config.model.update(patch_size=1, d_model=192, num_layers=6, num_heads=6, d_ff=768)
+    config.moe.update(slots_per_expert=8)  # 8 experts x 8 slots = 64 tokens per image
+    config.train.update(steps=3000, warmup_steps=150, learning_rate=1e-3, log_every=25,
+                        eval_every=500)
+  config.train.update(checkpoint_every=0, progress=False)
+  return config
+
+
+def sweep_config(task: str, scale: str, members: dict, *, size_experts: bool = True,
+                 flops_tolerance: float = 0.02, seeds: Sequence[int] | None = None,
+                 base_changes: Callable | None = None) -> ml_collections.ConfigDict:
+  """A claim's sweep: the task's base at `scale` (changed by `base_changes(base)`), `members`,
+  3 seeds at cpu scale and 5 at gpu scale unless `seeds` is given."""
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.scale = scale
+  config.base = {'lm': lm_base, 'vit': vit_base}[task](scale)
+  if base_changes is not None:
+    base_changes(config.base)
+  config.size_experts = size_experts
+  config.flops_tolerance = flops_tolerance
+  config.seeds = list(seeds if seeds is not None else (range(3) if scale == 'cpu' else range(5)))
+  config.members = ml_collections.ConfigDict(members, sort_keys=False)
+  return config
+
+
+# --- Running -----------------------------------------------------------------------------------
+
+
+def _task(name: str):
+  """(build_members, train, describe) of task 'lm' or 'vit'."""
+  if name == 'lm':
+    from moe_jax import sweep, train
+    return sweep.build_members, train.train, sweep.describe
+  if name == 'vit':
+    from moe_jax import train_vit
+    return train_vit.build_members, train_vit.train, train_vit.describe_router
+  raise ValueError(f"config.task={name!r} is invalid: choose 'lm' or 'vit'.")
+
+
+def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: int | None = None,
+              data_dir: str | None = None, log: Callable = print) -> 'Verdict':
+  """Trains every member x seed of `module.get_config(scale)` into `workdir` and returns the
+  verdict. seeds: use only the first `seeds` seeds; data_dir: the TFDS data dir of every run."""
+  sweep = module.get_config(scale)
+  chosen = list(sweep.seeds)[:seeds] if seeds else list(sweep.seeds)
+  if len(chosen) < 2:
+    raise ValueError(f'--seeds={seeds} is too few: an interval needs at least 2 seeds.')
+  if data_dir is not None:
+    sweep.base.data.data_dir = data_dir
+  build_members, train_fn, describe = _task(sweep.task)
+  members = build_members(sweep)  # validates and checks equal FLOPs before any training
+  workdir.mkdir(parents=True, exist_ok=True)
+  results = {}
+  for name, config in members.items():
+    results[name] = []
+    for seed in chosen:
+      run_dir = workdir / name / f'seed_{seed}'
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.seed = seed
+      done = run_dir / 'summary.json'
+      if not (done.exists() and json.loads(done.read_text()).get('steps') == config.train.steps):
+        start = time.perf_counter()
+        train_fn(config, run_dir)
+        log(f'  {name} seed {seed}: {time.perf_counter() - start:.0f} s')
+      results[name].append(run_numbers(run_dir))
+    results[name] = {'description': describe(config), 'runs': results[name]}
+  return module.verdict(results)
+
+
+def spike_count(losses: Sequence[float], window: int = 10, threshold: float = 0.1) -> int:
+  """Loss spikes: logged steps t >= window whose loss exceeds the median of the `window`
+  previous logged losses by more than `threshold` (relative), loss_t > (1 + threshold) * median."""
+  losses = np.asarray(losses, float)
+  return int(sum(losses[t] > (1 + threshold) * np.median(losses[t - window:t])
+                 for t in range(window, len(losses))))
+
+
+def run_numbers(run_dir: pathlib.Path) -> dict:
+  """The numbers a verdict reads from one finished run directory: its summary (eval_loss, ...),
+  'dropped' (final fraction of tokens dropped, mean over MoE layers; 0 for dense), 'spikes'
+  (`spike_count` of the logged training losses) and 'max_jump' (the largest relative rise of the
+  training loss over the median of the 10 previous logged losses)."""
+  from moe_jax import report
+  run = report.read_run(run_dir)
+  losses = [m['train_loss'] for m in run['metrics']]
+  dropped = [values[-1] for values in report.moe_series(run['metrics'], 'fraction_dropped').values()]
+  jumps = [losses[t] / np.median(losses[t - 10:t]) - 1 for t in range(10, len(losses))]
+  return {**run['summary'], 'dropped': float(np.mean(dropped)) if dropped else 0.0,
+          'spikes': spike_count(losses), 'max_jump': max(jumps, default=math.nan)}
+
+
+# --- Statistics and verdicts -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+  """Mean and 95% Student-t half-width of n values."""
+  mean: float
+  half_width: float
+  n: int
+
+  @classmethod
+  def of(cls, values: Sequence[float]) -> 'Interval':
+    values = np.asarray(values, float)
+    n = len(values)
+    half = (stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    return cls(float(values.mean()), float(half), n)
+
+  @property
+  def low(self) -> float:
+    return self.mean - self.half_width
+
+  @property
+  def high(self) -> float:
+    return self.mean + self.half_width
+
+  def format(self, digits: int = 4) -> str:
+    return f'{self.mean:.{digits}f} ± {self.half_width:.{digits}f}'
+
+
+def values(results: dict, member: str, metric: str) -> list[float]:
+  return [float(run[metric]) for run in results[member]['runs']]
+
+
+def paired(results: dict, member: str, baseline: str, metric: str) -> Interval:
+  """Interval of the per-seed differences member - baseline of `metric`."""
+  return Interval.of(np.subtract(values(results, member, metric),
+                                 values(results, baseline, metric)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """A claim's outcome: 'reproduced' or 'not reproduced', the key numbers in one line, and the
+  rows of its table ({member: {column: text}})."""
+  reproduced: bool
+  summary: str
+  rows: dict
+  notes: tuple[str, ...] = ()
+
+  @property
+  def label(self) -> str:
+    return 'reproduced' if self.reproduced else 'not reproduced'
+
+
+def member_rows(results: dict, metrics: Sequence[tuple[str, str, int]]) -> dict:
+  """{member: {column: text}}: the description, FLOPs/token, total params and, for each
+  (metric, column title, digits), mean ± 95% half-width over seeds."""
+  rows = {}
+  for name, result in results.items():
+    first = result['runs'][0]
+    row = {'ffn': result['description'],
+           'FLOPs/token': f"{first['flops_per_token'] / 1e6:.3f}M",
+           'params': f"{first['params_total'] / 1e6:.3f}M"}
+    for metric, title, digits in metrics:
+      row[title] = Interval.of(values(results, name, metric)).format(digits)
+    rows[name] = row
+  return rows
+
+
+def lower_is_reproduced(results: dict, member: str, baseline: str, metric: str, *,
+                        margin: float = 0.0, what: str = 'eval loss') -> tuple[bool, str]:
+  """Whether `member` has a lower `metric` than `baseline` (margin 0: 'beats'; margin m > 0:
+  'matches or beats', i.e. worse by less than m): the whole 95% interval of the paired
+  difference lies below `margin`. Returns (reproduced, one line of numbers)."""
+  diff = paired(results, member, baseline, metric)
+  ok = diff.high < margin
+  if ok:
+    why = ''
+  elif diff.mean < margin:
+    why = ' (in the claimed direction, but the interval reaches the margin: not significant)'
+  else:
+    why = ' (the opposite direction)'
+  bound = f' < {margin:g}' if margin else ' < 0'
+  line = (f'{what} {member} − {baseline} = {diff.format()} (95% CI [{diff.low:.4f}, '
+          f'{diff.high:.4f}], n={diff.n}); needs the CI{bound}{why}')
+  return ok, line

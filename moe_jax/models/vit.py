@@ -1,0 +1,197 @@
+"""A small Vision Transformer classifier with MoE FFNs in every `moe_every`-th block.
+
+images [B, H, W, C] -> non-overlapping p x p patches -> linear patch embedding + learned position
+embeddings (+ a class token when pool='cls') -> num_layers pre-norm blocks -> LayerNorm -> mean
+over tokens (pool='mean') or the class token (pool='cls') -> linear head -> logits [B, classes].
+
+A block is x += attn(norm(x)); x += ffn(norm(x)) with bidirectional multi-head self-attention.
+Block i holds an MoE FFN (`MoELayer`, any router of `MoESpec`) when (i + 1) % moe_every == 0,
+else a dense `FeedForward` of width d_ff; moe_every=0 is a dense ViT. With `group_by='sequence'`
+each image's tokens are routed together, as in Soft MoE's ViTs (Puigcerver et al. 2023).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import flops
+from moe_jax.experts import ACTIVATIONS, FeedForward
+from moe_jax.layers import MoELayer
+from moe_jax.models.transformer import DTYPES, section_values
+from moe_jax.spec import MoESpec
+
+POOLS = ('mean', 'cls')
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """The ViT's shape (`config.model`); image shape and classes come from the data set."""
+  patch_size: int = 2
+  d_model: int = 64
+  num_layers: int = 4
+  num_heads: int = 4
+  d_ff: int = 128
+  moe_every: int = 2
+  activation: str = 'gelu'
+  pool: str = 'mean'
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    for name in ('patch_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        _fail(name, value, 'use a positive integer')
+    if self.d_model % self.num_heads:
+      _fail('num_heads', self.num_heads, f'it must divide d_model={self.d_model}')
+    if not isinstance(self.moe_every, int) or self.moe_every < 0:
+      _fail('moe_every', self.moe_every, 'use 0 (dense) or a positive integer')
+    if self.moe_every > self.num_layers:
+      _fail('moe_every', self.moe_every, f'with num_layers={self.num_layers} no block would be '
+            'MoE; use moe_every <= num_layers, or 0 for a dense model')
+    if self.activation not in ACTIVATIONS:
+      _fail('activation', self.activation, f'choose one of {ACTIVATIONS}')
+    if self.pool not in POOLS:
+      _fail('pool', self.pool, f'choose one of {POOLS}')
+    if self.dtype not in DTYPES:
+      _fail('dtype', self.dtype, f'choose one of {DTYPES}')
+
+  def is_moe(self, block: int) -> bool:
+    return self.moe_every > 0 and (block + 1) % self.moe_every == 0
+
+  def num_tokens(self, image_shape) -> int:
+    """Tokens per image: patches (+1 class token). Raises if patch_size does not tile the image."""
+    h, w = image_shape[:2]
+    if h % self.patch_size or w % self.patch_size:
+      _fail('patch_size', self.patch_size, f'it must divide the image size {h}x{w}')
+    return (h // self.patch_size) * (w // self.patch_size) + int(self.pool == 'cls')
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> 'ViTConfig':
+    """From `config.model` (dict or ConfigDict), rejecting unknown fields."""
+    return cls(**section_values(cls, 'model', config))
+
+
+def _fail(field: str, value, fix: str):
+  raise ValueError(f'config.model.{field}={value!r} is invalid: {fix}.')
+
+
+def from_config(config) -> tuple[ViTConfig, MoESpec | None]:
+  """(model config, MoE spec or None for a dense ViT) from a full experiment config."""
+  model = ViTConfig.from_config(config.model)
+  spec = MoESpec.from_config(config.moe) if 'moe' in config else None
+  if model.moe_every and spec is None:
+    raise ValueError(f'config.model.moe_every={model.moe_every} needs a config.moe section; add '
+                     'one or set moe_every=0 for a dense model.')
+  return model, spec if model.moe_every else None
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H / p) * (W / p), p * p * C], patches in row-major order."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class Block(nn.Module):
+  """Pre-norm encoder block. x: [B, N, d] -> ([B, N, d], aux or None for a dense FFN)."""
+  config: ViTConfig
+  spec: MoESpec | None = None
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    h = nn.LayerNorm(dtype=dtype, name='attention_norm')(x)
+    x = x + nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=dtype, use_bias=False,
+                                            name='attention')(h, h)
+    h = nn.LayerNorm(dtype=dtype, name='ffn_norm')(x)
+    if self.spec is None:
+      return x + FeedForward(cfg.d_ff, cfg.activation, dtype, name='ffn')(h), None
+    y, aux = MoELayer(self.spec, dtype, name='moe')(h, train=train)
+    return x + y, aux
+
+
+class ViT(nn.Module):
+  """Image classifier. images [B, H, W, C] float -> (logits [B, num_classes] float32, aux).
+
+  aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
+         'layers': {block_name: the MoE layer's metrics plus its unweighted
+                    'load_balancing_loss' and 'z_loss'}}, as `transformer.Transformer`.
+  """
+  config: ViTConfig
+  num_classes: int
+  spec: MoESpec | None = None
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    if cfg.moe_every and self.spec is None:
+      raise ValueError(f'moe_every={cfg.moe_every} needs a MoESpec; pass spec=, or moe_every=0.')
+    cfg.num_tokens(images.shape[1:])  # checks the patch size
+    x = nn.Dense(cfg.d_model, dtype=dtype, name='patch_embed')(patchify(images, cfg.patch_size))
+    if cfg.pool == 'cls':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, cfg.d_model))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.d_model)).astype(x.dtype), x],
+                          axis=1)
+    x = x + self.param('position', nn.initializers.normal(0.02), x.shape[1:]).astype(dtype)
+    aux = {'loss': jnp.zeros((), jnp.float32), 'layers': {}}
+    for i in range(cfg.num_layers):
+      name = f'block_{i}'
+      x, layer_aux = Block(cfg, self.spec if cfg.is_moe(i) else None, name=name)(x, train=train)
+      if layer_aux is not None:
+        aux['loss'] = aux['loss'] + layer_aux['loss']
+        aux['layers'][name] = {**layer_aux['metrics'],
+                               **{f'{k}_loss': v for k, v in layer_aux['losses'].items()}}
+    x = nn.LayerNorm(dtype=dtype, name='final_norm')(x)
+    pooled = x[:, 0] if cfg.pool == 'cls' else x.mean(axis=1)
+    logits = nn.Dense(self.num_classes, dtype=dtype, name='head')(pooled)
+    return logits.astype(jnp.float32), aux
+
+
+def build(config, num_classes: int) -> ViT:
+  """The ViT described by a full experiment config (`config.model`, `config.moe`)."""
+  model, spec = from_config(config)
+  return ViT(model, num_classes, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and parameters, per token (patch or class token), forward, as `flops.transformer_flops`:
+# patch embedding 2 * p^2 C * d; attention QKVO 4 * 2 * d^2 and scores + values 2 * 2 * N * d;
+# FFNs by `flops.layer_flops`; the head 2 * d * classes once per image (/ N per token). Norms,
+# pooling, softmaxes and biases are O(d) and not counted. Parameters: patch embedding (+ bias),
+# position embeddings, class token, 4 d^2 attention and two LayerNorms (2 d each) per block, the
+# final LayerNorm, FFNs by `flops.moe_params`, the head (+ bias).
+# ---------------------------------------------------------------------------------------------
+
+
+def vit_flops(spec: MoESpec | None, model: ViTConfig, image_shape, num_classes: int,
+              batch_size: int) -> float:
+  """Forward FLOPs per token of the ViT as executed (dense FFNs of width model.d_ff)."""
+  d, n = model.d_model, model.num_tokens(image_shape)
+  shape = flops.Shape(batch_size, n)
+  patch_dim = model.patch_size ** 2 * image_shape[2]
+  num_moe = flops.moe_blocks(model.num_layers, model.moe_every)
+  attention = 8.0 * d * d + 4.0 * n * d
+  dense = flops.layer_flops(None, d, model.d_ff, shape, model.activation)
+  moe = flops.layer_flops(spec, d, model.d_ff, shape, model.activation) if num_moe else 0.0
+  patches = n - int(model.pool == 'cls')
+  return (2.0 * patch_dim * d * patches / n + model.num_layers * attention
+          + (model.num_layers - num_moe) * dense + num_moe * moe + 2.0 * d * num_classes / n)
+
+
+def vit_params(spec: MoESpec | None, model: ViTConfig, image_shape, num_classes: int,
+               batch_size: int) -> tuple[int, float]:
+  """(total, active per token) parameters of the ViT."""
+  d, n = model.d_model, model.num_tokens(image_shape)
+  patch_dim = model.patch_size ** 2 * image_shape[2]
+  num_moe = flops.moe_blocks(model.num_layers, model.moe_every)
+  shared = (patch_dim + 1) * d + n * d + d * int(model.pool == 'cls')
+  shared += model.num_layers * (4 * d * d + 4 * d) + 2 * d + (d + 1) * num_classes
+  shared += (model.num_layers - num_moe) * flops.ffn_matrices(model.activation) * d * model.d_ff
+  moe_total, moe_active = (flops.moe_params(spec, d, flops.Shape(batch_size, n)) if num_moe
+                           else (0, 0.0))
+  return shared + num_moe * moe_total, shared + num_moe * moe_active

@@ -1,0 +1,268 @@
+"""Training and evaluation of the MoE ViT classifier, into the LM's run-directory format.
+
+`train(config, workdir)` trains `config.train.steps` updates of softmax cross-entropy plus the MoE
+auxiliary loss, with the LM's optimizer, `TrainConfig` and run directory (`moe_jax.train`):
+config.json, metrics.jsonl (with `train_accuracy`, and `eval_loss` / `eval_accuracy` on the test
+split at evaluation steps), orbax checkpoints and summary.json, so `moe_jax.report` reads ViT runs
+as it reads LM runs. Batch i is `image_datasets.train_batch(..., i, ...)` and its RNG
+fold_in(key, i), so a restart from a checkpoint continues exactly.
+
+  python -m moe_jax.train_vit --config configs/vit_digits.py --workdir runs/vit_digits
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from moe_jax import flops, image_datasets, sweep
+from moe_jax import train as lm_train
+from moe_jax.models import vit
+
+
+def _check_data_config(config) -> None:
+  image_datasets.builder_class(config.data.name)
+  value = config.data.batch_size
+  if not isinstance(value, int) or value < 1:
+    raise ValueError(f'config.data.batch_size={value!r} is invalid: use a positive integer.')
+
+
+def check_config(config) -> tuple[lm_train.TrainConfig, vit.ViT]:
+  """Validates every section of a ViT experiment config before any work; errors name the field."""
+  cfg = lm_train.TrainConfig.from_config(config.train)
+  _check_data_config(config)
+  image_shape, num_classes = image_datasets.image_info(config.data.name)
+  model = vit.build(config, num_classes)
+  model.config.num_tokens(image_shape)
+  return cfg, model
+
+
+def _counts(config, count):
+  model, spec = vit.from_config(config)
+  image_shape, num_classes = image_datasets.image_info(config.data.name)
+  return count(spec, model, image_shape, num_classes, config.data.batch_size)
+
+
+def model_flops_per_token(config) -> float:
+  """Forward FLOPs per token (patch) as executed (see `vit.vit_flops`)."""
+  return _counts(config, vit.vit_flops)
+
+
+def param_counts(config) -> tuple[int, float]:
+  """(total, active per token) parameters (see `vit.vit_params`)."""
+  return _counts(config, vit.vit_params)
+
+
+def describe_router(config) -> str:
+  """One line naming the FFN layers, e.g. 'soft (num_experts=8, d_ff=96, ...) in blocks [1, 3] of
+  4', as `train.describe_router` does for the LM."""
+  model, spec = vit.from_config(config)
+  if spec is None:
+    return f'dense (d_ff={model.d_ff}) in all {model.num_layers} blocks'
+  default = type(spec)()
+  fields = [f.name for f in dataclasses.fields(spec) if f.name != 'router' and (
+      f.name in ('num_experts', 'd_ff', 'capacity_factor', 'group_by')
+      or getattr(spec, f.name) != getattr(default, f.name))]
+  options = ', '.join(f'{name}={getattr(spec, name)}' for name in fields)
+  blocks = [i for i in range(model.num_layers) if model.is_moe(i)]
+  return f'{spec.router} ({options}) in blocks {blocks} of {model.num_layers}'
+
+
+def build_members(sweep_config) -> dict[str, ml_collections.ConfigDict]:
+  """A ViT sweep's members (`sweep.member_config` of base and overrides), each MoE member's expert
+  width sized to the dense FFN's FLOPs when `size_experts`, all checked to be within
+  `flops_tolerance` of the dense ViT's FLOPs per token (`flops.check_equal_flops` names misses)."""
+  members = {}
+  for name, overrides in sweep_config.members.items():
+    config = sweep.member_config(sweep_config.base, overrides)
+    check_config(config)
+    model, spec = vit.from_config(config)
+    if spec is not None and sweep_config.size_experts:
+      image_shape, _ = image_datasets.image_info(config.data.name)
+      shape = flops.Shape(config.data.batch_size, model.num_tokens(image_shape))
+      budget = flops.ffn_flops(model.d_model, model.d_ff, model.activation)
+      config.moe.d_ff = flops.size_to_budget(spec, model.d_model, shape, budget).d_ff
+    members[name] = config
+  dense = sweep.member_config(sweep_config.base, {'model': {'moe_every': 0}})
+  flops.check_equal_flops({name: model_flops_per_token(c) for name, c in members.items()},
+                          budget=model_flops_per_token(dense),
+                          tolerance=sweep_config.flops_tolerance)
+  return members
+
+
+# --- Steps -------------------------------------------------------------------------------------
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy, accuracy). logits [B, classes], labels [B] int."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def init_state(model: vit.ViT, cfg: lm_train.TrainConfig, rng: jax.Array, image_shape) -> dict:
+  """{'params', 'opt_state', 'model_state'}, as `train.init_state`."""
+  variables = _init_variables(rng, jnp.zeros((1, *image_shape), jnp.float32), model=model)
+  params = variables.pop('params')
+  return {'params': params, 'opt_state': lm_train.make_optimizer(cfg)[0].init(params),
+          'model_state': dict(variables)}
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def _init_variables(rng, images, *, model):
+  return model.init({'params': rng, 'router': rng}, images, train=False)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'cfg'))
+def train_step(state: dict, images: jax.Array, labels: jax.Array, rng: jax.Array, *, model,
+               cfg: lm_train.TrainConfig):
+  """One update on images [B, H, W, C], labels [B]. Returns (new state, metrics)."""
+
+  def loss_fn(params):
+    (logits, aux), model_state = model.apply(
+        {'params': params, **state['model_state']}, images, train=True, rngs={'router': rng},
+        mutable=['router_bias'])
+    loss, accuracy = classification_loss(logits, labels)
+    return loss + aux['loss'], (loss, accuracy, aux, model_state)
+
+  grads, (loss, accuracy, aux, model_state) = jax.grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = lm_train.make_optimizer(cfg)[0].update(grads, state['opt_state'],
+                                                           state['params'])
+  new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
+               'model_state': dict(model_state)}
+  metrics = {'train_loss': loss, 'train_accuracy': accuracy, 'aux_loss': aux['loss'],
+             'grad_norm': optax.global_norm(grads), 'layers': aux['layers']}
+  return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def eval_step(params, model_state: dict, images: jax.Array, labels: jax.Array, *, model):
+  """(mean cross-entropy, accuracy) of a batch in inference mode."""
+  logits, _ = model.apply({'params': params, **model_state}, images, train=False)
+  return classification_loss(logits, labels)
+
+
+def evaluate(state: dict, model: vit.ViT, images: np.ndarray, labels: np.ndarray,
+             num_batches: int) -> tuple[float, float]:
+  """(loss, accuracy) over all of images [N, H, W, C], in `num_batches` nearly equal batches."""
+  parts = [eval_step(state['params'], state['model_state'], x, y, model=model)
+           for x, y in zip(np.array_split(images, num_batches), np.array_split(labels, num_batches))]
+  sizes = [len(y) for y in np.array_split(labels, num_batches)]
+  loss, accuracy = np.average(np.asarray(jax.device_get(parts)), axis=0, weights=sizes)
+  return float(loss), float(accuracy)
+
+
+# --- The loop ----------------------------------------------------------------------------------
+
+
+def train(config, workdir: str | os.PathLike) -> dict:
+  """Trains (or resumes) the ViT run in `workdir` to config.train.steps; returns summary.json's
+  dict: the LM's fields (`moe_jax.train.train`) plus eval_accuracy and train_accuracy;
+  tokens_per_s counts patch tokens. Raises ValueError, before writing anything, for a bad config field or when
+  workdir/config.json holds a different config."""
+  start_time = time.perf_counter()
+  cfg, model = check_config(config)
+  batch_size = config.data.batch_size
+  workdir = pathlib.Path(workdir).resolve()
+  lm_train.write_config(config, workdir)
+
+  splits = image_datasets.load_image_splits(config.data.name, data_dir=config.data.data_dir,
+                                            manual_dir=config.data.manual_dir)
+  images, labels = splits['train']
+  image_shape = images.shape[1:]
+  schedule = lm_train.make_optimizer(cfg)[1]
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  state = init_state(model, cfg, init_key, image_shape)
+  manager = ocp.CheckpointManager(
+      workdir / 'checkpoints',
+      options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
+  start = manager.latest_step() or 0
+  if start:
+    state = manager.restore(start, args=ocp.args.StandardRestore(state))
+  metrics_path = workdir / 'metrics.jsonl'
+  records = lm_train._resume_metrics(metrics_path, start)  # pylint: disable=protected-access
+
+  tokens_per_step = batch_size * model.config.num_tokens(image_shape)
+  first_step_s, train_s, last_step, last_time = None, 0.0, start, time.perf_counter()
+  try:
+    with metrics_path.open('a') as metrics_file:
+      for i in range(start, cfg.steps):
+        x, y = image_datasets.train_batch(images, labels, i, batch_size, config.seed)
+        state, metrics = train_step(state, x, y, jax.random.fold_in(train_key, i), model=model,
+                                    cfg=cfg)
+        step = i + 1
+        if first_step_s is None:  # compiles (unless this process already did); not timed
+          jax.block_until_ready(metrics)
+          first_step_s = time.perf_counter() - last_time
+          last_step, last_time = step, time.perf_counter()
+        final = step == cfg.steps
+        evaluating = final or (cfg.eval_every and step % cfg.eval_every == 0)
+        if evaluating or step % cfg.log_every == 0:
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - last_time
+          train_s += elapsed
+          tokens_per_s = ((step - last_step) * tokens_per_step / elapsed
+                          if step > last_step else None)
+          record = lm_train._record(step, metrics, float(schedule(i)), tokens_per_s)  # pylint: disable=protected-access
+          record['train_accuracy'] = float(metrics['train_accuracy'])
+          if evaluating:
+            record['eval_loss'], record['eval_accuracy'] = evaluate(
+                state, model, *splits['test'], cfg.eval_batches)
+          metrics_file.write(json.dumps(record) + '\n')
+          metrics_file.flush()
+          records.append(record)
+          last_step, last_time = step, time.perf_counter()
+        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+          manager.save(step, args=ocp.args.StandardSave(state))
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+
+  total, active = param_counts(config)
+  timed = (cfg.steps - start - 1) * tokens_per_step
+  last = records[-1]
+  summary = {
+      'steps': cfg.steps,
+      'train_loss': last['train_loss'],
+      'train_accuracy': last['train_accuracy'],
+      'eval_loss': last.get('eval_loss'),
+      'eval_accuracy': last.get('eval_accuracy'),
+      'flops_per_token': model_flops_per_token(config),
+      'params_total': total,
+      'params_active': active,
+      'tokens_per_s': timed / train_s if timed > 0 and train_s > 0 else None,
+      'wall_s': time.perf_counter() - start_time,
+      'first_step_s': first_step_s,
+      'resumed_from_step': start,
+      'router': describe_router(config),
+  }
+  lm_train._write_atomic(workdir / 'summary.json', json.dumps(summary, indent=2) + '\n')  # pylint: disable=protected-access
+  return summary
+
+
+def main(argv=None) -> None:
+  """`python -m moe_jax.train_vit --config FILE --workdir DIR [--config.<field>=<value> ...]`."""
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flag = config_flags.DEFINE_config_file('config', None, 'a ViT config file.')
+  workdir = flags.DEFINE_string('workdir', None, 'the run directory.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+  def run(_):
+    print(json.dumps(train(config_flag.value, workdir.value), indent=2))
+
+  app.run(run, argv)
+
+
+if __name__ == '__main__':
+  main()

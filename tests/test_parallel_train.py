@@ -1,0 +1,131 @@
+"""Training the LM on a mesh of 8 simulated CPU devices (config.mesh): sharded == one device.
+
+(a) Three train steps on the 2x4 and 8x1 (data x expert) meshes equal the one-device steps (losses,
+metrics, params, optimizer state, router bias) for token choice by sequence and for an aux-free
+router, whose bias is identical on every shard; (b) a checkpoint written on 2x4 resumes on 4x2 and
+the run continues as the uninterrupted one; (c) a bad mesh config fails before any work.
+"""
+import functools
+import json
+import logging
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from moe_jax import data, parallel, train
+from tests.test_train import data_dir, read_metrics, tiny_config  # noqa: F401 (data_dir: fixture)
+
+ROUTERS = {
+    'token_choice': {'moe.group_by': 'sequence'},
+    'aux_free': {'moe.k': 2, 'moe.score': 'sigmoid', 'moe.bias_update_rate': 0.05},
+}
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def config(mesh, router='token_choice', data_dir=None, **overrides):
+  """test_train's tiny LM with 8 experts and 16-token sequences on `mesh` = (data, expert)."""
+  return tiny_config(data_dir, **{'data.seq_len': 16, 'moe.num_experts': 8, 'mesh.data': mesh[0],
+                                  'mesh.expert': mesh[1], **ROUTERS[router], **overrides})
+
+
+def run_steps(config, num_steps=3):
+  """(state, [metrics]) after `num_steps` train steps on random batches, on config.mesh."""
+  cfg, model, mesh = train.check_config(config)
+  batch_size, seq_len = config.data.batch_size, config.data.seq_len
+  state = train.init_state(model, cfg, jax.random.key(0), batch_size, seq_len, mesh)
+  batches = jax.random.randint(jax.random.key(1), (num_steps, batch_size, seq_len + 1), 0, 256)
+  metrics = []
+  for i, batch in enumerate(batches):
+    batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+    state, step_metrics = train.train_step(state, batch, jax.random.key(i), model=model, cfg=cfg,
+                                           mesh=mesh)
+    metrics.append(step_metrics)
+  return state, metrics
+
+
+@functools.cache
+def one_device(router):
+  return jax.device_get(run_steps(config((1, 1), router)))
+
+
+@pytest.mark.parametrize('router', ROUTERS)
+@pytest.mark.parametrize('shape', [(2, 4), (8, 1)], ids=['2x4', '8x1'])
+def test_sharded_steps_match_one_device(shape, router):
+  state, metrics = run_steps(config(shape, router))
+  mesh = parallel.make_mesh(*shape)
+  laid_out = jax.tree.map(lambda leaf, want: leaf.sharding.is_equivalent_to(want, leaf.ndim),
+                          state, parallel.param_shardings(state, mesh))
+  assert all(jax.tree.leaves(laid_out))  # experts over 'expert', the rest replicated
+  w_in = state['params']['block_1']['moe']['experts']['w_in']
+  assert w_in.addressable_shards[0].data.shape[0] == 8 // shape[1]
+
+  jax.tree.map(functools.partial(np.testing.assert_allclose, **TOLERANCE), jax.device_get(
+      (state, metrics)), one_device(router))
+  if router == 'aux_free':  # the bias moved, by the same sign update on every shard
+    bias = state['model_state']['router_bias']['block_1']['moe']['bias']
+    copies = [np.asarray(shard.data) for shard in bias.addressable_shards]
+    assert len(copies) == 8 and all(np.array_equal(copy, copies[0]) for copy in copies)
+    assert np.abs(copies[0]).max() > 0
+    np.testing.assert_array_equal(copies[0], one_device(router)[0]['model_state']['router_bias']
+                                  ['block_1']['moe']['bias'])
+
+
+def test_checkpoint_resumes_on_another_mesh(data_dir, tmp_path, caplog):
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  train.train(config((2, 4), 'aux_free', data_dir), straight)  # checkpoints at steps 4 and 8
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '8')  # as if killed after the 2x4 checkpoint at step 4
+  (resumed / 'summary.json').unlink()
+
+  resumed_config = config((4, 2), 'aux_free', data_dir)
+  with caplog.at_level(logging.INFO, logger=train.__name__):
+    summary = train.train(resumed_config, resumed)
+  assert summary['resumed_from_step'] == 4
+  assert 'resuming on mesh (data, expert) = (4, 2) a run started on (2, 4)' in caplog.text
+  assert (resumed / 'config.json').read_text() == (straight / 'config.json').read_text()
+  expected, got = read_metrics(straight), read_metrics(resumed)
+  assert [r['step'] for r in got] == list(range(1, 9))
+  for mine, theirs in zip(got, expected):
+    assert set(mine) == set(theirs)
+    for key in set(mine) - {'tokens_per_s'}:
+      np.testing.assert_allclose(mine[key], theirs[key], **TOLERANCE, err_msg=key)
+
+  # The 2x4 checkpoint laid out on 4x2: 4 experts per device.
+  cfg, model, mesh = train.check_config(resumed_config)
+  target = train.abstract_state(model, cfg, 8, 16, mesh)
+  with ocp.CheckpointManager(straight / 'checkpoints') as manager:
+    state = manager.restore(4, args=ocp.args.StandardRestore(target))
+  w_in = state['params']['block_1']['moe']['experts']['w_in']
+  assert w_in.sharding.mesh.shape == {'data': 4, 'expert': 2}
+  assert w_in.addressable_shards[0].data.shape == (4, 32, 64)
+
+
+@pytest.mark.parametrize('overrides, error', [
+    ({'mesh.data': 3, 'mesh.expert': 2},
+     r'config\.mesh\.data=3 \* config\.mesh\.expert=2 = 6 does not match the 8 devices'),
+    ({'moe.num_experts': 6},
+     r'config\.mesh\.expert=4 does not divide config\.moe\.num_experts=6'),
+    ({'data.batch_size': 12}, r'batch_size=12 is not divisible by config\.mesh\.data=2 \* '
+                              r'config\.mesh\.expert=4 = 8'),
+    ({'mesh.model': 2}, r"config\.mesh has unknown field\(s\) \['model'\]"),
+    ({'moe.router': 'expert_choice', 'moe.group_by': 'position', 'moe.capacity_factor': 1.0},
+     r"config\.mesh\.data=2, config\.mesh\.expert=4 each device routes group_by='position' "
+     r'groups of 1 tokens'),
+], ids=['device_count', 'num_experts', 'batch_size', 'unknown_field', 'capacity'])
+def test_bad_mesh_config_fails_before_any_work(tmp_path, monkeypatch, overrides, error):
+  def no_work(*args, **kwargs):
+    raise AssertionError('train() went past its config checks')
+
+  monkeypatch.setattr(data, 'load_text_splits', no_work)
+  with pytest.raises(ValueError, match=error):
+    train.train(config((2, 4), **overrides), tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_absent_mesh_section_is_one_device():
+  cfg = config((2, 4))
+  del cfg['mesh']
+  assert train.check_config(cfg)[2].devices.shape == (1, 1)
