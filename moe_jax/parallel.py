@@ -100,7 +100,7 @@ def check_mesh(spec: MoESpec | None, mesh: Mesh, batch_size: int,
   shards = data * expert
   if batch_size % shards:
     raise ValueError(
-        f'config.batch_size={batch_size} is not divisible by config.mesh.data={data} * '
+        f'config.data.batch_size={batch_size} is not divisible by config.mesh.data={data} * '
         f'config.mesh.expert={expert} = {shards}: tokens are sharded over both axes; use a '
         f'multiple of {shards}.')
   if spec is None or seq_len is None:
@@ -115,7 +115,7 @@ def check_mesh(spec: MoESpec | None, mesh: Mesh, batch_size: int,
     raise ValueError(
         f'Under config.mesh.data={data}, config.mesh.expert={expert} each device routes '
         f"group_by={group_by!r} groups of {n} tokens ({batch_size // shards} local sequences of "
-        f'{seq_len}): {e} Or raise config.batch_size / use fewer devices.') from e
+        f'{seq_len}): {e} Or raise config.data.batch_size / use fewer devices.') from e
 
 
 def _leaf_spec(path, leaf) -> P:

@@ -238,8 +238,8 @@ def train_step(state: dict, batch: jax.Array, rng: jax.Array, *, model, cfg: Tra
   """One update on batch [B, L+1]. Returns (new state, metrics).
 
   With `mesh`: state as `init_state(..., mesh)`, batch over every device; the model runs under
-  `shard_map` and the loss (cross-entropy of the whole batch + the globally averaged aux loss) and
-  its gradients, taken outside the shard_map, are those of the unsharded model.
+  `shard_map`. The loss (cross-entropy of the whole batch + the globally averaged aux loss) and its
+  gradients are taken outside the shard_map: with group_by='sequence' they equal one device's.
   """
   forward = _forward(model, mesh, train=True)
 

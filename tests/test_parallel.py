@@ -133,7 +133,7 @@ def test_experts_must_divide_over_expert_axis():
 
 
 def test_batch_must_divide_over_devices():
-  with pytest.raises(ValueError, match=r'config\.batch_size=12 is not divisible by '
+  with pytest.raises(ValueError, match=r'config\.data\.batch_size=12 is not divisible by '
                      r'config\.mesh\.data=2 \* config\.mesh\.expert=4 = 8'):
     parallel.check_mesh(MoESpec(num_experts=8), parallel.make_mesh(2, 4), batch_size=12)
 
