@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -34,6 +35,11 @@ from moe_jax.kernels import grouped_matmul as gm  # noqa: E402
 from moe_jax.spec import MoESpec  # noqa: E402
 
 FAST = fast_dispatch.IMPLEMENTATION
+_START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+  print(f'{time.perf_counter() - _START:7.1f}s {msg}', flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +190,7 @@ def verify(case: Case, dtype, block_rows: int, families, tol: float) -> list[dic
       except Exception as e:  # pylint: disable=broad-except
         rec.update(error=_short(e), ok=False)
       records.append(rec)
-      print(f"verify {family:13s} {impl:8s} {rec.get('max_rel_err', rec.get('error'))}", flush=True)
+      log(f"verify {family:13s} {impl:8s} {rec.get('max_rel_err', rec.get('error'))}")
   return records
 
 
@@ -239,7 +245,7 @@ def overheads(case: Case, dtype, block_rows: int, iters: int) -> dict:
 
 def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_filter) -> dict:
   dense_fwd, dense_fb = dense_times(case, dtype, iters)
-  print(f'[{case.name}] dense ceiling fwd {dense_fwd:.3f} ms  fwd+bwd {dense_fb:.3f} ms', flush=True)
+  log(f'[{case.name}] dense ceiling fwd {dense_fwd:.3f} ms  fwd+bwd {dense_fb:.3f} ms')
   x, ct = inputs(case, dtype)
   rows = []
   for family in families:
@@ -264,17 +270,17 @@ def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_f
         if os.environ.get('BENCH_TRACEBACK'):
           traceback.print_exc()
       rows.append(rec)
-      print(f"[{case.name}] {family:13s} {impl:8s} "
-            + (f"fwd {rec['fwd_ms']:.3f} ms ({rec['ratio_fwd']:.2f})  fwd+bwd {rec['fwdbwd_ms']:.3f} ms "
-               f"({rec['ratio_fwdbwd']:.2f})" if 'error' not in rec else rec['error']), flush=True)
+      log(f"[{case.name}] {family:13s} {impl:8s} "
+          + (f"fwd {rec['fwd_ms']:.3f} ms ({rec['ratio_fwd']:.2f})  fwd+bwd {rec['fwdbwd_ms']:.3f} ms "
+             f"({rec['ratio_fwdbwd']:.2f})" if 'error' not in rec else rec['error']))
   over = overheads(case, dtype, block_rows, iters)
-  print(f'[{case.name}] overheads ' + ', '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
-                                               for k, v in over.items()), flush=True)
+  log(f'[{case.name}] overheads ' + ', '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
+                                             for k, v in over.items()))
   return dict(case=dataclasses.asdict(case), dense_fwd_ms=dense_fwd, dense_fwdbwd_ms=dense_fb,
               rows=rows, overheads=over)
 
 
-def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 3) -> list[dict]:
+def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 2) -> list[dict]:
   """Times the grouped matmul kernels of the case's six shapes (forward d->f and f->d, their
   transposed-weight backward, and the weight gradients) on T * k rows split evenly over the experts,
   for the first fitting tilings; stores each winner in `grouped_matmul.TUNED` and reports TFLOP/s
@@ -293,26 +299,28 @@ def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 3) -> list
   for k, n in ((case.d, case.f), (case.f, case.d)):
     lhs, w, g = rand(m, k), rand(case.experts, k, n), rand(m, n)
     flops = 2.0 * used * k * n
-    shapes = {  # kind: (kernel(tiling), dense twin, candidates, TUNED key)
-        'gmm': (lambda t: gm.gmm(lhs, w, layout, backend=be, tiling=t), lambda: lhs[:used] @ w[0],
-                gm.fitting(gm.GMM_TILINGS, block_rows, n, k), ('gmm', block_rows, k, n)),
-        'gmm_t': (lambda t: gm.gmm(g, w, layout, transpose_rhs=True, backend=be, tiling=t),
-                  lambda: g[:used] @ w[0].T, gm.fitting(gm.GMM_TILINGS, block_rows, k, n),
+    # Arrays go in as arguments: closed over, jit would embed them as constants.
+    shapes = {  # kind: (kernel(tiling, a, b, w), dense twin (a, b, w), candidates, TUNED key)
+        'gmm': (lambda t, a, b, w: gm.gmm(a, w, layout, backend=be, tiling=t),
+                lambda a, b, w: a[:used] @ w[0], gm.fitting(gm.GMM_TILINGS, block_rows, n, k),
+                ('gmm', block_rows, k, n)),
+        'gmm_t': (lambda t, a, b, w: gm.gmm(b, w, layout, transpose_rhs=True, backend=be, tiling=t),
+                  lambda a, b, w: b[:used] @ w[0].T, gm.fitting(gm.GMM_TILINGS, block_rows, k, n),
                   ('gmm_t', block_rows, n, k)),
-        'tgmm': (lambda t: gm.tgmm(lhs, g, layout, backend=be, tiling=t),
-                 lambda: lhs[:used].T @ g[:used],
+        'tgmm': (lambda t, a, b, w: gm.tgmm(a, b, layout, backend=be, tiling=t),
+                 lambda a, b, w: a[:used].T @ b[:used],
                  [t for t in gm.fitting(gm.TGMM_TILINGS, k, n) if block_rows % t.tile_k == 0],
                  ('tgmm', block_rows, k, n)),
     }
     for kind, (kernel, dense, candidates, key) in shapes.items():
       rec = dict(case=case.name, kernel=kind, k=k, n=n, block_rows=block_rows, backend=be,
-                 dense_tflops=flops / time_ms(jax.jit(dense), iters=iters) / 1e9, tilings={})
+                 dense_tflops=flops / time_ms(jax.jit(dense), lhs, g, w, iters=iters) / 1e9,
+                 tilings={})
       candidates = candidates[:max_candidates] if be != 'xla' else [None]
-      if candidates and candidates[0] is not None and kind == 'gmm' and k == case.d:
-        candidates.append(dataclasses.replace(candidates[0], delay=0))  # delayed release A/B
       for t in candidates:
         try:
-          rec['tilings'][str(t)] = flops / time_ms(jax.jit(lambda t=t: kernel(t)), iters=iters) / 1e9
+          run = jax.jit(functools.partial(kernel, t))
+          rec['tilings'][str(t)] = flops / time_ms(run, lhs, g, w, iters=iters) / 1e9
         except Exception as e:  # pylint: disable=broad-except
           rec['tilings'][str(t)] = _short(e)
       timed = {t: rec['tilings'][str(t)] for t in candidates
@@ -322,8 +330,8 @@ def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 3) -> list
         rec.update(best=str(best), tflops=timed[best])
         if best is not None:
           gm.TUNED[key] = best
-      print(f"[{case.name}] {kind:5s} K={k} N={n}: {rec.get('tflops', 0):.0f} TFLOP/s "
-            f"(dense {rec['dense_tflops']:.0f}) {rec.get('best')}", flush=True)
+      log(f"[{case.name}] {kind:5s} K={k} N={n}: {rec.get('tflops', 0):.0f} TFLOP/s "
+          f"(dense {rec['dense_tflops']:.0f}) {rec.get('best')}")
       out.append(rec)
   return out
 

@@ -72,7 +72,10 @@ class Tiling:
   split: str = 'n'
   band: int = 8  # row tiles visited together (L2 reuse of the weights)
   epi: int = 64  # epilogue tile edge
-  delay: int = 1  # wgmma groups left in flight when a step ends (its SMEM is released a step later)
+  # wgmma groups left in flight when a step ends (its SMEM released a step later). Keep 0: the
+  # persistent loop restarts the pipeline per tile, and the next tile's prologue would refill the
+  # last step's slot while its wgmma may still read it (GPU interpret mode catches this).
+  delay: int = 0
 
   @property
   def cta_m(self) -> int:

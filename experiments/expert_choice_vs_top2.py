@@ -1,0 +1,31 @@
+"""Claim (b): expert-choice routing matches or beats top-2 token choice at equal FLOPs.
+
+  python -m experiments run --claims b --scale cpu --workdir runs/claims
+
+Expert choice (capacity factor 2, i.e. 2 experts per token on average) routes the tokens at one
+position across the batch together (`group_by='position'`), which keeps the LM causal; GShard
+top-2 (capacity factor 1.25) routes each sequence. Both are sized to the dense FFN's FLOPs.
+"Matches" is defined as: worse by less than MARGIN nats/byte (the whole 95% interval of the
+paired difference below MARGIN).
+"""
+from experiments import common
+
+STATEMENT = ('Expert choice routing matches or beats top-2 token choice (GShard) at equal FLOPs '
+             'per token.')
+SOURCE = 'Zhou et al. 2022, Mixture-of-Experts with Expert Choice Routing (sec. 4)'
+MARGIN = 0.01  # nats / byte
+
+
+def get_config(scale: str = 'cpu'):
+  return common.sweep_config('lm', scale, {
+      'gshard_top2': {'moe': {'router': 'token_choice', 'k': 2, 'capacity_factor': 1.25}},
+      'expert_choice': {'moe': {'router': 'expert_choice', 'capacity_factor': 2.0,
+                                'group_by': 'position'}},
+  })
+
+
+def verdict(results) -> common.Verdict:
+  ok, line = common.lower_is_reproduced(results, 'expert_choice', 'gshard_top2', 'eval_loss',
+                                        margin=MARGIN)
+  return common.Verdict(ok, line, common.member_rows(
+      results, [('eval_loss', 'eval loss', 4), ('dropped', 'dropped', 3)]))

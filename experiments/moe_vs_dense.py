@@ -1,0 +1,24 @@
+"""Claim (a): a sparse MoE LM beats a dense LM of equal active FLOPs per token.
+
+  python -m experiments run --claims a --scale cpu --workdir runs/claims
+
+Switch top-1 (capacity factor 1.25) with its expert width sized so that the model's FLOPs per
+token as executed (capacity padding included) equal the dense model's; metric: held-out loss.
+"""
+from experiments import common
+
+STATEMENT = ('An MoE model beats a dense model of equal active FLOPs per token (lower held-out '
+             'loss at the same training steps).')
+SOURCE = 'Fedus et al. 2021, Switch Transformers (fig. 1, sec. 3); Shazeer et al. 2017'
+
+
+def get_config(scale: str = 'cpu'):
+  return common.sweep_config('lm', scale, {
+      'dense': {'model': {'moe_every': 0}},
+      'switch_top1': {'moe': {'router': 'token_choice', 'k': 1, 'capacity_factor': 1.25}},
+  })
+
+
+def verdict(results) -> common.Verdict:
+  ok, line = common.lower_is_reproduced(results, 'switch_top1', 'dense', 'eval_loss')
+  return common.Verdict(ok, line, common.member_rows(results, [('eval_loss', 'eval loss', 4)]))

@@ -1,0 +1,86 @@
+"""The paper-claim reproductions (experiments/): configs, statistics, and one claim end to end.
+
+Every claim's sweep builds at both scales with the FLOPs it promises; the interval and spike
+arithmetic is checked by hand; claim (a) runs for real at cpu scale with 2 seeds through the
+`python -m experiments` entry point and writes claims.md, and a rerun reuses the finished runs.
+"""
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+from experiments import CLAIMS, common
+from experiments.__main__ import main
+from moe_jax import sweep, train_vit
+from moe_jax.models import transformer
+
+
+@pytest.mark.parametrize('scale', common.SCALES)
+@pytest.mark.parametrize('key', sorted(CLAIMS))
+def test_every_claim_builds_with_its_flops(key, scale):
+  module = importlib.import_module(f'experiments.{CLAIMS[key]}')
+  config = module.get_config(scale)
+  assert module.STATEMENT and module.SOURCE and len(config.seeds) >= 3
+  build, flops_of = ((train_vit.build_members, train_vit.model_flops_per_token)
+                     if config.task == 'vit' else
+                     (sweep.build_members, transformer.model_flops_per_token))
+  members = build(config)
+  assert len(members) >= 2
+  flops = [flops_of(c) for c in members.values()]
+  if config.size_experts:  # equal-FLOPs claims
+    assert max(flops) / min(flops) - 1 < 0.02
+  else:  # (e): the same expert width, so FLOPs grow with the capacity factor
+    assert flops == sorted(flops) and flops[-1] > flops[0]
+
+
+def test_fine_grained_member_has_gshards_total_params():
+  from experiments import fine_grained_shared
+  members = sweep.build_members(fine_grained_shared.get_config('cpu'))
+  total = {name: transformer.param_counts(c)[0] for name, c in members.items()}
+  assert abs(total['fine_grained_shared'] / total['gshard_top2'] - 1) < 0.05
+
+
+def test_interval_by_hand():
+  interval = common.Interval.of([1.0, 2.0, 3.0])
+  assert interval.mean == 2.0
+  assert interval.half_width == pytest.approx(4.302653 * 1.0 / np.sqrt(3), rel=1e-6)  # t(0.975, 2)
+
+
+def test_spike_count_by_hand():
+  flat = [2.0] * 12
+  assert common.spike_count(flat) == 0
+  assert common.spike_count(flat[:11] + [2.3] + [2.0] * 3) == 1  # +15% over the median
+  assert common.spike_count(flat[:11] + [2.1] + [2.0] * 3) == 0  # +5%: noise
+
+
+def test_verdict_needs_the_whole_interval_on_the_claimed_side():
+  runs = lambda losses: {'description': '', 'runs': [{'eval_loss': x} for x in losses]}
+  clear = {'moe': runs([1.0, 1.1, 1.2]), 'dense': runs([1.5, 1.6, 1.7])}
+  assert common.lower_is_reproduced(clear, 'moe', 'dense', 'eval_loss')[0]
+  noisy = {'moe': runs([1.0, 1.7, 1.2]), 'dense': runs([1.5, 1.6, 1.3])}
+  ok, line = common.lower_is_reproduced(noisy, 'moe', 'dense', 'eval_loss')
+  assert not ok and 'not significant' in line
+  assert not common.lower_is_reproduced(clear, 'dense', 'moe', 'eval_loss')[0]
+
+
+def test_claim_a_end_to_end_at_cpu_scale(tmp_path, capsys):
+  argv = ['run', '--scale', 'cpu', '--claims', 'a', '--seeds', '2', '--workdir',
+          str(tmp_path / 'claims'), '--data_dir', str(tmp_path / 'tfds')]
+  main(argv)
+  text = (tmp_path / 'claims' / 'claims.md').read_text()
+  assert '| (a) moe_vs_dense |' in text
+  assert ('**reproduced**' in text) != ('**not reproduced**' in text)
+  assert '| dense | dense f=256 |' in text and '| switch_top1 | token_choice k=1' in text
+  runs = sorted(p.parent.relative_to(tmp_path / 'claims' / 'a_moe_vs_dense').as_posix()
+                for p in (tmp_path / 'claims').glob('*/*/*/summary.json'))
+  assert runs == ['dense/seed_0', 'dense/seed_1', 'switch_top1/seed_0', 'switch_top1/seed_1']
+  seeds = [json.loads((tmp_path / 'claims' / 'a_moe_vs_dense' / r / 'config.json').read_text())
+           ['seed'] for r in runs]
+  assert seeds == [0, 1, 0, 1]
+
+  capsys.readouterr()
+  main(argv)  # every run is finished: nothing is trained again
+  assert 'trained in' not in capsys.readouterr().out
+  rerun = (tmp_path / 'claims' / 'claims.md').read_text()
+  assert rerun.split('\n', 4)[4] == text.split('\n', 4)[4]  # the same table (wall time aside)

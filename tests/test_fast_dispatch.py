@@ -1,0 +1,140 @@
+"""The 'blocked' fast path against the one-hot 'einsum' reference: outputs and gradients, per plan."""
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax import fast_dispatch, routing
+from moe_jax.experts import feed_forward
+from moe_jax.kernels import grouped_matmul as gm
+
+G, N, D, F, E, K = 2, 16, 8, 12, 4, 2
+ROUTERS = {
+    'top_k': (functools.partial(routing.token_choice, k=K, capacity_factor=1.0), K),
+    'top_k_scatter_combine': (functools.partial(routing.token_choice, k=K, capacity_factor=1.0),
+                              None),
+    'dropless': (functools.partial(routing.token_choice, k=K, capacity_factor=None), None),
+    'expert_choice': (functools.partial(routing.expert_choice, capacity_factor=2.0), None),
+    'soft': (routing.soft_routing, None),
+}
+
+
+def problem(seed, soft=False):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  x = jax.random.normal(ks[0], (G, N, D))
+  logits = 2 * jax.random.normal(ks[1], (G, N, E, 2) if soft else (G, N, E))
+  weights = (jax.random.normal(ks[2], (E, D, F)) / D**0.5, jax.random.normal(ks[3], (E, F, D)) / F**0.5,
+             jax.random.normal(ks[4], (E, D, F)) / D**0.5)
+  return logits, x, weights, jax.random.normal(ks[5], (G, N, D))
+
+
+def einsum_layer(router, logits, x, weights):
+  plan = jax.vmap(router)(logits).plan
+  buffers = jax.vmap(lambda p, g: dispatch_lib.dispatch(p, g, 'einsum'))(plan, x)
+  y = feed_forward(lambda a, w: jnp.einsum('gecd,edf->gecf', a, w), buffers, *weights)
+  return jax.vmap(lambda p, g: dispatch_lib.combine(p, g, 'einsum'))(plan, y)
+
+
+def blocked_layer(router, max_per_token, logits, x, weights, block_rows=8, backend='xla'):
+  plan = jax.vmap(router)(logits).plan
+  return fast_dispatch.moe_apply(plan, x, weights, max_per_token=max_per_token,
+                                 block_rows=block_rows, backend=backend)
+
+
+def value_and_grads(layer, logits, x, weights, ct):
+  loss = lambda *args: jnp.vdot(layer(*args), ct)
+  return layer(logits, x, weights), jax.grad(loss, argnums=(0, 1, 2))(logits, x, weights)
+
+
+@pytest.mark.parametrize('name', list(ROUTERS))
+def test_blocked_matches_einsum(name):
+  router, max_per_token = ROUTERS[name]
+  logits, x, weights, ct = problem(0, soft=name == 'soft')
+  ref = jax.jit(functools.partial(value_and_grads, functools.partial(einsum_layer, router)))(
+      logits, x, weights, ct)
+  fast = jax.jit(functools.partial(value_and_grads, functools.partial(
+      blocked_layer, router, max_per_token)))(logits, x, weights, ct)
+  for got, want in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(fast[1][0]).max()) > 0  # the router gets a gradient
+
+
+def test_row_plan_layout():
+  router, max_per_token = ROUTERS['top_k']
+  logits, _, _, _ = problem(1)
+  plan = jax.vmap(router)(logits).plan
+  rows = fast_dispatch.row_plan(plan, max_per_token=max_per_token, block_rows=8)
+  layout = rows.layout
+  group = np.asarray(layout.block_group)
+  used = group[group >= 0]
+  assert np.all(np.diff(used) >= 0) and np.all(group[len(used):] == -1)  # sorted, idle trailing
+  for e in range(E):
+    start, blocks = int(layout.group_start[e]), int(layout.group_blocks[e])
+    assert np.all(group[start:start + blocks] == e) and (group == e).sum() == blocks
+  # Each kept slot is one row, padding rows are empty; dest and row_token describe the same map.
+  occupied = np.asarray(plan.slot_token < plan.num_tokens)
+  token, dest = np.asarray(rows.row_token), np.asarray(rows.dest)
+  assert (token < G * N).sum() == occupied.sum() and len(used) <= fast_dispatch.num_rows(
+      G * N * K, E, 8) // 8
+  for t in range(G * N):
+    for r in dest[t][dest[t] < layout.num_rows]:
+      assert token[r] == t
+
+
+def test_grouped_matmul_xla_matches_per_expert_loop():
+  layout = gm.BlockLayout(block_group=jnp.array([0, 0, 2, -1], jnp.int32),
+                          group_start=jnp.array([0, 2, 2], jnp.int32),
+                          group_blocks=jnp.array([2, 0, 1], jnp.int32), block_rows=4)
+  ks = jax.random.split(jax.random.key(2), 3)
+  lhs, rhs = jax.random.normal(ks[0], (16, 5)), jax.random.normal(ks[1], (3, 5, 6))
+  ct = jax.random.normal(ks[2], (16, 6))
+  expert = np.repeat(np.asarray(layout.block_group), 4)
+  want = np.stack([lhs[r] @ rhs[e] if e >= 0 else np.zeros(6) for r, e in enumerate(expert)])
+  np.testing.assert_allclose(gm.grouped_matmul(lhs, rhs, layout, 'xla'), want, rtol=1e-5,
+                             atol=1e-5)
+  loss = lambda l, r, fn: jnp.vdot(fn(l, r), ct)
+  per_row = lambda l, r: jnp.where(jnp.asarray(expert)[:, None] >= 0,
+                                   jnp.einsum('rk,rkn->rn', l, r[jnp.maximum(expert, 0)]), 0)
+  got = jax.grad(loss, argnums=(0, 1))(lhs, rhs, lambda l, r: gm.grouped_matmul(l, r, layout, 'xla'))
+  ref = jax.grad(loss, argnums=(0, 1))(lhs, rhs, per_row)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+INTERPRET_LAYOUT = dict(block_group=[0, 2, -1], group_start=[0, 1, 1], group_blocks=[1, 0, 1])
+
+
+def _interpret_problem(n=256):
+  layout = gm.BlockLayout(**{k: jnp.array(v, jnp.int32) for k, v in INTERPRET_LAYOUT.items()},
+                          block_rows=128)
+  ks = jax.random.split(jax.random.key(3), 3)
+  lhs = jax.random.normal(ks[0], (384, 128), jnp.bfloat16)
+  rhs = jax.random.normal(ks[1], (3, 128, n), jnp.bfloat16)
+  g = jax.random.normal(ks[2], (384, n), jnp.bfloat16)
+  return layout, lhs, rhs, g, np.asarray(layout.row_active())
+
+
+def _close(got, want, rows=None):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  if rows is not None:
+    got, want = got[rows], want[rows]
+  assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+
+
+def test_gmm_kernel_interpret():
+  """The Mosaic GPU forward kernel, run by Pallas' GPU interpreter on CPU."""
+  layout, lhs, rhs, _, rows = _interpret_problem()
+  tiling = gm.Tiling(64, 128, stages=2, split='m')
+  _close(gm.gmm(lhs, rhs, layout, backend='interpret', tiling=tiling), gm.gmm(lhs, rhs, layout),
+         rows)
+
+
+@pytest.mark.skipif(tuple(map(int, jax.__version__.split('.')[:2])) < (0, 11),
+                    reason="this jax's GPU interpreter lacks transposed SMEM refs")
+def test_backward_kernels_interpret():
+  layout, lhs, rhs, g, rows = _interpret_problem(n=128)
+  _close(gm.gmm(g, rhs, layout, transpose_rhs=True, backend='interpret'),
+         gm.gmm(g, rhs, layout, transpose_rhs=True), rows)
+  _close(gm.tgmm(lhs, g, layout, backend='interpret'), gm.tgmm(lhs, g, layout))
