@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moe_jax import parallel
 from moe_jax.layers import MoELayer

@@ -13,6 +13,7 @@ Student-t half-width of n seeds (t * sd / sqrt(n)), wide by design when n is sma
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -116,8 +117,9 @@ def _task(name: str):
     from moe_jax import sweep, train
     return sweep.build_members, train.train, sweep.describe
   if name == 'vit':
-    from moe_jax import train_vit
-    return train_vit.build_members, train_vit.train, train_vit.describe_router
+    from moe_jax import sweep, train_vit
+    return (train_vit.build_members, train_vit.train,
+            functools.partial(sweep.describe, task=train_vit.TASK))
   raise ValueError(f"config.task={name!r} is invalid: choose 'lm' or 'vit'.")
 
 

@@ -7,15 +7,16 @@ members are skipped, an unfinished one resumes from its last checkpoint).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
+from typing import Callable
 
 import ml_collections
 
 from moe_jax import flops, report
 from moe_jax.models import transformer
-from moe_jax.spec import MoESpec
 
 
 def member_config(base: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
@@ -36,40 +37,59 @@ def member_config(base: ml_collections.ConfigDict, overrides) -> ml_collections.
   return config
 
 
-def dense_budget(config: ml_collections.ConfigDict) -> float:
-  """FLOPs per token of one dense FFN of width config.model.d_ff: what each MoE layer must cost."""
-  return flops.ffn_flops(config.model.d_model, config.model.d_ff, config.model.activation)
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a sweep needs to know of a model family (the LM here, the ViT in `train_vit`).
+
+  check_config(config) validates a full config; from_config(config) -> (model config, MoESpec or
+  None); token_shape(config) -> flops.Shape the FFN layers see; flops_per_token(config) -> model
+  forward FLOPs per token.
+  """
+  check_config: Callable
+  from_config: Callable
+  token_shape: Callable
+  flops_per_token: Callable
 
 
-def build_members(sweep: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+def _lm_check_config(config):
+  from moe_jax import train  # heavy imports only when building a sweep
+  return train.check_config(config)
+
+
+LM = Task(check_config=_lm_check_config, from_config=transformer.from_config,
+          token_shape=lambda c: flops.Shape(c.data.batch_size, c.data.seq_len),
+          flops_per_token=transformer.model_flops_per_token)
+
+
+def build_members(sweep: ml_collections.ConfigDict,
+                  task: Task = LM) -> dict[str, ml_collections.ConfigDict]:
   """Every member's config, sized to the dense FLOP budget when `size_experts`, and checked.
+
+  Each MoE layer's budget is one dense FFN of width config.model.d_ff.
 
   Raises:
     ValueError: a member's config is invalid, or its model FLOPs/token differ from the dense
       model's by more than `flops_tolerance` (every offending member is named).
   """
-  from moe_jax import train  # heavy imports only when building a sweep
-
   members = {}
   for name, overrides in sweep.members.items():
     config = member_config(sweep.base, overrides)
-    train.check_config(config)
-    model, spec = transformer.from_config(config)
+    task.check_config(config)
+    model, spec = task.from_config(config)
     if spec is not None and sweep.size_experts:
-      shape = flops.Shape(config.data.batch_size, config.data.seq_len)
-      sized = flops.size_to_budget(spec, model.d_model, shape, dense_budget(config))
-      config.moe.d_ff = sized.d_ff
+      budget = flops.ffn_flops(model.d_model, model.d_ff, model.activation)
+      config.moe.d_ff = flops.size_to_budget(spec, model.d_model, task.token_shape(config),
+                                             budget).d_ff
     members[name] = config
   dense = member_config(sweep.base, {'model': {'moe_every': 0}})
-  budget = transformer.model_flops_per_token(dense)
-  flops.check_equal_flops({name: transformer.model_flops_per_token(c) for name, c in members.items()},
-                          budget=budget, tolerance=sweep.flops_tolerance)
+  flops.check_equal_flops({name: task.flops_per_token(c) for name, c in members.items()},
+                          budget=task.flops_per_token(dense), tolerance=sweep.flops_tolerance)
   return members
 
 
-def describe(config: ml_collections.ConfigDict) -> str:
+def describe(config: ml_collections.ConfigDict, task: Task = LM) -> str:
   """A short human label of a member's FFN, e.g. 'token_choice k=2 cf=1.25 E=8 f=204'."""
-  model, spec = transformer.from_config(config)
+  model, spec = task.from_config(config)
   if spec is None:
     return f'dense f={model.d_ff}'
   parts = [spec.router]

@@ -40,7 +40,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from moe_jax import data, parallel
-from moe_jax.models import transformer
+from moe_jax.models import describe_ffn, transformer
 
 log = logging.getLogger(__name__)
 
@@ -283,18 +283,8 @@ def _record(step: int, metrics: dict, lr: float, tokens_per_s: float) -> dict:
 
 
 def describe_router(config) -> str:
-  """One line naming the FFN layers, e.g. 'token_choice (num_experts=8, k=1, ...) in blocks [1, 3]
-  of 4'."""
-  model, spec = transformer.from_config(config)
-  if spec is None:
-    return f'dense (d_ff={model.d_ff}) in all {model.num_layers} blocks'
-  default = type(spec)()
-  fields = [f.name for f in dataclasses.fields(spec) if f.name != 'router' and (
-      f.name in ('num_experts', 'd_ff', 'capacity_factor', 'group_by')
-      or getattr(spec, f.name) != getattr(default, f.name))]
-  options = ', '.join(f'{name}={getattr(spec, name)}' for name in fields)
-  blocks = [i for i in range(model.num_layers) if model.is_moe(i)]
-  return f'{spec.router} ({options}) in blocks {blocks} of {model.num_layers}'
+  """One line naming the LM's FFN layers (`models.describe_ffn`)."""
+  return describe_ffn(*transformer.from_config(config))
 
 
 # --- The loop ----------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ fold_in(key, i), so a restart from a checkpoint continues exactly.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -27,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from moe_jax import flops, image_datasets, sweep
 from moe_jax import train as lm_train
-from moe_jax.models import vit
+from moe_jax.models import describe_ffn, vit
 
 
 def _check_data_config(config) -> None:
@@ -64,40 +63,24 @@ def param_counts(config) -> tuple[int, float]:
 
 
 def describe_router(config) -> str:
-  """One line naming the FFN layers, e.g. 'soft (num_experts=8, d_ff=96, ...) in blocks [1, 3] of
-  4', as `train.describe_router` does for the LM."""
-  model, spec = vit.from_config(config)
-  if spec is None:
-    return f'dense (d_ff={model.d_ff}) in all {model.num_layers} blocks'
-  default = type(spec)()
-  fields = [f.name for f in dataclasses.fields(spec) if f.name != 'router' and (
-      f.name in ('num_experts', 'd_ff', 'capacity_factor', 'group_by')
-      or getattr(spec, f.name) != getattr(default, f.name))]
-  options = ', '.join(f'{name}={getattr(spec, name)}' for name in fields)
-  blocks = [i for i in range(model.num_layers) if model.is_moe(i)]
-  return f'{spec.router} ({options}) in blocks {blocks} of {model.num_layers}'
+  """One line naming the ViT's FFN layers (`models.describe_ffn`)."""
+  return describe_ffn(*vit.from_config(config))
+
+
+def token_shape(config) -> flops.Shape:
+  """A batch of images as the FFN layers see it: batch_size sequences of patches."""
+  model, _ = vit.from_config(config)
+  image_shape, _ = image_datasets.image_info(config.data.name)
+  return flops.Shape(config.data.batch_size, model.num_tokens(image_shape))
+
+
+TASK = sweep.Task(check_config=check_config, from_config=vit.from_config,
+                  token_shape=token_shape, flops_per_token=model_flops_per_token)
 
 
 def build_members(sweep_config) -> dict[str, ml_collections.ConfigDict]:
-  """A ViT sweep's members (`sweep.member_config` of base and overrides), each MoE member's expert
-  width sized to the dense FFN's FLOPs when `size_experts`, all checked to be within
-  `flops_tolerance` of the dense ViT's FLOPs per token (`flops.check_equal_flops` names misses)."""
-  members = {}
-  for name, overrides in sweep_config.members.items():
-    config = sweep.member_config(sweep_config.base, overrides)
-    check_config(config)
-    model, spec = vit.from_config(config)
-    if spec is not None and sweep_config.size_experts:
-      image_shape, _ = image_datasets.image_info(config.data.name)
-      shape = flops.Shape(config.data.batch_size, model.num_tokens(image_shape))
-      budget = flops.ffn_flops(model.d_model, model.d_ff, model.activation)
-      config.moe.d_ff = flops.size_to_budget(spec, model.d_model, shape, budget).d_ff
-    members[name] = config
-  dense = sweep.member_config(sweep_config.base, {'model': {'moe_every': 0}})
-  flops.check_equal_flops({name: model_flops_per_token(c) for name, c in members.items()},
-                          budget=model_flops_per_token(dense),
-                          tolerance=sweep_config.flops_tolerance)
-  return members
+  """A ViT sweep's members, sized and checked to equal FLOPs (`sweep.build_members`)."""
+  return sweep.build_members(sweep_config, TASK)
 
 
 # --- Steps -------------------------------------------------------------------------------------

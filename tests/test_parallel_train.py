@@ -6,7 +6,6 @@ router, whose bias is identical on every shard; (b) a checkpoint written on 2x4 
 the run continues as the uninterrupted one; (c) a bad mesh config fails before any work.
 """
 import functools
-import json
 import logging
 import shutil
 
@@ -16,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moe_jax import data, parallel, train
-from tests.test_train import data_dir, read_metrics, tiny_config  # noqa: F401 (data_dir: fixture)
+from tests.test_train import read_metrics, tiny_config
 
 ROUTERS = {
     'token_choice': {'moe.group_by': 'sequence'},

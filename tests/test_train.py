@@ -17,14 +17,6 @@ from moe_jax import cli, data, train
 from moe_jax.models import transformer
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """A TFDS data_dir with tiny_shakespeare prepared once (nothing written to the home dir)."""
-  path = tmp_path_factory.mktemp('tfds')
-  data.load_text_splits('tiny_shakespeare', data_dir=path)
-  return str(path)
-
-
 def tiny_config(data_dir, **overrides):
   """lm_tiny shrunk: d_model 32, 2 layers (block 1 MoE, 4 experts), batch 8 x 32 tokens.
 
