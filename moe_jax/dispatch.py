@@ -8,6 +8,10 @@ Implementations, all computing the same function (tests compare them):
 
 A `DroplessPlan` run with 'einsum' or 'gather' goes through its equivalent `SlotPlan` of capacity T;
 a `SoftPlan` is dense by nature and always runs as two einsums.
+
+The fast path 'blocked' (`MoESpec.dispatch`) lives in `moe_jax.fast_dispatch`: it skips the
+[E, C, d] buffers altogether (expert-sorted rows, grouped matmul kernels) and computes the same
+function.
 """
 from __future__ import annotations
 

@@ -80,16 +80,17 @@ class Experts(nn.Module):
     self.w_out = self.param('w_out', init, (e, f, d))
     self.w_gate = self.param('w_gate', init, (e, d, f)) if self.activation == 'swiglu' else None
 
-  def _weights(self):
+  def weights(self):
+    """(w_in, w_out, w_gate or None) in the compute dtype."""
     cast = lambda w: None if w is None else w.astype(self.dtype)
     return cast(self.w_in), cast(self.w_out), cast(self.w_gate)
 
   def __call__(self, buffers: jax.Array) -> jax.Array:
     """buffers: [E, C, d] -> [E, C, d]."""
-    return feed_forward(_batched, buffers.astype(self.dtype), *self._weights())
+    return feed_forward(_batched, buffers.astype(self.dtype), *self.weights())
 
   def ragged(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """rows: [N, d] sorted by expert, group_sizes: [E] -> [N, d] (grouped matmul)."""
     matmul = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes,
                                              preferred_element_type=jnp.float32).astype(x.dtype)
-    return feed_forward(matmul, rows.astype(self.dtype), *self._weights())
+    return feed_forward(matmul, rows.astype(self.dtype), *self.weights())

@@ -1,4 +1,4 @@
-"""'blocked' dispatch: expert-sorted, block-aligned rows and grouped matmuls; only used slots compute.
+"""'blocked' dispatch: expert-sorted, block-aligned rows and grouped matmuls; used slots only.
 
 The capacity buffers [E, C, d] of 'einsum' / 'gather' run every slot, full or empty, so a capacity
 factor of 1.25 costs at least 25% more expert FLOPs than the routing uses; dropless 'ragged' relies
@@ -63,13 +63,13 @@ def _layout(counts: jax.Array, total_rows: int, block_rows: int):
   block = jnp.arange(total_rows // block_rows, dtype=jnp.int32)
   owner = jnp.searchsorted(ends, block, side='right').astype(jnp.int32)
   layout = gm.BlockLayout(block_group=jnp.where(block < ends[-1], owner, -1),
-                          group_start=start.astype(jnp.int32), group_blocks=blocks.astype(jnp.int32),
-                          block_rows=block_rows)
+                          group_start=start.astype(jnp.int32),
+                          group_blocks=blocks.astype(jnp.int32), block_rows=block_rows)
   return layout, (start * block_rows).astype(jnp.int32)
 
 
 def _rank_in_group(keys: jax.Array, num_groups: int) -> jax.Array:
-  """Stable position of each entry among the entries with the same key. keys: [N] in [0, num_groups]."""
+  """Stable rank of each entry among entries with the same key. keys: [N] in [0, num_groups]."""
   order = jnp.argsort(keys, stable=True)
   first = jnp.searchsorted(keys[order], jnp.arange(num_groups + 1), side='left')
   rank_sorted = jnp.arange(keys.shape[0]) - first[keys[order]]
@@ -79,7 +79,8 @@ def _rank_in_group(keys: jax.Array, num_groups: int) -> jax.Array:
 def _token_major(token, row, weight, num_tokens: int, width: int, num_rows_: int):
   """[T, width] rows and weights of each token's entries (row M / weight 0 where none)."""
   rank = _rank_in_group(token, num_tokens)
-  dest = jnp.full((num_tokens + 1, width), num_rows_, jnp.int32).at[token, rank].set(row, mode='drop')
+  dest = jnp.full((num_tokens + 1, width), num_rows_, jnp.int32)
+  dest = dest.at[token, rank].set(row, mode='drop')
   w = jnp.zeros((num_tokens + 1, width), weight.dtype).at[token, rank].set(weight, mode='drop')
   return dest[:-1], w[:-1]
 
@@ -109,7 +110,9 @@ def row_plan(plan: Plan, *, max_per_token: int | None = None, block_rows: int = 
     g, num_experts, c = plan.slot_token.shape
     n, t = plan.num_tokens, g * plan.num_tokens
     occupied = plan.slot_token < n  # [G, E, C]
-    bound = g * num_experts * c if max_per_token is None else min(g * num_experts * c, t * max_per_token)
+    bound = g * num_experts * c
+    if max_per_token is not None:
+      bound = min(bound, t * max_per_token)
     total = num_rows(bound, num_experts, block_rows)
     counts_ge = occupied.sum(-1).astype(jnp.int32)  # [G, E]
     layout, start = _layout(counts_ge.sum(0), total, block_rows)
@@ -204,7 +207,8 @@ def default_block_rows(assignments: int, num_experts: int) -> int:
 
 
 def moe_apply(plan: Plan, x: jax.Array, weights: tuple, *, max_per_token: int | None = None,
-              block_rows: int | None = None, backend: str | None = None, tilings: tuple = (None,) * 3,
+              block_rows: int | None = None, backend: str | None = None,
+              tilings: tuple = (None,) * 3,
               expert_fn: Callable = feed_forward) -> jax.Array:
   """Routes groups of tokens through the experts. x: [G, n, d] -> [G, n, d].
 

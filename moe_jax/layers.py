@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import routing
+from moe_jax import fast_dispatch, routing
 from moe_jax.experts import Experts, FeedForward
 from moe_jax.spec import MoESpec
 
@@ -84,7 +84,8 @@ class MoELayer(nn.Module):
   outputs back for a local combine. `batch_axes` names the axes the tokens are sharded over: aux
   losses and metrics are averaged over them (tokens_per_expert summed), so every shard reports the
   global value and the bias update is identical on every shard. Dropless routing then runs through
-  slots of capacity = tokens per group (`DroplessPlan.to_slot_plan`) instead of 'ragged'.
+  slots of capacity = tokens per group (`DroplessPlan.to_slot_plan`) instead of 'ragged', and
+  'blocked' runs as 'gather'.
   """
   spec: MoESpec
   dtype: Any = jnp.float32
@@ -125,11 +126,15 @@ class MoELayer(nn.Module):
       num_experts = _local_experts(num_experts, self.expert_axis)
     experts = Experts(num_experts, x.shape[-1], spec.d_ff, spec.activation, self.dtype,
                       name='experts')
-    if spec.dispatch == 'ragged' and self.expert_axis is None:
+    if spec.dispatch == 'blocked' and self.expert_axis is None:
+      max_per_token = spec.k if spec.router == 'token_choice' else None
+      y = fast_dispatch.moe_apply(out.plan, groups, experts.weights(),
+                                  max_per_token=max_per_token)
+    elif spec.dispatch == 'ragged' and self.expert_axis is None:
       plan = jax.tree.map(lambda leaf: leaf[0], out.plan)
       y = dispatch_lib.moe_apply(plan, groups[0], experts, 'ragged', experts.ragged)[None]
     else:
-      impl = 'gather' if spec.dispatch == 'ragged' else spec.dispatch
+      impl = 'gather' if spec.dispatch in ('ragged', 'blocked') else spec.dispatch
       y = _execute_groups(out.plan, groups, experts, impl, self.expert_axis)
     if spec.num_shared_experts:
       y = y + FeedForward(spec.num_shared_experts * spec.d_ff, spec.activation, self.dtype,

@@ -36,7 +36,8 @@ class MoESpec:
     load_balancing_coef, z_loss_coef: auxiliary loss weights.
     group_by: token groups routed together: 'sequence' (each sequence), 'position' (the same
       position across the batch: causal for expert choice and Soft MoE), 'batch' (all tokens).
-    dispatch: 'gather', 'einsum' or 'ragged' (see dispatch.py).
+    dispatch: 'gather', 'einsum', 'ragged' (see dispatch.py) or 'blocked' (fast_dispatch.py:
+      expert-sorted rows and grouped-matmul kernels that run only the used slots; any router).
     activation: 'swiglu' or 'gelu'.
   """
   router: str = 'token_choice'
@@ -63,7 +64,7 @@ class MoESpec:
     _one_of('group_by', self.group_by, GROUPINGS)
     _one_of('score', self.score, SCORES)
     _one_of('priority', self.priority, PRIORITIES)
-    _one_of('dispatch', self.dispatch, ('gather', 'einsum', 'ragged'))
+    _one_of('dispatch', self.dispatch, ('gather', 'einsum', 'ragged', 'blocked'))
     _one_of('activation', self.activation, ('swiglu', 'gelu'))
     _positive('num_experts', self.num_experts)
     _positive('d_ff', self.d_ff)

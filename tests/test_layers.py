@@ -20,6 +20,8 @@ SPECS = {
                     group_by='position'),
     'fine_grained_shared': MoESpec(num_experts=8, d_ff=8, k=4, capacity_factor=1.0,
                                    num_shared_experts=2, dispatch='einsum'),
+    'top2_blocked': MoESpec(num_experts=4, d_ff=32, k=2, capacity_factor=0.75,
+                            dispatch='blocked'),
     'aux_free': MoESpec(num_experts=4, d_ff=32, k=2, capacity_factor=None, score='sigmoid',
                         bias_update_rate=0.01),
 }

@@ -2,9 +2,9 @@
 
 Layout (`BlockLayout`): M rows sorted by expert, cut into row blocks of `block_rows`. Expert e owns
 the `group_blocks[e]` consecutive blocks that start at block `group_start[e]`; experts come in order
-and every block after the last expert's is idle. Because no block is shared by two experts, a grouped
-matmul is a plain tiled matmul whose right-hand side is chosen per row block, and idle blocks cost
-nothing (they are skipped, not computed).
+and every block after the last expert's is idle. Because no block is shared by two experts, a
+grouped matmul is a plain tiled matmul whose right-hand side is chosen per row block, and idle
+blocks cost nothing (they are skipped, not computed).
 
 * `gmm(lhs [M, K], rhs [E, K, N], layout)             -> [M, N]`  out[r] = lhs[r] @ rhs[expert(r)]
 * `gmm(lhs [M, K], rhs [E, N, K], layout, transpose_rhs=True)`   out[r] = lhs[r] @ rhs[expert(r)].T
@@ -60,7 +60,7 @@ class BlockLayout:
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-  """Kernel tiles. Two compute warpgroups split a CTA tile along `split`; a third issues the TMA copies.
+  """Kernel tiles. Two compute warpgroups split a CTA tile along `split`; a third issues TMA copies.
 
   gmm: a warpgroup computes [tile_m, tile_n] of the output, stepping over K by tile_k.
   tgmm: tile_m tiles P, tile_n tiles Q (split must be 'n'), tile_k rows are reduced per step.
@@ -72,10 +72,6 @@ class Tiling:
   split: str = 'n'
   band: int = 8  # row tiles visited together (L2 reuse of the weights)
   epi: int = 64  # epilogue tile edge
-  # wgmma groups left in flight when a step ends (its SMEM released a step later). Keep 0: the
-  # persistent loop restarts the pipeline per tile, and the next tile's prologue would refill the
-  # last step's slot while its wgmma may still read it (GPU interpret mode catches this).
-  delay: int = 0
 
   @property
   def cta_m(self) -> int:
@@ -127,7 +123,7 @@ def _transforms(minor: int, dtype):
 
 
 def _store_tile(acc, out_smem, out_ref, wg, t: Tiling):
-  """Writes a warpgroup's [tile_m, tile_n] accumulator through double-buffered SMEM epilogue tiles."""
+  """Writes a warpgroup's [tile_m, tile_n] accumulator via double-buffered SMEM epilogue tiles."""
   acc = acc.astype(out_ref.dtype)
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   n_epi = t.tile_n // t.epi
@@ -155,8 +151,7 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
   m, k = a_ref.shape
   n = out_ref.shape[1]
   m_iters, n_iters, k_iters = m // t.cta_m, n // t.cta_n, k // t.tile_k
-  smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM,
-              delay_release=t.delay)
+  smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM)
   a_spec = plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem)
   if transpose_rhs:
     b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem)
@@ -188,7 +183,11 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
       def mma(_, a_smem, b_smem, acc_ref):
         b = b_smem.at[wg_n, :].transpose((1, 0)) if transpose_rhs else b_smem.at[:, wg_n]
         plgpu.wgmma(acc_ref, a_smem.at[wg_m, :], b)
-        plgpu.wgmma_wait(t.delay)
+        # Wait for this step's wgmma before its SMEM slot is released. (Releasing a step later,
+        # delay_release=1, races here: the persistent loop restarts the pipeline for each tile and
+        # the next prologue refills the last slot while its wgmma may still read it; the GPU
+        # interpreter reports it as a barrier phase error.)
+        plgpu.wgmma_wait(0)
         return acc_ref
 
       @pl.when(group >= 0)
@@ -204,7 +203,7 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
 def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
   num_experts, p, q = out_ref.shape
   p_iters, q_iters = p // t.cta_m, q // t.cta_n
-  smem = dict(memory_space=plgpu.SMEM, delay_release=t.delay)
+  smem = dict(memory_space=plgpu.SMEM)
   wg_n_size = t.tile_n
 
   def specs(first):
@@ -237,7 +236,7 @@ def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
 
       def mma(_, a_smem, b_smem, acc_ref):
         plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)), b_smem.at[:, wg_n])
-        plgpu.wgmma_wait(t.delay)
+        plgpu.wgmma_wait(0)
         return acc_ref
 
       _pipeline(mma, context, specs(first), steps, t.stages)(
@@ -249,8 +248,8 @@ def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
 def _launch(body, out_type, backend: str, *args):
   interpret = None
   if backend == 'interpret':
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
-    interpret = InterpretGPUParams()
+    from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
+    interpret = params.InterpretGPUParams()
   num_sms = 2 if backend == 'interpret' else getattr(jax.devices()[0], 'core_count', 132)
   kernel = plgpu.kernel(
       body, out_type=out_type, grid=(num_sms,), grid_names=('sm',), num_threads=3,
