@@ -48,7 +48,9 @@ def _config_and_workdir_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None
 
 
 def _train(fv: flags.FlagValues) -> None:
-  from moe_jax import train  # here, so that `moe-jax --help` does not import JAX
+  from moe_jax import distributed, train  # here, so that `moe-jax --help` does not import JAX
+
+  distributed.initialize_from_env()  # multi-host: before any mesh is built; else a no-op
 
   summary = train.train(fv.config, fv.workdir)
   print(json.dumps(summary, indent=2))
@@ -61,7 +63,9 @@ def _sweep_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
 
 
 def _sweep(fv: flags.FlagValues) -> None:
-  from moe_jax import sweep
+  from moe_jax import distributed, sweep
+
+  distributed.initialize_from_env()
 
   print(sweep.run_sweep(fv.config, fv.workdir, only=fv.only))
 
