@@ -3,7 +3,8 @@
 A sweep config has `base` (a full experiment config), `members` ({name: overrides of base}),
 `size_experts` and `flops_tolerance`. Nothing is trained until every member is built, validated and
 found within tolerance of the dense budget; a crashed sweep resumes where it stopped (finished
-members are skipped, an unfinished one resumes from its last checkpoint).
+members are left as they are, an unfinished one resumes from its last checkpoint, and a member whose
+run directory holds a different config is refused).
 """
 from __future__ import annotations
 
@@ -125,11 +126,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       indent=2, default=str))
   start = time.time()
   for i, (name, config) in enumerate(members.items()):
-    done = workdir / name / 'summary.json'
-    if done.exists() and json.loads(done.read_text()).get('steps') == config.train.steps:
-      print(f'[{i + 1}/{len(members)}] {name}: finished earlier, skipped')
-      continue
     print(f'[{i + 1}/{len(members)}] {name}: {describe(config)}', flush=True)
-    train.train(config, workdir / name)
+    train.train(config, workdir / name)  # resumes an unfinished run, returns a finished one
   print(f'sweep finished in {time.time() - start:.0f} s')
   return report.write_report(workdir)

@@ -319,6 +319,10 @@ def train(config, workdir: str | os.PathLike) -> dict:
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
   workdir = pathlib.Path(workdir).resolve()
   write_config(config, workdir)
+  finished = workdir / 'summary.json'
+  if finished.exists() and json.loads(finished.read_text()).get('steps') == cfg.steps:
+    log.info('%s finished all %d steps earlier: nothing to do', workdir, cfg.steps)
+    return json.loads(finished.read_text())
 
   splits = data.load_text_splits(config.data.name, data_dir=config.data.data_dir,
                                  manual_dir=config.data.manual_dir)
