@@ -12,13 +12,16 @@ import os
 import pathlib
 
 import numpy as np
-import tensorflow_datasets as tfds
-
-from moe_jax.datasets import LOCAL_BUILDERS
 
 VOCAB_SIZE = 256
 DATA_DIR_ENV = 'MOE_JAX_DATA_DIR'
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _local_builders() -> dict:
+  """The project's own TFDS builders (imported on use: the model and training step need no TFDS)."""
+  from moe_jax.datasets import LOCAL_BUILDERS  # pylint: disable=g-import-not-at-top
+  return LOCAL_BUILDERS
 
 
 def find_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -38,7 +41,7 @@ def find_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> p
   for folder in candidates:
     if _holds_data(name, folder):
       return folder.resolve()
-  builder = LOCAL_BUILDERS.get(name)
+  builder = _local_builders().get(name)
   wanted = f'{name}/{builder.MANUAL_FILE}' if builder else f'{name}/'
   hint = (
       f'download {builder.URL} (the file stock TFDS {name!r} fetches) to DIR/{wanted}'
@@ -54,8 +57,9 @@ def find_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> p
 
 
 def _holds_data(name: str, folder: pathlib.Path) -> bool:
-  if name in LOCAL_BUILDERS:
-    return (folder / LOCAL_BUILDERS[name].MANUAL_FILE).is_file()
+  builders = _local_builders()
+  if name in builders:
+    return (folder / builders[name].MANUAL_FILE).is_file()
   return folder.is_dir() and any(folder.iterdir())
 
 
@@ -73,8 +77,11 @@ def load_text_splits(
   (offline it fails with RuntimeError after TFDS's download retries, minutes); their examples are
   joined with newlines, so this suits small corpora only.
   """
-  if name in LOCAL_BUILDERS:
-    builder = LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builders = _local_builders()
+  if name in builders:
+    builder = builders[name](data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared():
       config = tfds.download.DownloadConfig(manual_dir=str(find_manual_dir(name, manual_dir)))
       builder.download_and_prepare(download_config=config)
@@ -88,7 +95,7 @@ def load_text_splits(
       raise RuntimeError(
           f'Could not load stock TFDS data set {name!r} into data_dir={data_dir!r}: stock TFDS '
           'needs the network (and some builders TensorFlow). Offline, only '
-          f'{sorted(LOCAL_BUILDERS)} are available.'
+          f'{sorted(builders)} are available.'
       ) from e
   return {
       split: '\n'.join(ex['text'].decode('utf-8') for ex in source)

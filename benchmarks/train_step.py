@@ -1,0 +1,279 @@
+"""MFU of a full MoE LM training step (~1B total parameters) on one GPU.
+
+The model is `moe_jax.models.transformer.Transformer` with an MoE FFN in every block (token choice,
+E=8, k=2, capacity factor 1.25), bf16 compute, float32 parameters, and the training step of
+`moe_jax.train` (next-byte cross-entropy + MoE aux loss, global-norm clipping, AdamW), jit'd with
+the state donated. Tokens are random ints (vocab 256): this measures throughput, not learning.
+
+MFU = model FLOPs per step / step time / peak. Model FLOPs per step = 3 x forward FLOPs (fwd + bwd)
+x tokens, forward FLOPs per token from `flops.transformer_flops`:
+  * 'executed': experts count as executed by capacity buffers (E * C slots per group, capacity
+    padding included; attention scores over the full [L, L] matrix), the repo's convention;
+  * 'useful': only the k * T routed expert slots count (the same function with dropless routing).
+Peak: H100 SXM dense bf16, 989 TFLOP/s (the datasheet figure without sparsity).
+
+  python benchmarks/train_step.py --out train_step.json    # GPU: ~1B model, gather and blocked
+  python benchmarks/train_step.py --small                  # CPU smoke run, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moe_jax import flops  # noqa: E402
+from moe_jax.models.transformer import Transformer, TransformerConfig  # noqa: E402
+from moe_jax.spec import MoESpec  # noqa: E402
+from moe_jax.train import TrainConfig, cross_entropy, make_optimizer  # noqa: E402
+
+PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (no sparsity)
+PEAK_NAME = 'H100 SXM dense bf16 989 TFLOP/s'
+_START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+  print(f'{time.perf_counter() - _START:7.1f}s {msg}', flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  d_model: int
+  num_layers: int
+  num_heads: int
+  d_ff: int  # each expert's hidden width
+  batch_size: int
+  seq_len: int
+  dispatch: str
+  num_experts: int = 8
+  k: int = 2
+  capacity_factor: float = 1.25
+
+  def model(self) -> Transformer:
+    cfg = TransformerConfig(d_model=self.d_model, num_layers=self.num_layers,
+                            num_heads=self.num_heads, d_ff=self.d_ff, moe_every=1,
+                            dtype='bfloat16')
+    return Transformer(cfg, self.spec())
+
+  def spec(self, **changes) -> MoESpec:
+    return MoESpec(router='token_choice', num_experts=self.num_experts, d_ff=self.d_ff, k=self.k,
+                   capacity_factor=self.capacity_factor, group_by='sequence',
+                   dispatch=self.dispatch).replace(**changes)
+
+  @property
+  def tokens(self) -> int:
+    return self.batch_size * self.seq_len
+
+  def _count(self, fn, spec):
+    return fn(spec, d_model=self.d_model, num_layers=self.num_layers, d_ff=self.d_ff, moe_every=1,
+              vocab_size=TransformerConfig.vocab_size,
+              shape=flops.Shape(self.batch_size, self.seq_len), activation='swiglu')
+
+  def forward_flops_per_token(self, useful: bool = False) -> float:
+    """As executed (capacity padding counted), or useful: exactly k expert slots per token."""
+    spec = self.spec(capacity_factor=None, dispatch='gather') if useful else self.spec()
+    return self._count(flops.transformer_flops, spec)
+
+  def params(self) -> tuple[int, float]:
+    """(total, active per token); active counts k experts (the routing's, not the padding)."""
+    total, _ = self._count(flops.transformer_params, self.spec())
+    _, active = self._count(flops.transformer_params, self.spec(capacity_factor=None,
+                                                                dispatch='gather'))
+    return total, active
+
+
+def make_step(model: Transformer, tx):
+  """The training step of `moe_jax.train.train_step` (one device), with the state donated."""
+
+  def loss_fn(params, batch):
+    logits, aux = model.apply({'params': params}, batch[:, :-1], train=True)
+    loss = cross_entropy(logits, batch)
+    return loss + aux['loss'], loss
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, batch):
+    grads, loss = jax.grad(loss_fn, has_aux=True)(state['params'], batch)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state["params"], updates)
+    return {'params': params, 'opt_state': opt_state}, loss
+
+  return step
+
+
+def run_case(case: Case, warmup: int, steps: int, peak: float | None) -> dict:
+  model = case.model()
+  tx, _ = make_optimizer(TrainConfig())
+
+  @jax.jit
+  def init(rng):
+    # Parameters do not depend on the batch shape or the dispatch implementation.
+    init_model = Transformer(model.config, case.spec(dispatch='gather'))
+    params = init_model.init(rng, jnp.zeros((1, min(case.seq_len, 128)), jnp.int32))['params']
+    return {'params': params, 'opt_state': tx.init(params)}
+
+  state = init(jax.random.key(0))
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['params']))
+  total, active = case.params()
+  assert n_params == total, (n_params, total)  # the analytic count matches the model
+  batch = jax.random.randint(jax.random.key(1), (case.batch_size, case.seq_len + 1), 0,
+                             TransformerConfig.vocab_size, jnp.int32)
+  step = make_step(model, tx)
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = {}
+  try:
+    analysis = compiled.memory_analysis()
+    mem = {'temp_gb': analysis.temp_size_in_bytes / 1e9,
+           'argument_gb': analysis.argument_size_in_bytes / 1e9}
+  except Exception:  # not every backend reports it
+    pass
+  log(f'{case.name}: compiled in {compile_s:.1f}s {mem}')
+
+  times, losses = [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, loss = compiled(state, batch)
+    loss = jax.block_until_ready(loss)
+    jax.block_until_ready(state)
+    dt = time.perf_counter() - t0
+    if i >= warmup:
+      times.append(dt)
+    losses.append(float(loss))
+  step_s = statistics.median(times)
+  executed = 3.0 * case.forward_flops_per_token() * case.tokens
+  useful = 3.0 * case.forward_flops_per_token(useful=True) * case.tokens
+  result = {
+      'name': case.name, 'config': dataclasses.asdict(case),
+      'params_total': total, 'params_active': active, 'tokens_per_step': case.tokens,
+      'step_ms': 1e3 * step_s, 'step_ms_all': [1e3 * t for t in times],
+      'tokens_per_s': case.tokens / step_s,
+      'step_flops_executed': executed, 'step_flops_useful': useful,
+      'tflops_executed': executed / step_s / 1e12, 'tflops_useful': useful / step_s / 1e12,
+      'mfu_executed': None if peak is None else executed / step_s / 1e12 / peak,
+      'mfu_useful': None if peak is None else useful / step_s / 1e12 / peak,
+      'compile_s': compile_s, 'losses': losses, **mem,
+  }
+  log(f'{case.name}: step {result["step_ms"]:.1f} ms (all {[round(t, 1) for t in result["step_ms_all"]]}), '
+      f'{result["tflops_executed"]:.0f} / {result["tflops_useful"]:.0f} TFLOP/s executed / useful, '
+      f'loss {losses[0]:.3f} -> {losses[-1]:.3f}')
+  del state, compiled
+  return result
+
+
+def _count(n: float) -> str:
+  return f'{n / 1e9:.3f}B' if n >= 1e8 else f'{n / 1e6:.3f}M'
+
+
+def table(results: list[dict], peak_name: str) -> str:
+  def pct(x):
+    return 'n/a' if x is None else f'{100 * x:.1f}%'
+
+  lines = [
+      f'MFU against {peak_name}; TFLOP/s and MFU as executed (capacity padding counted) / useful '
+      '(k·T expert slots only); fwd+bwd = 3 x forward FLOPs.', '',
+      '| config | params total / active | tokens/step | step ms | TFLOP/s exec / useful '
+      '| MFU exec / useful |',
+      '| --- | --- | --- | --- | --- | --- |']
+  for r in results:
+    c = r['config']
+    cfg = (f"{r['name']}: d={c['d_model']}, L={c['num_layers']}, H={c['num_heads']}, "
+           f"E={c['num_experts']}, k={c['k']}, f={c['d_ff']}, cf={c['capacity_factor']}, "
+           f"B={c['batch_size']}x{c['seq_len']}, {c['dispatch']}")
+    if 'error' in r:
+      lines.append(f'| {cfg} | | | failed: {r["error"][:80]} | | |')
+      continue
+    lines.append(
+        f"| {cfg} | {_count(r['params_total'])} / {_count(r['params_active'])} "
+        f"| {r['tokens_per_step']} | {r['step_ms']:.1f} "
+        f"| {r['tflops_executed']:.3g} / {r['tflops_useful']:.3g} "
+        f"| {pct(r['mfu_executed'])} / {pct(r['mfu_useful'])} |")
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--small', action='store_true', help='tiny model, CPU smoke run')
+  parser.add_argument('--out', default=None, help='JSON results path')
+  parser.add_argument('--dispatch', default='gather,blocked', help='comma-separated dispatches')
+  parser.add_argument('--batch', type=int, default=8, help='sequences per step (seq_len 2048)')
+  parser.add_argument('--big-batch', type=int, default=16,
+                      help='after the others, rerun the fastest dispatch at this batch (0: skip)')
+  parser.add_argument('--layers', type=int, default=8)
+  parser.add_argument('--d-ff', type=int, default=2304, help='expert hidden width')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--steps', type=int, default=6)
+  parser.add_argument('--budget-s', type=float, default=330.0,
+                      help='start no new case after this many seconds')
+  args = parser.parse_args()
+
+  device = jax.devices()[0]
+  on_gpu = device.platform == 'gpu'
+  peak = PEAK_TFLOPS if on_gpu else None
+  peak_name = PEAK_NAME if on_gpu else 'no peak (CPU run)'
+  log(f'jax {jax.__version__}, {device.platform}: {device.device_kind}')
+  dispatches = [d.strip() for d in args.dispatch.split(',') if d.strip()]
+  if args.small:
+    base = dict(d_model=64, num_layers=1, num_heads=4, d_ff=128, seq_len=64)
+    cases = [Case(f'small-{d}', batch_size=2, dispatch=d, **base) for d in dispatches]
+    big = None
+    args.warmup, args.steps = 1, 3
+  else:
+    base = dict(d_model=2048, num_layers=args.layers, num_heads=16, d_ff=args.d_ff, seq_len=2048)
+    cases = [Case(f'{d}-b{args.batch}', batch_size=args.batch, dispatch=d, **base)
+             for d in dispatches]
+    big = args.big_batch or None
+
+  results = []
+
+  def save():
+    out = {'jax': jax.__version__, 'device': device.device_kind, 'platform': device.platform,
+           'peak_tflops': peak, 'peak': peak_name, 'results': results}
+    if args.out:
+      with open(args.out, 'w') as f:
+        json.dump(out, f, indent=2)
+
+  def attempt(case):
+    if time.perf_counter() - _START > args.budget_s:
+      log(f'{case.name}: skipped, past --budget-s={args.budget_s}')
+      return
+    try:
+      results.append(run_case(case, args.warmup, args.steps, peak))
+    except Exception as e:  # e.g. out of memory: report it and go on
+      traceback.print_exc()
+      results.append({'name': case.name, 'config': dataclasses.asdict(case),
+                      'error': f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'})
+    save()
+
+  for case in cases:
+    attempt(case)
+  ok = [r for r in results if 'error' not in r]
+  if big and ok:
+    best = min(ok, key=lambda r: r['step_ms'])
+    attempt(dataclasses.replace(Case(**best['config']), name=f"{best['config']['dispatch']}-b{big}",
+                                batch_size=big))
+  save()
+  text = table(results, peak_name)
+  print()
+  print(text)
+  if args.out:
+    with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
+      f.write(f'jax {jax.__version__}, {device.device_kind}\n\n{text}\n')
+
+
+if __name__ == '__main__':
+  main()
