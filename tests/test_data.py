@@ -69,14 +69,14 @@ def test_second_load_reuses_prepared_files(prepared, monkeypatch, tmp_path):
 
 def test_find_manual_dir_resolution(monkeypatch, tmp_path):
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-  assert data.find_manual_dir('tiny_shakespeare') == INPUT_TXT.parent
+  assert data.find_manual_dir('tiny_shakespeare') == INPUT_TXT.parent.resolve()
   (tmp_path / 'tiny_shakespeare').mkdir()
   shutil.copy(INPUT_TXT, tmp_path / 'tiny_shakespeare')
   monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
   assert data.find_manual_dir('tiny_shakespeare') == tmp_path / 'tiny_shakespeare'
   # An explicit manual dir wins; it may hold the file or a <name>/ folder with it.
-  assert data.find_manual_dir('tiny_shakespeare', SHARED_DATA) == INPUT_TXT.parent
-  assert data.find_manual_dir('tiny_shakespeare', INPUT_TXT.parent) == INPUT_TXT.parent
+  assert data.find_manual_dir('tiny_shakespeare', SHARED_DATA) == INPUT_TXT.parent.resolve()
+  assert data.find_manual_dir('tiny_shakespeare', INPUT_TXT.parent) == INPUT_TXT.parent.resolve()
 
 
 @pytest.mark.parametrize('via', ['argument', 'env'])
