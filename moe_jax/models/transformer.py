@@ -88,14 +88,19 @@ def _fail(field: str, value, fix: str):
   raise ValueError(f'config.model.{field}={value!r} is invalid: {fix}.')
 
 
-def from_config(config) -> tuple[TransformerConfig, MoESpec | None]:
-  """(model config, MoE spec or None for a dense model) from a full experiment config."""
-  model = TransformerConfig.from_config(config.model)
+def model_and_spec(model_cls, config):
+  """(model_cls.from_config(config.model), MoESpec of config.moe, or None for a dense model)."""
+  model = model_cls.from_config(config.model)
   spec = MoESpec.from_config(config.moe) if 'moe' in config else None
   if model.moe_every and spec is None:
     raise ValueError(f'config.model.moe_every={model.moe_every} needs a config.moe section; add '
                      'one or set moe_every=0 for a dense model.')
   return model, spec if model.moe_every else None
+
+
+def from_config(config) -> tuple[TransformerConfig, MoESpec | None]:
+  """(model config, MoE spec or None for a dense model) from a full experiment config."""
+  return model_and_spec(TransformerConfig, config)
 
 
 def rope(x: jax.Array, base: float) -> jax.Array:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from moe_jax import flops
 from moe_jax.experts import ACTIVATIONS, FeedForward
 from moe_jax.layers import MoELayer
-from moe_jax.models.transformer import DTYPES, section_values
+from moe_jax.models.transformer import DTYPES, _fail, model_and_spec, section_values
 from moe_jax.spec import MoESpec
 
 POOLS = ('mean', 'cls')
@@ -75,18 +75,9 @@ class ViTConfig:
     return cls(**section_values(cls, 'model', config))
 
 
-def _fail(field: str, value, fix: str):
-  raise ValueError(f'config.model.{field}={value!r} is invalid: {fix}.')
-
-
 def from_config(config) -> tuple[ViTConfig, MoESpec | None]:
   """(model config, MoE spec or None for a dense ViT) from a full experiment config."""
-  model = ViTConfig.from_config(config.model)
-  spec = MoESpec.from_config(config.moe) if 'moe' in config else None
-  if model.moe_every and spec is None:
-    raise ValueError(f'config.model.moe_every={model.moe_every} needs a config.moe section; add '
-                     'one or set moe_every=0 for a dense model.')
-  return model, spec if model.moe_every else None
+  return model_and_spec(ViTConfig, config)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
