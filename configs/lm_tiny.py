@@ -11,6 +11,8 @@ command line as `--config.moe.capacity_factor=None`.
 import ml_collections
 from ml_collections import config_dict
 
+from moe_jax.spec import moe_config
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -32,31 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.activation = 'swiglu'
   config.model.dtype = 'float32'
 
-  # Every MoESpec field (moe_jax/spec.py documents them).
-  config.moe = ml_collections.ConfigDict()
-  config.moe.router = 'token_choice'
-  config.moe.num_experts = 8
-  config.moe.d_ff = 256
-  config.moe.k = 1
-  config.moe.capacity_factor = config_dict.FieldReference(1.25, field_type=float)
-  config.moe.slots_per_expert = 1
-  config.moe.num_shared_experts = 0
-  config.moe.score = 'softmax'
-  config.moe.renormalize = config_dict.placeholder(bool)
-  config.moe.priority = 'choice'
-  config.moe.bias_update_rate = 0.0
-  config.moe.jitter = 0.0
-  config.moe.noise_std = 0.0
-  config.moe.load_balancing_coef = 0.01
-  config.moe.z_loss_coef = 1e-3
-  config.moe.group_by = 'sequence'
-  config.moe.dispatch = 'gather'
-  config.moe.activation = 'swiglu'
-
-  # Device mesh (docs/parallelism.md): data * expert = the device count, or 1x1 = one device.
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = 1
-  config.mesh.expert = 1  # divides moe.num_experts; expert weights are sharded over it
+  # Every MoESpec field (moe_jax/spec.py documents them), defaults but for these.
+  config.moe = moe_config(d_ff=256)
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 300

@@ -110,6 +110,29 @@ class MoESpec:
     return dataclasses.replace(self, **changes)
 
 
+_OPTIONAL_TYPES = {'capacity_factor': float, 'renormalize': bool}  # fields that may be None
+
+
+def moe_config(**overrides):
+  """`config.moe` for an ml_collections experiment config: every MoESpec field at its default,
+  then `overrides`. Fields that may be None keep their type, so `--config.moe.capacity_factor=2`
+  and `--config.moe.renormalize=True` parse from the command line."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+
+  values = {f.name: f.default for f in dataclasses.fields(MoESpec)}
+  unknown = sorted(set(overrides) - set(values))
+  if unknown:
+    raise ValueError(f'moe_config got unknown MoESpec field(s) {unknown}.')
+  values.update(overrides)
+  config = ml_collections.ConfigDict()
+  for name, value in values.items():
+    field_type = _OPTIONAL_TYPES.get(name)
+    config[name] = value if field_type is None else config_dict.FieldReference(
+        value, field_type=field_type)
+  return config
+
+
 def _fail(field: str, value, fix: str):
   raise ValueError(f'config.moe.{field}={value!r} is invalid: {fix}.')
 
