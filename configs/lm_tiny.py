@@ -37,6 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Every MoESpec field (moe_jax/spec.py documents them), defaults but for these.
   config.moe = moe_config(d_ff=256)
 
+  # Device mesh (docs/parallelism.md): data * expert = the device count, or 1x1 = one device.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 1
+  config.mesh.expert = 1  # divides moe.num_experts; expert weights are sharded over it
+
   config.train = ml_collections.ConfigDict()
   config.train.steps = 300
   config.train.learning_rate = 3e-3
