@@ -9,7 +9,8 @@ MFU = model FLOPs per step / step time / peak. Model FLOPs per step = 3 x forwar
 x tokens, forward FLOPs per token from `flops.transformer_flops`:
   * 'executed': experts count as executed by capacity buffers (E * C slots per group, capacity
     padding included; attention scores over the full [L, L] matrix), the repo's convention;
-  * 'useful': only the k * T routed expert slots count (the same function with dropless routing).
+  * 'useful': only the k * T routed expert slots count (the same function with dropless routing),
+    and only the causal half of the attention scores (what a kernel that skips masked blocks runs).
 Peak: H100 SXM dense bf16, 989 TFLOP/s (the datasheet figure without sparsity).
 
   python benchmarks/train_step.py --out train_step.json    # GPU: ~1B model, gather and blocked
@@ -60,11 +61,12 @@ class Case:
   num_experts: int = 8
   k: int = 2
   capacity_factor: float = 1.25
+  attention: str = 'auto'  # TransformerConfig.attention: 'auto' is cuDNN's fused kernel on GPU
 
   def model(self) -> Transformer:
     cfg = TransformerConfig(d_model=self.d_model, num_layers=self.num_layers,
                             num_heads=self.num_heads, d_ff=self.d_ff, moe_every=1,
-                            dtype='bfloat16')
+                            dtype='bfloat16', attention=self.attention)
     return Transformer(cfg, self.spec())
 
   def spec(self, **changes) -> MoESpec:
@@ -82,9 +84,13 @@ class Case:
               shape=flops.Shape(self.batch_size, self.seq_len), activation='swiglu')
 
   def forward_flops_per_token(self, useful: bool = False) -> float:
-    """As executed (capacity padding counted), or useful: exactly k expert slots per token."""
-    spec = self.spec(capacity_factor=None, dispatch='gather') if useful else self.spec()
-    return self._count(flops.transformer_flops, spec)
+    """As executed (capacity padding and the full [L, L] score matrix counted), or useful: exactly
+    k expert slots per token and only the causal half of the scores (L(L+1)/2 of L^2 entries)."""
+    if not useful:
+      return self._count(flops.transformer_flops, self.spec())
+    full = self._count(flops.transformer_flops, self.spec(capacity_factor=None, dispatch='gather'))
+    masked = 4.0 * self.d_model * self.seq_len * (1 - (self.seq_len + 1) / (2 * self.seq_len))
+    return full - self.num_layers * masked
 
   def params(self) -> tuple[int, float]:
     """(total, active per token); active counts k experts (the routing's, not the padding)."""
@@ -183,8 +189,9 @@ def table(results: list[dict], peak_name: str) -> str:
     return 'n/a' if x is None else f'{100 * x:.1f}%'
 
   lines = [
-      f'MFU against {peak_name}; TFLOP/s and MFU as executed (capacity padding counted) / useful '
-      '(k·T expert slots only); fwd+bwd = 3 x forward FLOPs.', '',
+      f'MFU against {peak_name}; TFLOP/s and MFU as executed (capacity padding and full [L, L] '
+      'scores counted) / useful (k·T expert slots, causal half of the scores); fwd+bwd = 3 x '
+      'forward FLOPs.', '',
       '| config | params total / active | tokens/step | step ms | TFLOP/s exec / useful '
       '| MFU exec / useful |',
       '| --- | --- | --- | --- | --- | --- |']
@@ -192,7 +199,7 @@ def table(results: list[dict], peak_name: str) -> str:
     c = r['config']
     cfg = (f"{r['name']}: d={c['d_model']}, L={c['num_layers']}, H={c['num_heads']}, "
            f"E={c['num_experts']}, k={c['k']}, f={c['d_ff']}, cf={c['capacity_factor']}, "
-           f"B={c['batch_size']}x{c['seq_len']}, {c['dispatch']}")
+           f"B={c['batch_size']}x{c['seq_len']}, {c['dispatch']}, attention {c['attention']}")
     if 'error' in r:
       lines.append(f'| {cfg} | | | failed: {r["error"][:80]} | | |')
       continue
@@ -210,6 +217,9 @@ def main() -> None:
   parser.add_argument('--small', action='store_true', help='tiny model, CPU smoke run')
   parser.add_argument('--out', default=None, help='JSON results path')
   parser.add_argument('--dispatch', default='gather,blocked', help='comma-separated dispatches')
+  parser.add_argument('--attention', default='auto',
+                      help="comma-separated attention implementations: auto (cuDNN's fused kernel "
+                           "on GPU), xla (materialized float32 scores), cudnn")
   parser.add_argument('--batch', type=int, default=8, help='sequences per step (seq_len 2048)')
   parser.add_argument('--big-batch', type=int, default=16,
                       help='after the others, rerun the fastest dispatch at this batch (0: skip)')
@@ -227,6 +237,7 @@ def main() -> None:
   peak_name = PEAK_NAME if on_gpu else 'no peak (CPU run)'
   log(f'jax {jax.__version__}, {device.platform}: {device.device_kind}')
   dispatches = [d.strip() for d in args.dispatch.split(',') if d.strip()]
+  attentions = [a.strip() for a in args.attention.split(',') if a.strip()]
   if args.small:
     base = dict(d_model=64, num_layers=1, num_heads=4, d_ff=128, seq_len=64)
     cases = [Case(f'small-{d}', batch_size=2, dispatch=d, **base) for d in dispatches]
@@ -234,8 +245,8 @@ def main() -> None:
     args.warmup, args.steps = 1, 3
   else:
     base = dict(d_model=2048, num_layers=args.layers, num_heads=16, d_ff=args.d_ff, seq_len=2048)
-    cases = [Case(f'{d}-b{args.batch}', batch_size=args.batch, dispatch=d, **base)
-             for d in dispatches]
+    cases = [Case(f'{d}-{a}-b{args.batch}', batch_size=args.batch, dispatch=d, attention=a, **base)
+             for a in attentions for d in dispatches]
     big = args.big_batch or None
 
   results = []
@@ -264,8 +275,9 @@ def main() -> None:
   ok = [r for r in results if 'error' not in r]
   if big and ok:
     best = min(ok, key=lambda r: r['step_ms'])
-    attempt(dataclasses.replace(Case(**best['config']), name=f"{best['config']['dispatch']}-b{big}",
-                                batch_size=big))
+    config = best['config']
+    attempt(dataclasses.replace(Case(**config), batch_size=big,
+                                name=f"{config['dispatch']}-{config['attention']}-b{big}"))
   save()
   text = table(results, peak_name)
   print()

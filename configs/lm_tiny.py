@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.moe_every = 2  # blocks 1 and 3 are MoE; 0 = dense
   config.model.activation = 'swiglu'
   config.model.dtype = 'float32'
+  config.model.attention = 'auto'  # 'auto': cuDNN fused attention on GPU in bf16, else 'xla'
 
   # Every MoESpec field (moe_jax/spec.py documents them), defaults but for these.
   config.moe = moe_config(d_ff=256)

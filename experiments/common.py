@@ -152,7 +152,8 @@ def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: int | None = 
         log(f'  {name} seed {seed}: trained in {time.perf_counter() - start:.0f} s')
       results[name].append(run_numbers(run_dir))
     results[name] = {'description': describe(config), 'runs': results[name]}
-  return module.verdict(results)
+  train_s = sum(run.get('wall_s') or 0.0 for result in results.values() for run in result['runs'])
+  return dataclasses.replace(module.verdict(results), train_s=train_s)
 
 
 def spike_count(losses: Sequence[float], window: int = 10, threshold: float = 0.1) -> int:
@@ -224,6 +225,7 @@ class Verdict:
   summary: str
   rows: dict
   notes: tuple[str, ...] = ()
+  train_s: float = 0.0  # the runs' summed wall time (set by `run_claim`)
 
   @property
   def label(self) -> str:

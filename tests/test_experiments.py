@@ -64,23 +64,33 @@ def test_verdict_needs_the_whole_interval_on_the_claimed_side():
   assert not common.lower_is_reproduced(clear, 'dense', 'moe', 'eval_loss')[0]
 
 
-def test_claim_a_end_to_end_at_cpu_scale(tmp_path, capsys):
-  argv = ['run', '--scale', 'cpu', '--claims', 'a', '--seeds', '2', '--workdir',
-          str(tmp_path / 'claims'), '--data_dir', str(tmp_path / 'tfds')]
+def test_claims_end_to_end_at_cpu_scale_in_parallel(tmp_path, capsys):
+  workdir = tmp_path / 'claims'
+  argv = ['run', '--scale', 'cpu', '--claims', 'a,b', '--seeds', '2', '--jobs', '2', '--workdir',
+          str(workdir), '--data_dir', str(tmp_path / 'tfds')]
   main(argv)
-  text = (tmp_path / 'claims' / 'claims.md').read_text()
-  assert '| (a) moe_vs_dense |' in text
-  assert ('**reproduced**' in text) != ('**not reproduced**' in text)
+  out = capsys.readouterr().out
+  for key, claim in (('a', 'moe_vs_dense'), ('b', 'expert_choice_vs_top2')):
+    assert f'({key}) {claim}: finished' in out  # each claim trained in its own process...
+    assert 'trained in' in (workdir / f'{key}_{claim}.log').read_text()
+  assert 'trained in' not in out  # ...and the table pass only read the finished runs
+  text = (workdir / 'claims.md').read_text()
+  assert '| (a) moe_vs_dense |' in text and '| (b) expert_choice_vs_top2 |' in text
+  assert text.count('**reproduced**') + text.count('**not reproduced**') == 4  # row + section
   assert '| dense | dense f=256 |' in text and '| switch_top1 | token_choice k=1' in text
-  runs = sorted(p.parent.relative_to(tmp_path / 'claims' / 'a_moe_vs_dense').as_posix()
-                for p in (tmp_path / 'claims').glob('*/*/*/summary.json'))
+  assert '--jobs 2' in text
+  runs = sorted(p.parent.relative_to(workdir / 'a_moe_vs_dense').as_posix()
+                for p in (workdir / 'a_moe_vs_dense').glob('*/*/summary.json'))
   assert runs == ['dense/seed_0', 'dense/seed_1', 'switch_top1/seed_0', 'switch_top1/seed_1']
-  seeds = [json.loads((tmp_path / 'claims' / 'a_moe_vs_dense' / r / 'config.json').read_text())
-           ['seed'] for r in runs]
+  seeds = [json.loads((workdir / 'a_moe_vs_dense' / r / 'config.json').read_text())['seed']
+           for r in runs]
   assert seeds == [0, 1, 0, 1]
+  train_minutes = [float(line.rsplit('|', 2)[1].split()[0]) for line in text.splitlines()
+                   if line.startswith('| (')]
+  assert len(train_minutes) == 2 and all(m > 0 for m in train_minutes)
 
-  capsys.readouterr()
-  main(argv)  # every run is finished: nothing is trained again
+  jobs = argv.index('--jobs')
+  main(argv[:jobs] + argv[jobs + 2:])  # in this process: every run is finished, none trains again
   assert 'trained in' not in capsys.readouterr().out
-  rerun = (tmp_path / 'claims' / 'claims.md').read_text()
+  rerun = (workdir / 'claims.md').read_text()
   assert rerun.split('\n', 4)[4] == text.split('\n', 4)[4]  # the same table (wall time aside)

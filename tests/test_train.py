@@ -199,6 +199,23 @@ def test_model_config_errors_name_the_field():
   config.model.moe_every = 5
   with pytest.raises(ValueError, match=r'config\.model\.moe_every=5'):
     transformer.build(config)
+  config = lm_tiny.get_config()
+  config.model.attention = 'flash'
+  with pytest.raises(ValueError, match=r"config\.model\.attention='flash' .*'auto', 'xla', 'cudnn'"):
+    transformer.build(config)
+
+
+def test_attention_matches_jax_reference_and_auto_picks_xla_off_gpu():
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 12, 4, 8), jnp.float32)
+  ours = transformer.causal_attention(q, k, v, 'xla')
+  reference = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+  # Row i of the output is a convex combination of v[:i + 1]: the first row is v[0] itself.
+  np.testing.assert_allclose(ours[:, 0], v[:, 0], rtol=1e-6)
+  assert jax.default_backend() == 'cpu'
+  for dtype in (jnp.float32, jnp.bfloat16):
+    assert transformer.attention_implementation('auto', dtype, 64) == 'xla'
+  assert transformer.attention_implementation('cudnn', jnp.float32, 64) == 'cudnn'
 
 
 def test_cli_parses_overrides(monkeypatch, tmp_path):

@@ -23,6 +23,7 @@ from moe_jax.layers import MoELayer
 from moe_jax.spec import MoESpec
 
 DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class TransformerConfig:
   activation: str = 'swiglu'
   dtype: str = 'float32'
   rope_base: float = 10_000.0
+  attention: str = 'auto'  # 'auto': cuDNN's fused kernel on GPU in bf16/fp16, else 'xla'
   vocab_size: ClassVar[int] = VOCAB_SIZE  # bytes
 
   def __post_init__(self):
@@ -59,6 +61,8 @@ class TransformerConfig:
       _fail('dtype', self.dtype, f'choose one of {DTYPES}')
     if self.rope_base <= 0:
       _fail('rope_base', self.rope_base, 'use a positive base (10000 is standard)')
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      _fail('attention', self.attention, f'choose one of {ATTENTION_IMPLEMENTATIONS}')
 
   @property
   def head_dim(self) -> int:
@@ -113,8 +117,26 @@ def rope(x: jax.Array, base: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Softmax attention in float32 with a causal mask. q, k, v: [B, L, H, D] -> [B, L, H, D]."""
+def attention_implementation(requested: str, dtype, head_dim: int) -> str:
+  """'xla' or 'cudnn' for `requested` ('auto' | 'xla' | 'cudnn'). 'auto' picks cuDNN's fused
+  flash kernel where it applies (GPU, bf16/fp16, head size a multiple of 8 up to 128): it never
+  materializes the [L, L] scores and skips the masked half. Elsewhere XLA's softmax attention."""
+  if requested != 'auto':
+    return requested
+  fused_ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+              and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if fused_ok else 'xla'
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     implementation: str = 'xla') -> jax.Array:
+  """Causal softmax attention, scale 1/sqrt(D). q, k, v: [B, L, H, D] -> [B, L, H, D].
+
+  implementation: 'xla' (softmax in float32 over the masked [B, H, L, L] scores) or 'cudnn'
+  (fused flash attention; GPU, bf16/fp16 only).
+  """
+  if implementation == 'cudnn':
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
   length = q.shape[1]
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
@@ -129,6 +151,7 @@ class Attention(nn.Module):
   num_heads: int
   rope_base: float = 10_000.0
   dtype: Any = jnp.float32
+  implementation: str = 'auto'  # see `attention_implementation`
 
   @nn.compact
   def __call__(self, x):
@@ -136,7 +159,8 @@ class Attention(nn.Module):
     heads = (self.num_heads, d // self.num_heads)
     project = lambda name: nn.DenseGeneral(heads, use_bias=False, dtype=self.dtype, name=name)(x)
     q, k, v = project('query'), project('key'), project('value')  # [B, L, H, D]
-    out = causal_attention(rope(q, self.rope_base), rope(k, self.rope_base), v)
+    implementation = attention_implementation(self.implementation, self.dtype, heads[1])
+    out = causal_attention(rope(q, self.rope_base), rope(k, self.rope_base), v, implementation)
     return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, name='out')(out)
 
 
@@ -153,7 +177,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-    x = x + Attention(cfg.num_heads, cfg.rope_base, dtype, name='attention')(
+    x = x + Attention(cfg.num_heads, cfg.rope_base, dtype, cfg.attention, name='attention')(
         nn.RMSNorm(dtype=dtype, name='attention_norm')(x))
     h = nn.RMSNorm(dtype=dtype, name='ffn_norm')(x)
     if self.spec is None:
