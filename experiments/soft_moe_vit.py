@@ -26,7 +26,7 @@ MEMBERS = {
 def get_config(scale: str = 'cpu'):
   # The data set is small, so the gpu variant spends its time on seeds rather than steps.
   return common.sweep_config('vit', scale, MEMBERS,
-                             seeds=range(3) if scale == 'cpu' else range(8))
+                             seeds=range(3) if scale == 'cpu' else range(12))
 
 
 def verdict(results) -> common.Verdict:

@@ -94,3 +94,25 @@ def test_claims_end_to_end_at_cpu_scale_in_parallel(tmp_path, capsys):
   assert 'trained in' not in capsys.readouterr().out
   rerun = (workdir / 'claims.md').read_text()
   assert rerun.split('\n', 4)[4] == text.split('\n', 4)[4]  # the same table (wall time aside)
+
+
+def test_overfit_runs_invalidate_a_verdict():
+  runs = lambda rises: {'description': '', 'runs': [{'overfit': r} for r in rises]}
+  verdict = common.Verdict(True, 'moe beats dense', {})
+  fine = common.check_not_overfit(verdict, {'moe': runs([0.0, 0.004]), 'dense': runs([0.0, 0.0])})
+  assert fine.reproduced and fine.summary == 'moe beats dense'
+  assert 'moe +0.4%' in fine.notes[-1]
+  bad = common.check_not_overfit(verdict, {'moe': runs([0.0, 0.002]), 'dense': runs([0.05, 0.0])})
+  assert not bad.reproduced and 'INVALID' in bad.summary and 'dense' in bad.summary
+  assert 'moe' not in bad.summary.split('INVALID')[1]
+
+
+def test_run_numbers_measures_the_rise_of_the_held_out_loss(tmp_path):
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.json').write_text('{}')
+  (run / 'summary.json').write_text(json.dumps({'steps': 3, 'eval_loss': 1.1}))
+  records = [{'step': 1, 'train_loss': 2.0, 'eval_loss': 1.2}, {'step': 2, 'train_loss': 1.5,
+             'eval_loss': 1.0}, {'step': 3, 'train_loss': 1.0, 'eval_loss': 1.1}]
+  (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  assert common.run_numbers(run)['overfit'] == pytest.approx(0.1)
