@@ -275,6 +275,8 @@ def _record(step: int, metrics: dict, lr: float, tokens_per_s: float) -> dict:
   record = {'step': step, 'train_loss': float(metrics['train_loss']),
             'aux_loss': float(metrics['aux_loss']), 'grad_norm': float(metrics['grad_norm']),
             'lr': lr, 'tokens_per_s': tokens_per_s}
+  record.update({name: float(value) for name, value in metrics.items()
+                 if name.startswith('train_') and name not in record})  # e.g. train_accuracy
   for block, values in metrics['layers'].items():
     for name, value in values.items():
       value = np.asarray(value)
@@ -301,6 +303,93 @@ def check_config(config) -> tuple[TrainConfig, transformer.Transformer, Mesh]:
   mesh = parallel.mesh_from_config(config)
   parallel.check_mesh(model.spec, mesh, config.data.batch_size, config.data.seq_len)
   return cfg, model, mesh
+
+
+@dataclasses.dataclass
+class StepsDone:
+  """What `run_steps` leaves: the final state, the metrics.jsonl records it wrote, the seconds of
+  the first (compiling) step, and the seconds of the other steps, evaluations left out."""
+  state: Any
+  records: list[dict]
+  first_step_s: float | None
+  train_s: float
+
+
+def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager,
+              metrics_path: pathlib.Path, schedule, tokens_per_step: int,
+              name: str = 'train') -> StepsDone:
+  """The training loop of every task: steps `state` from `start` to cfg.steps.
+
+  step_fn(state, i) -> (state, metrics) runs optimizer step i (its metrics as `train_step`'s, plus
+  any scalar 'train_*' extras, e.g. train_accuracy); evaluate(state) -> {'eval_...': float}.
+  Every log_every steps a `_record` line goes to metrics.jsonl; evaluation runs every eval_every
+  steps and at the end; the state is checkpointed through `manager` every checkpoint_every steps
+  and at the end. A tqdm bar shows progress when cfg.progress and stderr is a terminal.
+  """
+  records = []
+  first_step_s, train_s, last_step, last_time = None, 0.0, start, time.perf_counter()
+  bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=f'train {name}', unit='step',
+                  disable=not cfg.progress or not sys.stderr.isatty(), dynamic_ncols=True)
+  try:
+    with metrics_path.open('a') as metrics_file:
+      for i in range(start, cfg.steps):
+        state, metrics = step_fn(state, i)
+        step = i + 1
+        bar.update()
+        if first_step_s is None:  # compiles (unless this process already did); not timed
+          jax.block_until_ready(metrics)
+          first_step_s = time.perf_counter() - last_time
+          last_step, last_time = step, time.perf_counter()
+        final = step == cfg.steps
+        evaluating = final or (cfg.eval_every and step % cfg.eval_every == 0)
+        if evaluating or step % cfg.log_every == 0:
+          metrics = jax.device_get(metrics)  # waits for the step
+          elapsed = time.perf_counter() - last_time
+          train_s += elapsed
+          tokens_per_s = ((step - last_step) * tokens_per_step / elapsed
+                          if step > last_step else None)
+          record = _record(step, metrics, float(schedule(i)), tokens_per_s)
+          if evaluating:
+            record.update(evaluate(state))
+            log.info('step %d: train_loss %.4f, eval_loss %.4f', step, record['train_loss'],
+                     record['eval_loss'])
+          metrics_file.write(json.dumps(record) + '\n')
+          metrics_file.flush()
+          records.append(record)
+          bar.set_postfix(loss=f'{record["train_loss"]:.3f}')
+          last_step, last_time = step, time.perf_counter()
+        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+          manager.save(step, args=ocp.args.StandardSave(state))
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+  return StepsDone(state, records, first_step_s, train_s)
+
+
+def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *, cfg: TrainConfig,
+                  start: int, start_time: float, tokens_per_step: int, flops_per_token: float,
+                  params: tuple[int, float], router: str, extra: tuple[str, ...] = ()) -> dict:
+  """Writes and returns summary.json (see `train`): the last record's losses (and its `extra`
+  fields, e.g. accuracies), the model's counts, and this call's throughput and times."""
+  last = records[-1]
+  timed = (cfg.steps - start - 1) * tokens_per_step  # all steps of this call but the first
+  summary = {
+      'steps': cfg.steps,
+      'train_loss': last['train_loss'],
+      'eval_loss': last.get('eval_loss'),
+      **{name: last.get(name) for name in extra},
+      'flops_per_token': flops_per_token,
+      'params_total': params[0],
+      'params_active': params[1],
+      'tokens_per_s': timed / loop.train_s if timed > 0 and loop.train_s > 0 else None,
+      'wall_s': time.perf_counter() - start_time,
+      'first_step_s': loop.first_step_s,
+      'resumed_from_step': start,
+      'router': router,
+  }
+  _write_atomic(workdir / 'summary.json', json.dumps(summary, indent=2) + '\n')
+  return summary
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
@@ -347,67 +436,23 @@ def train(config, workdir: str | os.PathLike) -> dict:
   metrics_path = workdir / 'metrics.jsonl'
   records = _resume_metrics(metrics_path, start)
 
-  def evaluate(state) -> float:
+  def step_fn(state, i):
+    batch = place(data.train_batch(tokens, i, batch_size, seq_len, config.seed))
+    return train_step(state, batch, jax.random.fold_in(train_key, i), model=model, cfg=cfg,
+                      mesh=mesh)
+
+  def evaluate(state) -> dict:
     losses = [eval_step(state['params'], state['model_state'], batch, model=model, mesh=mesh)
               for batch in eval_set]
-    return float(np.mean(jax.device_get(losses)))
+    return {'eval_loss': float(np.mean(jax.device_get(losses)))}
 
   tokens_per_step = batch_size * seq_len
-  first_step_s, train_s, last_step, last_time = None, 0.0, start, time.perf_counter()
-  bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=f'train {workdir.name}', unit='step',
-                  disable=not cfg.progress or not sys.stderr.isatty(), dynamic_ncols=True)
-  try:
-    with metrics_path.open('a') as metrics_file:
-      for i in range(start, cfg.steps):
-        batch = place(data.train_batch(tokens, i, batch_size, seq_len, config.seed))
-        state, metrics = train_step(state, batch, jax.random.fold_in(train_key, i), model=model,
-                                    cfg=cfg, mesh=mesh)
-        step = i + 1
-        bar.update()
-        if first_step_s is None:  # compiles (unless this process already did); not timed
-          jax.block_until_ready(metrics)
-          first_step_s = time.perf_counter() - last_time
-          last_step, last_time = step, time.perf_counter()
-        final = step == cfg.steps
-        evaluating = final or (cfg.eval_every and step % cfg.eval_every == 0)
-        if evaluating or step % cfg.log_every == 0:
-          metrics = jax.device_get(metrics)  # waits for the step
-          elapsed = time.perf_counter() - last_time
-          train_s += elapsed
-          tokens_per_s = ((step - last_step) * tokens_per_step / elapsed
-                          if step > last_step else None)
-          record = _record(step, metrics, float(schedule(i)), tokens_per_s)
-          if evaluating:
-            record['eval_loss'] = evaluate(state)
-            log.info('step %d: train_loss %.4f, eval_loss %.4f', step, record['train_loss'],
-                     record['eval_loss'])
-          metrics_file.write(json.dumps(record) + '\n')
-          metrics_file.flush()
-          records.append(record)
-          bar.set_postfix(loss=f'{record["train_loss"]:.3f}')
-          last_step, last_time = step, time.perf_counter()
-        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-          manager.save(step, args=ocp.args.StandardSave(state))
-  finally:
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
+  loop = run_steps(state, step_fn, evaluate, cfg=cfg, start=start, manager=manager,
+                   metrics_path=metrics_path, schedule=schedule, tokens_per_step=tokens_per_step,
+                   name=workdir.name)
+  records += loop.records
 
-  total, active = transformer.param_counts(config)
-  timed = (cfg.steps - start - 1) * tokens_per_step  # all steps of this call but the first
-  last = records[-1]
-  summary = {
-      'steps': cfg.steps,
-      'train_loss': last['train_loss'],
-      'eval_loss': last.get('eval_loss'),
-      'flops_per_token': transformer.model_flops_per_token(config),
-      'params_total': total,
-      'params_active': active,
-      'tokens_per_s': timed / train_s if timed > 0 else None,
-      'wall_s': time.perf_counter() - start_time,
-      'first_step_s': first_step_s,
-      'resumed_from_step': start,
-      'router': describe_router(config),
-  }
-  _write_atomic(workdir / 'summary.json', json.dumps(summary, indent=2) + '\n')
-  return summary
+  return write_summary(workdir, records, loop, cfg=cfg, start=start, start_time=start_time,
+                       tokens_per_step=tokens_per_step,
+                       flops_per_token=transformer.model_flops_per_token(config),
+                       params=transformer.param_counts(config), router=describe_router(config))

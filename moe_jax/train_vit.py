@@ -174,62 +174,25 @@ def train(config, workdir: str | os.PathLike) -> dict:
   metrics_path = workdir / 'metrics.jsonl'
   records = lm_train._resume_metrics(metrics_path, start)  # pylint: disable=protected-access
 
-  tokens_per_step = batch_size * model.config.num_tokens(image_shape)
-  first_step_s, train_s, last_step, last_time = None, 0.0, start, time.perf_counter()
-  try:
-    with metrics_path.open('a') as metrics_file:
-      for i in range(start, cfg.steps):
-        x, y = image_datasets.train_batch(images, labels, i, batch_size, config.seed)
-        state, metrics = train_step(state, x, y, jax.random.fold_in(train_key, i), model=model,
-                                    cfg=cfg)
-        step = i + 1
-        if first_step_s is None:  # compiles (unless this process already did); not timed
-          jax.block_until_ready(metrics)
-          first_step_s = time.perf_counter() - last_time
-          last_step, last_time = step, time.perf_counter()
-        final = step == cfg.steps
-        evaluating = final or (cfg.eval_every and step % cfg.eval_every == 0)
-        if evaluating or step % cfg.log_every == 0:
-          metrics = jax.device_get(metrics)
-          elapsed = time.perf_counter() - last_time
-          train_s += elapsed
-          tokens_per_s = ((step - last_step) * tokens_per_step / elapsed
-                          if step > last_step else None)
-          record = lm_train._record(step, metrics, float(schedule(i)), tokens_per_s)  # pylint: disable=protected-access
-          record['train_accuracy'] = float(metrics['train_accuracy'])
-          if evaluating:
-            record['eval_loss'], record['eval_accuracy'] = evaluate(
-                state, model, *splits['test'], cfg.eval_batches)
-          metrics_file.write(json.dumps(record) + '\n')
-          metrics_file.flush()
-          records.append(record)
-          last_step, last_time = step, time.perf_counter()
-        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-          manager.save(step, args=ocp.args.StandardSave(state))
-  finally:
-    manager.wait_until_finished()
-    manager.close()
+  def step_fn(state, i):
+    x, y = image_datasets.train_batch(images, labels, i, batch_size, config.seed)
+    return train_step(state, x, y, jax.random.fold_in(train_key, i), model=model, cfg=cfg)
 
-  total, active = param_counts(config)
-  timed = (cfg.steps - start - 1) * tokens_per_step
-  last = records[-1]
-  summary = {
-      'steps': cfg.steps,
-      'train_loss': last['train_loss'],
-      'train_accuracy': last['train_accuracy'],
-      'eval_loss': last.get('eval_loss'),
-      'eval_accuracy': last.get('eval_accuracy'),
-      'flops_per_token': model_flops_per_token(config),
-      'params_total': total,
-      'params_active': active,
-      'tokens_per_s': timed / train_s if timed > 0 and train_s > 0 else None,
-      'wall_s': time.perf_counter() - start_time,
-      'first_step_s': first_step_s,
-      'resumed_from_step': start,
-      'router': describe_router(config),
-  }
-  lm_train._write_atomic(workdir / 'summary.json', json.dumps(summary, indent=2) + '\n')  # pylint: disable=protected-access
-  return summary
+  def evaluate_test(state) -> dict:
+    loss, accuracy = evaluate(state, model, *splits['test'], cfg.eval_batches)
+    return {'eval_loss': loss, 'eval_accuracy': accuracy}
+
+  tokens_per_step = batch_size * model.config.num_tokens(image_shape)
+  loop = lm_train.run_steps(state, step_fn, evaluate_test, cfg=cfg, start=start, manager=manager,
+                            metrics_path=metrics_path, schedule=schedule,
+                            tokens_per_step=tokens_per_step, name=workdir.name)
+  records += loop.records
+
+  return lm_train.write_summary(
+      workdir, records, loop, cfg=cfg, start=start, start_time=start_time,
+      tokens_per_step=tokens_per_step, flops_per_token=model_flops_per_token(config),
+      params=param_counts(config), router=describe_router(config),
+      extra=('train_accuracy', 'eval_accuracy'))
 
 
 def main(argv=None) -> None:
