@@ -180,6 +180,30 @@ def run_case(case: Case, warmup: int, steps: int, peak: float | None) -> dict:
   return result
 
 
+def check_attention(batch: int = 2, length: int = 2048, heads: int = 16, head_dim: int = 128,
+                    tolerance: float = 2e-2) -> dict:
+  """cuDNN's fused causal attention against the XLA reference (`causal_attention`), bf16, output
+  and the gradients of q, k, v (of a random cotangent): the worst relative error (max |diff| /
+  max |reference|). Raises AssertionError above `tolerance`."""
+  from moe_jax.models.transformer import causal_attention
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, g = (jax.random.normal(key, (batch, length, heads, head_dim), jnp.bfloat16)
+                for key in keys)
+  errors = {}
+  outputs = {}
+  for impl in ('xla', 'cudnn'):
+    fn = functools.partial(causal_attention, implementation=impl)
+    out, vjp = jax.vjp(fn, q, k, v)
+    outputs[impl] = (out, *vjp(g))
+  for name, ref, got in zip(('out', 'dq', 'dk', 'dv'), outputs['xla'], outputs['cudnn']):
+    ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
+    errors[name] = float(np.abs(ref - got).max() / np.abs(ref).max())
+  log(f'attention check, cudnn vs xla (bf16, [{batch}, {length}, {heads}, {head_dim}]): '
+      + ', '.join(f'{k} {v:.1e}' for k, v in errors.items()))
+  assert max(errors.values()) < tolerance, errors
+  return errors
+
+
 def _count(n: float) -> str:
   return f'{n / 1e9:.3f}B' if n >= 1e8 else f'{n / 1e6:.3f}M'
 
@@ -227,6 +251,8 @@ def main() -> None:
   parser.add_argument('--d-ff', type=int, default=2304, help='expert hidden width')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--steps', type=int, default=6)
+  parser.add_argument('--check-only', action='store_true',
+                      help='on GPU: only check cuDNN attention against the XLA reference')
   parser.add_argument('--budget-s', type=float, default=330.0,
                       help='start no new case after this many seconds')
   args = parser.parse_args()
@@ -236,6 +262,9 @@ def main() -> None:
   peak = PEAK_TFLOPS if on_gpu else None
   peak_name = PEAK_NAME if on_gpu else 'no peak (CPU run)'
   log(f'jax {jax.__version__}, {device.platform}: {device.device_kind}')
+  attention_check = check_attention() if on_gpu else None  # before any timing
+  if args.check_only:
+    return
   dispatches = [d.strip() for d in args.dispatch.split(',') if d.strip()]
   attentions = [a.strip() for a in args.attention.split(',') if a.strip()]
   if args.small:
@@ -253,6 +282,7 @@ def main() -> None:
 
   def save():
     out = {'jax': jax.__version__, 'device': device.device_kind, 'platform': device.platform,
+           'attention_check': attention_check,
            'peak_tflops': peak, 'peak': peak_name, 'results': results}
     if args.out:
       with open(args.out, 'w') as f:
