@@ -1,0 +1,25 @@
+"""benchmarks/profile_layer.py --small: the kernel-time breakdown runs on CPU and adds up."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_profile_layer_small(tmp_path):
+  out = tmp_path / 'profile.json'
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'profile_layer.py'), '--small', '--impl', 'gather',
+       '--iters', '2', '--out', str(out)],
+      capture_output=True, text=True, timeout=300, cwd=ROOT,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  for part in ('moe', 'dense'):
+    kinds, kernels = report[part]['kinds'], report[part]['kernels']
+    assert report[part]['total_ms'] > 0 and kernels
+    assert abs(sum(kinds.values()) - sum(kernels.values())) < 1e-6  # every kernel has one kind
+    assert kinds.get('GEMM (cuBLAS/XLA)', 0) > 0  # the matmuls are found
+  assert '| kind | ms | share |' in result.stdout
