@@ -164,6 +164,17 @@ def inputs(case: Case, dtype, seed=0):
   return jax.random.normal(kx, shape, dtype), jax.random.normal(kc, shape, jnp.float32)
 
 
+@jax.jit
+def _device_rel_err(a, b):
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30)
+
+
+def device_rel_err(a, b) -> float:
+  """rel_err computed on the device (for arrays too large to copy to the host)."""
+  return float(_device_rel_err(a, b))
+
+
 def rel_err(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -282,11 +293,12 @@ def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_f
               rows=rows, overheads=over)
 
 
-def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 2) -> list[dict]:
+def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 4) -> list[dict]:
   """Times the grouped matmul kernels of the case's six shapes (forward d->f and f->d, their
   transposed-weight backward, and the weight gradients) on T * k rows split evenly over the experts,
-  for the first fitting tilings; stores each winner in `grouped_matmul.TUNED` and reports TFLOP/s
-  next to the dense matmul of equal FLOPs (XLA / cuBLAS)."""
+  for the first `max_candidates` fitting tilings; stores each winner in `grouped_matmul.TUNED` and
+  reports TFLOP/s next to the dense matmul of equal FLOPs (XLA / cuBLAS). A tiling whose result
+  differs from the first (default) tiling's by more than 1e-2 relative is rejected as wrong."""
   rows = case.tokens * case.k
   block_rows = fast_dispatch.default_block_rows(rows, case.experts)
   per = -(-rows // case.experts // block_rows)  # blocks per expert
@@ -319,12 +331,22 @@ def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 2) -> list
                  dense_tflops=flops / time_ms(jax.jit(dense), lhs, g, w, iters=iters) / 1e9,
                  tilings={})
       candidates = candidates[:max_candidates] if be != 'xla' else [None]
+      reference = None
       for t in candidates:
         try:
           run = jax.jit(functools.partial(kernel, t))
+          result = run(lhs, g, w)
+          if kind != 'tgmm':  # rows of idle blocks are never written: compare the used rows
+            result = result[:used]
+          if reference is None:
+            reference = result
+          elif (err := device_rel_err(result, reference)) > 1e-2:
+            raise AssertionError(f'relative error {err:.1e} against {candidates[0]}')
+          del result
           rec['tilings'][str(t)] = flops / time_ms(run, lhs, g, w, iters=iters) / 1e9
         except Exception as e:  # pylint: disable=broad-except
           rec['tilings'][str(t)] = _short(e)
+      del reference
       timed = {t: rec['tilings'][str(t)] for t in candidates
                if isinstance(rec['tilings'][str(t)], float)}
       if timed:
