@@ -125,11 +125,10 @@ def _close(got, want, rows=None):
   assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
 
 
-@pytest.mark.parametrize('epi', [64, 32])
-def test_gmm_kernel_interpret(epi):
+def test_gmm_kernel_interpret():
   """The Mosaic GPU forward kernel, run by Pallas' GPU interpreter on CPU."""
   layout, lhs, rhs, _, rows = _interpret_problem()
-  tiling = gm.Tiling(64, 128, stages=2, split='m', epi=epi)
+  tiling = gm.Tiling(64, 128, stages=2, split='m')
   _close(gm.gmm(lhs, rhs, layout, backend='interpret', tiling=tiling), gm.gmm(lhs, rhs, layout),
          rows)
 
