@@ -72,10 +72,6 @@ class Tiling:
   split: str = 'n'
   band: int = 8  # row tiles visited together (L2 reuse of the weights)
   epi: int = 64  # epilogue tile edge
-  # Keep one wgmma in flight across k-steps (release each SMEM slot one step late, and drain at
-  # the tile's last step so the next tile's pipeline prologue cannot overwrite a slot in use).
-  # False: every step waits for its own wgmma, which drains the tensor cores between steps.
-  overlap: bool = False
 
   @property
   def cta_m(self) -> int:
@@ -93,12 +89,9 @@ class Tiling:
 # A 128x256 CTA tile fits 3 stages beside the 64x64 epilogue tiles. (4 stages with 32x32 epilogue
 # tiles would fit too, but Mosaic GPU, jax 0.11.2, fails to infer their layouts: docs/performance.md.)
 GMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(64, 256, stages=3, split='m'),
-               Tiling(128, 128, stages=3, overlap=True),
-               Tiling(64, 256, stages=3, split='m', overlap=True),
                Tiling(64, 128, stages=4, split='m'), Tiling(64, 128, stages=4),
                Tiling(64, 64, stages=4, split='m'), Tiling(64, 64, stages=4))
-TGMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(128, 128, stages=3, overlap=True),
-                Tiling(128, 64, stages=4), Tiling(64, 64, stages=4))
+TGMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(128, 64, stages=4), Tiling(64, 64, stages=4))
 # Measured winners by (kernel, block_rows, K, N), consulted before the candidate lists (see
 # `kernel_tilings`); benchmarks/moe_layer.py --tune fills it in-process.
 TUNED: dict[tuple, Tiling] = {}
@@ -156,29 +149,11 @@ def _ignore(*_, **__):
   return None
 
 
-def _finish_step(step, steps, t: Tiling) -> None:
-  """After issuing a k-step's wgmma: wait for it (t.overlap False), or only for the previous
-  step's (the slot released one step late), draining at the last step."""
-  if not t.overlap:
-    plgpu.wgmma_wait(0)
-    return
-  last = step == steps - 1
-
-  @pl.when(last)
-  def _drain():
-    plgpu.wgmma_wait(0)
-
-  @pl.when(jnp.logical_not(last))
-  def _keep_one():
-    plgpu.wgmma_wait(1)
-
-
 def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_rhs: bool):
   m, k = a_ref.shape
   n = out_ref.shape[1]
   m_iters, n_iters, k_iters = m // t.cta_m, n // t.cta_n, k // t.tile_k
-  smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM,
-              delay_release=int(t.overlap))
+  smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM)
   a_spec = plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem)
   if transpose_rhs:
     b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem)
@@ -207,15 +182,14 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
           run(acc_ref)
           _store_tile(acc_ref[...], out_smem, out_ref.at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
 
-      def mma(index, a_smem, b_smem, acc_ref):
+      def mma(_, a_smem, b_smem, acc_ref):
         b = b_smem.at[wg_n, :].transpose((1, 0)) if transpose_rhs else b_smem.at[:, wg_n]
         plgpu.wgmma(acc_ref, a_smem.at[wg_m, :], b)
-        # A slot is released after the body returns (t.overlap: after the next step's body). The
-        # persistent loop restarts the pipeline for each tile, and the next prologue refills the
-        # last step's slot without waiting, so the last step must drain its own wgmma. (Waiting
-        # only for the previous step there races; the GPU interpreter reports a barrier phase
-        # error.)
-        _finish_step(index[0], k_iters, t)
+        # Wait for this step's wgmma before its SMEM slot is released. (Releasing a step later,
+        # delay_release=1, races here: the persistent loop restarts the pipeline for each tile and
+        # the next prologue refills the last slot while its wgmma may still read it; the GPU
+        # interpreter reports it as a barrier phase error.)
+        plgpu.wgmma_wait(0)
         return acc_ref
 
       @pl.when(group >= 0)
@@ -233,8 +207,6 @@ def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
   p_iters, q_iters = p // t.cta_m, q // t.cta_n
   smem = dict(memory_space=plgpu.SMEM)
   wg_n_size = t.tile_n
-
-  smem['delay_release'] = int(t.overlap)
 
   def specs(first):
     return [plgpu.BlockSpec((t.tile_k, t.cta_m), lambda j: (first + j, 0),
@@ -264,9 +236,9 @@ def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
           run(acc_ref)
           _store_tile(acc_ref[...], out_smem, out_ref.at[e, cta_p, cta_q].at[:, wg_n], wg, t)
 
-      def mma(index, a_smem, b_smem, acc_ref):
+      def mma(_, a_smem, b_smem, acc_ref):
         plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)), b_smem.at[:, wg_n])
-        _finish_step(index[0], steps, t)
+        plgpu.wgmma_wait(0)
         return acc_ref
 
       _pipeline(mma, context, specs(first), steps, t.stages)(
