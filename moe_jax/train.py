@@ -118,8 +118,14 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 MESH_FIELDS = ('mesh.data', 'mesh.expert')  # device layout: may change when a run resumes
 
 
+def is_primary() -> bool:
+  """Whether this process writes the run directory's files (process 0 of a multi-process run;
+  orbax coordinates the checkpoints of all processes itself)."""
+  return jax.process_index() == 0
+
+
 def write_config(config, workdir: pathlib.Path) -> None:
-  """Writes workdir/config.json, or checks that an existing one holds the same config.
+  """Writes workdir/config.json (process 0), or checks that an existing one holds the same config.
 
   config.mesh may differ (a resume on another mesh); config.json keeps the first call's.
   """
@@ -138,7 +144,8 @@ def write_config(config, workdir: pathlib.Path) -> None:
     _log_mesh_change(old, new, config)
     return
   workdir.mkdir(parents=True, exist_ok=True)
-  _write_atomic(path, text)
+  if is_primary():
+    _write_atomic(path, text)
 
 
 def _log_mesh_change(old: dict, new: dict, config) -> None:
@@ -171,7 +178,8 @@ def _resume_metrics(path: pathlib.Path, step: int) -> list[dict]:
       raise ValueError(f'{path}:{n + 1} is not JSON; fix or remove that line.') from None
     if record['step'] <= step:
       records.append(record)
-  _write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
+  if is_primary():
+    _write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
   return records
 
 
@@ -324,14 +332,16 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
   any scalar 'train_*' extras, e.g. train_accuracy); evaluate(state) -> {'eval_...': float}.
   Every log_every steps a `_record` line goes to metrics.jsonl; evaluation runs every eval_every
   steps and at the end; the state is checkpointed through `manager` every checkpoint_every steps
-  and at the end. A tqdm bar shows progress when cfg.progress and stderr is a terminal.
+  and at the end. A tqdm bar shows progress when cfg.progress and stderr is a terminal. Only
+  process 0 writes metrics.jsonl (every process steps, evaluates and checkpoints).
   """
   records = []
   first_step_s, train_s, last_step, last_time = None, 0.0, start, time.perf_counter()
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=f'train {name}', unit='step',
-                  disable=not cfg.progress or not sys.stderr.isatty(), dynamic_ncols=True)
+                  disable=not cfg.progress or not sys.stderr.isatty() or not is_primary(),
+                  dynamic_ncols=True)
   try:
-    with metrics_path.open('a') as metrics_file:
+    with (metrics_path.open('a') if is_primary() else open(os.devnull, 'w')) as metrics_file:
       for i in range(start, cfg.steps):
         state, metrics = step_fn(state, i)
         step = i + 1
@@ -388,7 +398,8 @@ def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *
       'resumed_from_step': start,
       'router': router,
   }
-  _write_atomic(workdir / 'summary.json', json.dumps(summary, indent=2) + '\n')
+  if is_primary():
+    _write_atomic(workdir / 'summary.json', json.dumps(summary, indent=2) + '\n')
   return summary
 
 
