@@ -98,11 +98,12 @@ def prepare_data(keys: list[str], args) -> None:
   loaders = {'lm': data.load_text_splits, 'vit': image_datasets.load_image_splits}
   seen = set()
   for key in keys:
-    base = importlib.import_module(f'experiments.{CLAIMS[key]}').get_config(args.scale)
-    name, data_dir = base.base.data.name, args.data_dir or base.base.data.data_dir
-    if (base.task, name) not in seen:
-      seen.add((base.task, name))
-      loaders[base.task](name, data_dir=data_dir, manual_dir=base.base.data.get('manual_dir'))
+    sweep = importlib.import_module(f'experiments.{CLAIMS[key]}').get_config(args.scale)
+    data_config = sweep.base.data
+    if (sweep.task, data_config.name) not in seen:
+      seen.add((sweep.task, data_config.name))
+      loaders[sweep.task](data_config.name, data_dir=args.data_dir or data_config.data_dir,
+                          manual_dir=data_config.get('manual_dir'))
 
 
 def train_in_parallel(keys: list[str], args) -> None:

@@ -41,24 +41,10 @@ class TransformerConfig:
   vocab_size: ClassVar[int] = VOCAB_SIZE  # bytes
 
   def __post_init__(self):
-    for name in ('d_model', 'num_layers', 'num_heads', 'd_ff'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        _fail(name, value, 'use a positive integer')
-    if self.d_model % self.num_heads:
-      _fail('num_heads', self.num_heads, f'it must divide d_model={self.d_model}')
+    check_block_stack(self, ('d_model', 'num_layers', 'num_heads', 'd_ff'))
     if self.head_dim % 2:
       _fail('num_heads', self.num_heads, f'RoPE needs an even head size, and d_model / num_heads '
             f'= {self.head_dim}; pick num_heads so that d_model / num_heads is even')
-    if not isinstance(self.moe_every, int) or self.moe_every < 0:
-      _fail('moe_every', self.moe_every, 'use 0 (dense) or a positive integer')
-    if self.moe_every > self.num_layers:
-      _fail('moe_every', self.moe_every, f'with num_layers={self.num_layers} no block would be '
-            'MoE; use moe_every <= num_layers, or 0 for a dense model')
-    if self.activation not in ACTIVATIONS:
-      _fail('activation', self.activation, f'choose one of {ACTIVATIONS}')
-    if self.dtype not in DTYPES:
-      _fail('dtype', self.dtype, f'choose one of {DTYPES}')
     if self.rope_base <= 0:
       _fail('rope_base', self.rope_base, 'use a positive base (10000 is standard)')
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -86,6 +72,27 @@ def section_values(cls, section: str, config: Mapping[str, Any]) -> dict[str, An
     raise ValueError(f'config.{section} has unknown field(s) {unknown}; known fields: '
                      f'{sorted(known)}.')
   return values
+
+
+def check_block_stack(cfg, positive: tuple[str, ...]) -> None:
+  """The checks every model config (LM, ViT) shares, naming the bad `config.model` field: the
+    `positive` fields are positive ints, num_heads divides d_model, moe_every is 0 or at most
+    num_layers, and activation and dtype are known."""
+  for name in positive:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or value < 1:
+      _fail(name, value, 'use a positive integer')
+  if cfg.d_model % cfg.num_heads:
+    _fail('num_heads', cfg.num_heads, f'it must divide d_model={cfg.d_model}')
+  if not isinstance(cfg.moe_every, int) or cfg.moe_every < 0:
+    _fail('moe_every', cfg.moe_every, 'use 0 (dense) or a positive integer')
+  if cfg.moe_every > cfg.num_layers:
+    _fail('moe_every', cfg.moe_every, f'with num_layers={cfg.num_layers} no block would be '
+          'MoE; use moe_every <= num_layers, or 0 for a dense model')
+  if cfg.activation not in ACTIVATIONS:
+    _fail('activation', cfg.activation, f'choose one of {ACTIVATIONS}')
+  if cfg.dtype not in DTYPES:
+    _fail('dtype', cfg.dtype, f'choose one of {DTYPES}')
 
 
 def _fail(field: str, value, fix: str):

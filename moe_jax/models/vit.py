@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import flops
-from moe_jax.experts import ACTIVATIONS, FeedForward
+from moe_jax.experts import FeedForward
 from moe_jax.layers import MoELayer
-from moe_jax.models.transformer import DTYPES, _fail, model_and_spec, section_values
+from moe_jax.models.transformer import _fail, check_block_stack, model_and_spec, section_values
 from moe_jax.spec import MoESpec
 
 POOLS = ('mean', 'cls')
@@ -41,23 +41,9 @@ class ViTConfig:
   dtype: str = 'float32'
 
   def __post_init__(self):
-    for name in ('patch_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        _fail(name, value, 'use a positive integer')
-    if self.d_model % self.num_heads:
-      _fail('num_heads', self.num_heads, f'it must divide d_model={self.d_model}')
-    if not isinstance(self.moe_every, int) or self.moe_every < 0:
-      _fail('moe_every', self.moe_every, 'use 0 (dense) or a positive integer')
-    if self.moe_every > self.num_layers:
-      _fail('moe_every', self.moe_every, f'with num_layers={self.num_layers} no block would be '
-            'MoE; use moe_every <= num_layers, or 0 for a dense model')
-    if self.activation not in ACTIVATIONS:
-      _fail('activation', self.activation, f'choose one of {ACTIVATIONS}')
+    check_block_stack(self, ('patch_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'))
     if self.pool not in POOLS:
       _fail('pool', self.pool, f'choose one of {POOLS}')
-    if self.dtype not in DTYPES:
-      _fail('dtype', self.dtype, f'choose one of {DTYPES}')
 
   def is_moe(self, block: int) -> bool:
     return self.moe_every > 0 and (block + 1) % self.moe_every == 0
