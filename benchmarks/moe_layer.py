@@ -162,6 +162,20 @@ def time_ms(fn, *args, iters: int, warmup: int = 2) -> float:
   return statistics.median(times)
 
 
+def device_ms(fn, *args, iters: int) -> float:
+  """Median summed GPU kernel time of fn(*args) in ms, from CUPTI (no launch or host gaps)."""
+  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+  _, times = profiler.measure(fn, iterations=iters)(*args)
+  return statistics.median(times)
+
+
+def kernel_ms(fn, *args, iters: int) -> float:
+  """Device time on a GPU (`device_ms`), else wall time (`time_ms`)."""
+  if jax.devices()[0].platform == 'gpu':
+    return device_ms(fn, *args, iters=iters)
+  return time_ms(fn, *args, iters=iters)
+
+
 def inputs(case: Case, dtype, seed=0):
   kx, kc = jax.random.split(jax.random.key(seed))
   shape = (case.tokens // case.seq, case.seq, case.d)
@@ -292,14 +306,16 @@ def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_f
               rows=rows, overheads=over)
 
 
-def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 4) -> list[dict]:
+def tune_kernels(case: Case, dtype, iters: int, block_rows: int | None = None,
+                 max_candidates: int = 4) -> list[dict]:
   """Times the grouped matmul kernels of the case's six shapes (forward d->f and f->d, their
   transposed-weight backward, and the weight gradients) on T * k rows split evenly over the experts,
   for the first `max_candidates` fitting tilings; stores each winner in `grouped_matmul.TUNED` and
-  reports TFLOP/s next to the dense matmul of equal FLOPs (XLA / cuBLAS). A tiling whose result
+  reports TFLOP/s next to the dense matmul of equal FLOPs (XLA / cuBLAS), both in GPU kernel time
+  (CUPTI; wall time off GPU). A tiling whose result
   differs from the first (default) tiling's by more than 1e-2 relative is rejected as wrong."""
   rows = case.tokens * case.k
-  block_rows = fast_dispatch.default_block_rows(rows, case.experts)
+  block_rows = block_rows or fast_dispatch.default_block_rows(rows, case.experts)
   per = -(-rows // case.experts // block_rows)  # blocks per expert
   counts = jnp.full((case.experts,), per * block_rows, jnp.int32)
   layout, _ = fast_dispatch._layout(  # pylint: disable=protected-access
@@ -312,22 +328,23 @@ def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 4) -> list
   for k, n in ((case.d, case.f), (case.f, case.d)):
     lhs, w, g = rand(m, k), rand(case.experts, k, n), rand(m, n)
     flops = 2.0 * used * k * n
+    twin_args = (lhs[:used], g[:used], w[0])  # the dense twin: one matmul of equal FLOPs
     # Arrays go in as arguments: closed over, jit would embed them as constants.
     shapes = {  # kind: (kernel(tiling, a, b, w), dense twin (a, b, w), candidates, TUNED key)
         'gmm': (lambda t, a, b, w: gm.gmm(a, w, layout, backend=be, tiling=t),
-                lambda a, b, w: a[:used] @ w[0], gm.fitting(gm.GMM_TILINGS, block_rows, n, k),
+                lambda a, b, w: a @ w, gm.fitting(gm.GMM_TILINGS, block_rows, n, k),
                 ('gmm', block_rows, k, n)),
         'gmm_t': (lambda t, a, b, w: gm.gmm(b, w, layout, transpose_rhs=True, backend=be, tiling=t),
-                  lambda a, b, w: b[:used] @ w[0].T, gm.fitting(gm.GMM_TILINGS, block_rows, k, n),
+                  lambda a, b, w: b @ w.T, gm.fitting(gm.GMM_TILINGS, block_rows, k, n),
                   ('gmm_t', block_rows, n, k)),
         'tgmm': (lambda t, a, b, w: gm.tgmm(a, b, layout, backend=be, tiling=t),
-                 lambda a, b, w: a[:used].T @ b[:used],
+                 lambda a, b, w: a.T @ b,
                  [t for t in gm.fitting(gm.TGMM_TILINGS, k, n) if block_rows % t.tile_k == 0],
                  ('tgmm', block_rows, k, n)),
     }
     for kind, (kernel, dense, candidates, key) in shapes.items():
       rec = dict(case=case.name, kernel=kind, k=k, n=n, block_rows=block_rows, backend=be,
-                 dense_tflops=flops / time_ms(jax.jit(dense), lhs, g, w, iters=iters) / 1e9,
+                 dense_tflops=flops / kernel_ms(jax.jit(dense), *twin_args, iters=iters) / 1e9,
                  tilings={})
       candidates = candidates[:max_candidates] if be != 'xla' else [None]
       reference = None
@@ -342,7 +359,7 @@ def tune_kernels(case: Case, dtype, iters: int, max_candidates: int = 4) -> list
           elif (err := rel_err(result, reference)) > 1e-2:
             raise AssertionError(f'relative error {err:.1e} against {candidates[0]}')
           del result
-          rec['tilings'][str(t)] = flops / time_ms(run, lhs, g, w, iters=iters) / 1e9
+          rec['tilings'][str(t)] = flops / kernel_ms(run, lhs, g, w, iters=iters) / 1e9
         except Exception as e:  # pylint: disable=broad-except
           rec['tilings'][str(t)] = _short(e)
       del reference
@@ -396,9 +413,14 @@ def main(argv=None):
   parser.add_argument('--no-verify', action='store_true')
   parser.add_argument('--tune', action='store_true',
                       help='time the grouped matmul kernels per case and use the fastest tilings')
+  parser.add_argument('--row-order', default=gm.ROW_ORDER, choices=('expert_bands', 'snake'),
+                      help="gmm's tile visiting order (grouped_matmul.ROW_ORDER)")
+  parser.add_argument('--candidates', type=int, default=4,
+                      help='--tune times the first N fitting tilings of each kernel shape')
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
 
+  gm.ROW_ORDER = args.row_order
   dtype = jnp.float32 if args.small else jnp.bfloat16
   cases = [SMOKE] if args.small else [CASES[c] for c in args.cases.split(',') if c]
   iters = 2 if args.small else args.iters
@@ -407,6 +429,7 @@ def main(argv=None):
   meta = dict(jax=jax.__version__, device=str(getattr(device, 'device_kind', device.platform)),
               platform=device.platform, grouped_matmul_backend=gm.default_backend(),
               dtype=jnp.dtype(dtype).name, block_rows=block_rows, iters=iters,
+              row_order=gm.ROW_ORDER,
               command=' '.join(sys.argv))
   print(json.dumps(meta), flush=True)
   results = dict(meta=meta, verify=[], cases=[])
@@ -419,7 +442,7 @@ def main(argv=None):
   results['kernels'] = []
   for case in cases:
     if args.tune:
-      results['kernels'] += tune_kernels(case, dtype, iters)
+      results['kernels'] += tune_kernels(case, dtype, iters, block_rows, args.candidates)
     results['cases'].append(bench_case(case, dtype, block_rows, iters, families, impls))
     if args.out:  # keep partial results if a later case dies
       _write(args.out, results)

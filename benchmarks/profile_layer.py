@@ -41,9 +41,10 @@ def kind_of(name: str) -> str:
   return next((kind for kind, pattern in KINDS if re.search(pattern, lowered)), 'other')
 
 
-def device_kernel_times(trace_dir: str) -> dict[str, float]:
+def device_kernel_times(trace_dir: str, sequence: list | None = None) -> dict[str, float]:
   """{kernel name: summed device ns} over the device planes of the trace in `trace_dir` (on CPU,
-  the XLA op events of the host plane stand in for kernels)."""
+  the XLA op events of the host plane stand in for kernels). Appends (start ns, name, ns) of every
+  GPU kernel to `sequence` if given."""
   paths = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True)
   if not paths:
     raise FileNotFoundError(f'no *.xplane.pb under {trace_dir}')
@@ -56,6 +57,8 @@ def device_kernel_times(trace_dir: str) -> dict[str, float]:
         continue
       for event in line.events:
         times[event.name] += event.duration_ns
+        if sequence is not None:
+          sequence.append((event.start_ns, event.name, event.duration_ns))
   if not device_planes:  # CPU: XLA ops on the host threads
     for plane in data.planes:
       if plane.name.startswith('/host:CPU'):
@@ -67,15 +70,27 @@ def device_kernel_times(trace_dir: str) -> dict[str, float]:
   return dict(times)
 
 
-def profile(fn, args, iters: int) -> dict[str, float]:
-  """{kernel: ms per call} of `iters` traced calls of fn(*args), after a warm-up call."""
+def profile(fn, args, iters: int, sequence: list | None = None) -> dict[str, float]:
+  """{kernel: ms per call} of `iters` traced calls of fn(*args), after a warm-up call. `sequence`
+  receives (start ns, name, ns) of each kernel of the traced calls (GPU only)."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(iters):
         jax.block_until_ready(fn(*args))
-    times = device_kernel_times(trace_dir)
+    times = device_kernel_times(trace_dir, sequence)
   return {name: ns / 1e6 / iters for name, ns in times.items()}
+
+
+def print_sequence(sequence: list, iters: int, min_ms: float) -> list:
+  """Prints the kernels of one call in launch order (those of at least min_ms), and returns them."""
+  sequence = sorted(sequence)
+  one_call = sequence[:len(sequence) // iters] if iters else sequence
+  rows = [(name, ns / 1e6) for _, name, ns in one_call if ns / 1e6 >= min_ms]
+  print(f'\n| # | kernel (one call, launch order, >= {min_ms} ms) | ms |\n| ---: | --- | ---: |')
+  for i, (name, ms) in enumerate(rows):
+    print(f'| {i} | `{name[:70]}` | {ms:.3f} |')
+  return rows
 
 
 def summarize(label: str, per_call: dict[str, float], top: int) -> dict:
@@ -104,9 +119,14 @@ def main(argv=None) -> None:
   parser.add_argument('--small', action='store_true', help='CPU smoke run (float32, tiny case)')
   parser.add_argument('--tune', action='store_true',
                       help="first pick the grouped-matmul tilings as moe_layer.py --tune does")
+  parser.add_argument('--sequence', type=float, default=0.0,
+                      help='also list one call\'s kernels of at least this many ms, in launch order')
+  parser.add_argument('--row-order', default=moe_layer.gm.ROW_ORDER,
+                      choices=('expert_bands', 'snake'), help="gmm's tile order")
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
 
+  moe_layer.gm.ROW_ORDER = args.row_order
   case = moe_layer.SMOKE if args.small else moe_layer.CASES[args.case]
   dtype = jnp.float32 if args.small else jnp.bfloat16
   block_rows = 0 if args.small else moe_layer.fast_dispatch.default_block_rows(
@@ -119,8 +139,11 @@ def main(argv=None) -> None:
   init, apply = moe_layer.make_layer(case, args.family, args.impl, dtype, block_rows)
   params = moe_layer.cast_params(init(jax.random.key(2), x), dtype)
   _, grad = moe_layer.fwd_and_grad(apply)
+  sequence = []
   moe = summarize(f'{case.name} {args.family} {args.impl} fwd+bwd',
-                  profile(grad, (params, x, ct), args.iters), args.top)
+                  profile(grad, (params, x, ct), args.iters, sequence), args.top)
+  if args.sequence:
+    moe['sequence'] = print_sequence(sequence, args.iters, args.sequence)
 
   dense = moe_layer.FeedForward(case.k * case.f, 'swiglu', dtype)
   dense_params = moe_layer.cast_params(dense.init(jax.random.key(3), x), dtype)

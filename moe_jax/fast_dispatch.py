@@ -29,6 +29,9 @@ from moe_jax.kernels import grouped_matmul as gm
 from moe_jax.routing.plan import DroplessPlan, Plan, SlotPlan, SoftPlan
 
 IMPLEMENTATION = 'blocked'
+# jnp.searchsorted's default 'scan' is a while loop, which XLA's GPU backend steps from the host;
+# unrolled, its ~log2(n) steps are plain kernels of one executable.
+SEARCH = 'scan_unrolled'
 
 
 @struct.dataclass
@@ -61,7 +64,7 @@ def _layout(counts: jax.Array, total_rows: int, block_rows: int):
   ends = jnp.cumsum(blocks)
   start = ends - blocks
   block = jnp.arange(total_rows // block_rows, dtype=jnp.int32)
-  owner = jnp.searchsorted(ends, block, side='right').astype(jnp.int32)
+  owner = jnp.searchsorted(ends, block, side='right', method=SEARCH).astype(jnp.int32)
   layout = gm.BlockLayout(block_group=jnp.where(block < ends[-1], owner, -1),
                           group_start=start.astype(jnp.int32),
                           group_blocks=blocks.astype(jnp.int32), block_rows=block_rows)
@@ -71,7 +74,7 @@ def _layout(counts: jax.Array, total_rows: int, block_rows: int):
 def _rank_in_group(keys: jax.Array, num_groups: int) -> jax.Array:
   """Stable rank of each entry among entries with the same key. keys: [N] in [0, num_groups]."""
   order = jnp.argsort(keys, stable=True)
-  first = jnp.searchsorted(keys[order], jnp.arange(num_groups + 1), side='left')
+  first = jnp.searchsorted(keys[order], jnp.arange(num_groups + 1), side='left', method=SEARCH)
   rank_sorted = jnp.arange(keys.shape[0]) - first[keys[order]]
   return jnp.zeros_like(keys).at[order].set(rank_sorted.astype(keys.dtype))
 

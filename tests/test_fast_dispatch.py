@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import fast_dispatch, routing
@@ -103,6 +104,31 @@ def test_grouped_matmul_xla_matches_per_expert_loop():
   ref = jax.grad(loss, argnums=(0, 1))(lhs, rhs, per_row)
   for a, b in zip(got, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=8), st.integers(0, 3), st.integers(1, 5),
+       st.integers(1, 4))
+def test_expert_band_order_visits_every_tile_once_in_bands_within_experts(blocks, idle, n_iters,
+                                                                           band):
+  """Every (row, column) tile once; active tiles first, each expert's as one stretch, and each
+  band of at most `band` rows of one expert sweeps all columns before the next band starts."""
+  groups = np.concatenate([np.repeat(np.arange(len(blocks)), blocks), -np.ones(idle, int)])
+  order = np.asarray(gm.expert_band_order(jnp.asarray(groups, jnp.int32), n_iters, band))
+  assert sorted(order.tolist()) == list(range(groups.size * n_iters))
+  rows = order // n_iters
+  visited = groups[rows]
+  active = int((groups >= 0).sum()) * n_iters
+  assert (visited[:active] >= 0).all() and (visited[active:] < 0).all()
+  start = 0
+  for expert, count in enumerate(blocks):  # experts in order, each one contiguous stretch
+    stretch = rows[start:start + count * n_iters]
+    assert (groups[stretch] == expert).all()
+    for b in range(0, count, band):  # band b: rows first+b .. first+b+band-1, all columns
+      size = min(band, count - b)
+      part = stretch[b * n_iters:(b + size) * n_iters]
+      assert len(set(part.tolist())) == size and part.min() == stretch.min() + b
+    start += count * n_iters
 
 
 INTERPRET_LAYOUT = dict(block_group=[0, 2, -1], group_start=[0, 1, 1], group_blocks=[1, 0, 1])

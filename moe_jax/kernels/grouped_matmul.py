@@ -4,7 +4,8 @@ Layout (`BlockLayout`): M rows sorted by expert, cut into row blocks of `block_r
 the `group_blocks[e]` consecutive blocks that start at block `group_start[e]`; experts come in order
 and every block after the last expert's is idle. Because no block is shared by two experts, a
 grouped matmul is a plain tiled matmul whose right-hand side is chosen per row block, and idle
-blocks cost nothing (they are skipped, not computed).
+blocks cost nothing (they are skipped, not computed). gmm visits its tiles in bands of row tiles of
+one expert (`expert_band_order`), so each band streams one expert's weights through L2.
 
 * `gmm(lhs [M, K], rhs [E, K, N], layout)             -> [M, N]`  out[r] = lhs[r] @ rhs[expert(r)]
 * `gmm(lhs [M, K], rhs [E, N, K], layout, transpose_rhs=True)`   out[r] = lhs[r] @ rhs[expert(r)].T
@@ -31,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BACKENDS = ('mosaic', 'interpret', 'xla')
-SMEM_BYTES = 220 * 1024  # of the H100's 227 KiB per block, leaving room for barriers
+SMEM_BYTES = 226 * 1024  # of the H100's 227 KiB per block, leaving room for barriers
 
 
 @struct.dataclass
@@ -72,6 +73,10 @@ class Tiling:
   split: str = 'n'
   band: int = 8  # row tiles visited together (L2 reuse of the weights)
   epi: int = 64  # epilogue tile edge
+  epi_slots: int = 2  # SMEM epilogue buffers per warpgroup (2: write one while the other stores)
+  # '' or 'm' / 'n': pairs of CTAs (a cluster) that are neighbours along m (resp. n) share the
+  # operand they have in common, loading half of it each and multicasting it to both (TMA).
+  cluster: str = ''
 
   @property
   def cta_m(self) -> int:
@@ -81,27 +86,52 @@ class Tiling:
   def cta_n(self) -> int:
     return self.tile_n * (2 if self.split == 'n' else 1)
 
+  @property
+  def cluster_m(self) -> int:
+    return self.cta_m * (2 if self.cluster == 'm' else 1)
+
+  @property
+  def cluster_n(self) -> int:
+    return self.cta_n * (2 if self.cluster == 'n' else 1)
+
+  @property
+  def cluster_size(self) -> int:
+    return 2 if self.cluster else 1
+
   def smem_bytes(self, itemsize: int = 2) -> int:
     stage = (self.cta_m + self.cta_n) * self.tile_k * itemsize
-    return self.stages * stage + 2 * 2 * self.epi * self.epi * itemsize
+    return self.stages * stage + 2 * self.epi_slots * self.epi * self.epi * itemsize
 
 
-# A 128x256 CTA tile fits 3 stages beside the 64x64 epilogue tiles. (4 stages with 32x32 epilogue
-# tiles would fit too, but Mosaic GPU, jax 0.11.2, fails to infer their layouts: docs/performance.md.)
+# Candidates, the default (first fitting) first; `--tune` in benchmarks/moe_layer.py times the first
+# few. A 128x256 CTA tile fits 3 stages beside double-buffered 64x64 epilogue tiles, and 4 stages
+# just (224 of 227 KiB), or with one epilogue buffer. (4 stages with 32x32 epilogue tiles fail
+# Mosaic GPU's layout inference, jax 0.11.2.) Cluster tilings share one operand between two CTAs; a
+# gmm 'm' cluster needs block_rows >= 2 * cta_m (both CTAs on one expert). docs/performance.md has
+# the measurements behind this list.
 GMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(64, 256, stages=3, split='m'),
+               Tiling(128, 128, stages=4), Tiling(64, 256, stages=4, split='m', epi_slots=1),
+               Tiling(128, 128, stages=3, cluster='m'),
                Tiling(64, 128, stages=4, split='m'), Tiling(64, 128, stages=4),
+               Tiling(64, 128, stages=4, cluster='m'),
                Tiling(64, 64, stages=4, split='m'), Tiling(64, 64, stages=4))
-TGMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(128, 64, stages=4), Tiling(64, 64, stages=4))
+TGMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(128, 128, stages=3, cluster='m'),
+                Tiling(128, 128, stages=4), Tiling(128, 128, stages=4, cluster='m'),
+                Tiling(128, 64, stages=4), Tiling(128, 64, stages=4, cluster='m'),
+                Tiling(64, 64, stages=4))
+# gmm's tile order: 'expert_bands' (`expert_band_order`) or 'snake' (fixed bands over all rows, the
+# order before session 3; kept to measure the difference: benchmarks/moe_layer.py --row-order).
+ROW_ORDER = 'expert_bands'
 # Measured winners by (kernel, block_rows, K, N), consulted before the candidate lists (see
 # `kernel_tilings`); benchmarks/moe_layer.py --tune fills it in-process.
 TUNED: dict[tuple, Tiling] = {}
 
 
 def fitting(candidates, m_tile: int, n: int, k: int | None = None) -> list[Tiling]:
-  """Tilings whose CTA tile divides (m_tile, n), whose tile_k divides k, and that fit in SMEM."""
+  """Tilings whose cluster tile divides (m_tile, n), whose tile_k divides k, and that fit in SMEM."""
   return [t for t in candidates
-          if m_tile % t.cta_m == 0 and n % t.cta_n == 0 and (k is None or k % t.tile_k == 0)
-          and t.smem_bytes() <= SMEM_BYTES]
+          if m_tile % t.cluster_m == 0 and n % t.cluster_n == 0
+          and (k is None or k % t.tile_k == 0) and t.smem_bytes() <= SMEM_BYTES]
 
 
 def pick_tiling(candidates, m_tile: int, n: int, k: int | None = None) -> Tiling | None:
@@ -131,9 +161,9 @@ def _store_tile(acc, out_smem, out_ref, wg, t: Tiling):
   n_epi = t.tile_n // t.epi
   for i in range(t.tile_m // t.epi):
     for j in range(n_epi):
-      slot = (i * n_epi + j) % 2
+      slot = (i * n_epi + j) % t.epi_slots
       rows, cols = slice(i * t.epi, (i + 1) * t.epi), slice(j * t.epi, (j + 1) * t.epi)
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      plgpu.wait_smem_to_gmem(t.epi_slots - 1, wait_read_only=True)
       out_smem[wg, slot] = acc[rows, cols]
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_ref.at[rows, cols])
@@ -149,19 +179,49 @@ def _ignore(*_, **__):
   return None
 
 
-def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_rhs: bool):
+def _multicast(t: Tiling, dim: str) -> dict:
+  """BlockSpec kwargs: the operand indexed by the other dimension is shared along a `dim` cluster."""
+  return dict(collective_axes=('cluster',)) if t.cluster == dim else {}
+
+
+def _tile_grid(t: Tiling, m_iters: int, n_iters: int, minor: int, lead: tuple = (),
+               order_ref=None):
+  """Persistent loop over (*lead, cluster tiles); calls body(*lead indices, m tile, n tile) with
+  this CTA's tile indices. Tiles are visited in `order_ref`'s order ([m_iters * n_iters] of
+  mi * n_iters + ni) if given, else in bands of t.band tiles along `minor` (`planar_snake`)."""
+  axis = 'cluster_grid' if t.cluster else 'sm'
+
+  def wrap(body):
+    @plgpu.nd_loop((*lead, m_iters * n_iters), collective_axes=axis)
+    def _tile(info):
+      *outer, lin = info.index
+      if order_ref is None:
+        mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), minor, t.band)
+      else:
+        tile = order_ref[lin]
+        mi, ni = lax.div(tile, n_iters), lax.rem(tile, n_iters)
+      if t.cluster == 'm':
+        mi = mi * 2 + lax.axis_index('cluster')
+      elif t.cluster == 'n':
+        ni = ni * 2 + lax.axis_index('cluster')
+      body(*outer, mi, ni)
+  return wrap
+
+
+def _gmm_kernel(block_group_ref, order_ref, a_ref, b_ref, out_ref, *, t: Tiling,
+                transpose_rhs: bool):
   m, k = a_ref.shape
   n = out_ref.shape[1]
-  m_iters, n_iters, k_iters = m // t.cta_m, n // t.cta_n, k // t.tile_k
+  m_iters, n_iters, k_iters = m // t.cluster_m, n // t.cluster_n, k // t.tile_k
   smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM)
-  a_spec = plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem)
+  a_spec = plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem, **_multicast(t, 'n'))
   if transpose_rhs:
-    b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem)
+    b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem, **_multicast(t, 'm'))
   else:
-    b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda kk: (kk, 0), **smem)
+    b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda kk: (kk, 0), **smem, **_multicast(t, 'm'))
   specs = [a_spec, b_spec]
   allocs = _pipeline(_ignore, _ignore, specs, k_iters, t.stages).get_allocations(a_ref, b_ref.at[0])
-  out_smem = plgpu.SMEM((2, 2, t.epi, t.epi), out_ref.dtype,
+  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), out_ref.dtype,
                         transforms=_transforms(t.epi, out_ref.dtype))
 
   @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
@@ -170,10 +230,9 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
     wg_m = pl.ds(wg * t.tile_m, t.tile_m) if t.split == 'm' else slice(None)
     wg_n = pl.ds(wg * t.tile_n, t.tile_n) if t.split == 'n' else slice(None)
 
-    @plgpu.nd_loop((m_iters * n_iters,), collective_axes='sm')
-    def _tile(info):
-      mi, ni = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 0, t.band)
-      group = block_group_ref[mi]
+    @_tile_grid(t, m_iters, n_iters, minor=0, order_ref=order_ref)
+    def _tile(mi, ni):
+      group = block_group_ref[mi]  # the same for both CTAs of an 'm' cluster (see `fitting`)
       cta_m, cta_n = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
 
       def context(run):
@@ -204,18 +263,20 @@ def _gmm_kernel(block_group_ref, a_ref, b_ref, out_ref, *, t: Tiling, transpose_
 
 def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
   num_experts, p, q = out_ref.shape
-  p_iters, q_iters = p // t.cta_m, q // t.cta_n
+  p_iters, q_iters = p // t.cluster_m, q // t.cluster_n
   smem = dict(memory_space=plgpu.SMEM)
   wg_n_size = t.tile_n
 
   def specs(first):
     return [plgpu.BlockSpec((t.tile_k, t.cta_m), lambda j: (first + j, 0),
-                            transforms=_transforms(t.cta_m, a_ref.dtype), **smem),
+                            transforms=_transforms(t.cta_m, a_ref.dtype), **smem,
+                            **_multicast(t, 'n')),
             plgpu.BlockSpec((t.tile_k, t.cta_n), lambda j: (first + j, 0),
-                            transforms=_transforms(t.cta_n, b_ref.dtype), **smem)]
+                            transforms=_transforms(t.cta_n, b_ref.dtype), **smem,
+                            **_multicast(t, 'm'))]
 
   allocs = _pipeline(_ignore, _ignore, specs(0), t.stages, t.stages).get_allocations(a_ref, b_ref)
-  out_smem = plgpu.SMEM((2, 2, t.epi, t.epi), out_ref.dtype,
+  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), out_ref.dtype,
                         transforms=_transforms(t.epi, out_ref.dtype))
 
   @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
@@ -223,10 +284,8 @@ def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
     wg = lax.axis_index('wg')
     wg_n = pl.ds(wg * wg_n_size, wg_n_size)
 
-    @plgpu.nd_loop((num_experts, p_iters * q_iters), collective_axes='sm')
-    def _tile(info):
-      e, lin = info.index
-      pi, qi = plgpu.planar_snake(lin, (p_iters, q_iters), 1, t.band)
+    @_tile_grid(t, p_iters, q_iters, minor=1, lead=(num_experts,))
+    def _tile(e, pi, qi):
       cta_p, cta_q = pl.ds(pi * t.cta_m, t.cta_m), pl.ds(qi * t.cta_n, t.cta_n)
       first, steps = start_ref[e], blocks_ref[e]  # in tile_k-row steps
 
@@ -247,15 +306,19 @@ def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _launch(body, out_type, backend: str, *args):
+def _launch(body, out_type, backend: str, t: Tiling, *args):
   interpret = None
   if backend == 'interpret':
     from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
     interpret = params.InterpretGPUParams()
   num_sms = 2 if backend == 'interpret' else getattr(jax.devices()[0], 'core_count', 132)
+  if t.cluster:
+    grid = dict(grid=(num_sms // t.cluster_size,), grid_names=('cluster_grid',),
+                cluster=(t.cluster_size,), cluster_names=('cluster',))
+  else:
+    grid = dict(grid=(num_sms,), grid_names=('sm',))
   kernel = plgpu.kernel(
-      body, out_type=out_type, grid=(num_sms,), grid_names=('sm',), num_threads=3,
-      thread_name='wg', interpret=interpret,
+      body, out_type=out_type, **grid, num_threads=3, thread_name='wg', interpret=interpret,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
   return kernel(*args)
 
@@ -263,6 +326,33 @@ def _launch(body, out_type, backend: str, *args):
 def _tile_groups(layout: BlockLayout, cta_m: int) -> jax.Array:
   """Expert of each cta_m-row tile (cta_m divides block_rows)."""
   return jnp.repeat(layout.block_group, layout.block_rows // cta_m)
+
+
+def expert_band_order(groups: jax.Array, n_iters: int, band: int) -> jax.Array:
+  """Visiting order of gmm's (row tile, column tile) pairs: [m_iters * n_iters] of mi * n_iters + ni.
+
+  Row tiles go in bands of up to `band` consecutive tiles of one expert, and each band sweeps all
+  column tiles (reversing direction from band to band), so the weight columns a band reads stay in
+  L2 for all of its rows. Bands never straddle two experts, which fixed-size bands over all rows
+  would: a straddling band streams two experts' weights at once. groups: [m_iters] expert of each
+  row tile, -1 for idle tiles (trailing, as in `BlockLayout`); idle tiles go last.
+  """
+  m_iters = groups.shape[0]
+  mi = jnp.arange(m_iters, dtype=jnp.int32)
+  first = jnp.concatenate([jnp.ones((1,), bool), groups[1:] != groups[:-1]])  # run starts
+  run_start = lax.cummax(jnp.where(first, mi, 0), axis=0)
+  next_run = lax.cummin(jnp.where(first, mi, m_iters)[::-1], axis=0)[::-1]
+  run_end = jnp.concatenate([next_run[1:], jnp.full((1,), m_iters, jnp.int32)])
+  pos = mi - run_start
+  band_start = run_start + pos // band * band
+  size = jnp.minimum(band, run_end - band_start)
+  band_id = jnp.cumsum(pos % band == 0) - 1
+  ni = jnp.arange(n_iters, dtype=jnp.int32)[None, :]
+  col = jnp.where((band_id % 2 == 0)[:, None], ni, n_iters - 1 - ni)
+  position = (n_iters * band_start + (pos % band))[:, None] + col * size[:, None]
+  position = jnp.where((groups >= 0)[:, None], position, mi[:, None] * n_iters + ni)
+  tiles = mi[:, None] * n_iters + ni
+  return jnp.zeros((m_iters * n_iters,), jnp.int32).at[position.reshape(-1)].set(tiles.reshape(-1))
 
 
 def _group_sizes(layout: BlockLayout) -> jax.Array:
@@ -282,7 +372,14 @@ def gmm(lhs, rhs, layout: BlockLayout, *, transpose_rhs: bool = False, backend: 
     raise ValueError(f'no gmm tiling fits block_rows={layout.block_rows}, N={n}, K={lhs.shape[1]}.')
   body = functools.partial(_gmm_kernel, t=t, transpose_rhs=transpose_rhs)
   out_type = jax.ShapeDtypeStruct((lhs.shape[0], n), lhs.dtype)
-  return _launch(body, out_type, backend, _tile_groups(layout, t.cta_m), lhs, rhs)
+  m_iters, n_iters = lhs.shape[0] // t.cluster_m, n // t.cluster_n
+  if ROW_ORDER == 'expert_bands':
+    order = expert_band_order(_tile_groups(layout, t.cluster_m), n_iters, t.band)
+  else:  # 'snake': fixed bands of t.band row tiles over all rows
+    snake = lambda i: plgpu.planar_snake(i, (m_iters, n_iters), 0, t.band)
+    mi, ni = jax.vmap(snake)(jnp.arange(m_iters * n_iters, dtype=jnp.int32))
+    order = mi * n_iters + ni
+  return _launch(body, out_type, backend, t, _tile_groups(layout, t.cta_m), order, lhs, rhs)
 
 
 def tgmm(lhs, rhs, layout: BlockLayout, *, backend: str = 'xla',
@@ -303,8 +400,8 @@ def tgmm(lhs, rhs, layout: BlockLayout, *, backend: str = 'xla',
   steps = layout.block_rows // t.tile_k
   body = functools.partial(_tgmm_kernel, t=t)
   out_type = jax.ShapeDtypeStruct((num_experts, p, q), lhs.dtype)
-  return _launch(body, out_type, backend, layout.group_start * steps, layout.group_blocks * steps,
-                 lhs, rhs)
+  return _launch(body, out_type, backend, t, layout.group_start * steps,
+                 layout.group_blocks * steps, lhs, rhs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
