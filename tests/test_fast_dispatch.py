@@ -134,21 +134,33 @@ def test_expert_band_order_visits_every_tile_once_in_bands_within_experts(blocks
 INTERPRET_LAYOUT = dict(block_group=[0, 2, -1], group_start=[0, 1, 1], group_blocks=[1, 0, 1])
 
 
-def _interpret_problem(n=256):
-  layout = gm.BlockLayout(**{k: jnp.array(v, jnp.int32) for k, v in INTERPRET_LAYOUT.items()},
-                          block_rows=128)
-  ks = jax.random.split(jax.random.key(3), 3)
-  lhs = jax.random.normal(ks[0], (384, 128), jnp.bfloat16)
-  rhs = jax.random.normal(ks[1], (3, 128, n), jnp.bfloat16)
-  g = jax.random.normal(ks[2], (384, n), jnp.bfloat16)
+def block_problem(layout: dict, block_rows: int, k: int, n: int, seed: int):
+  """(layout, lhs [M, k], rhs [E, k, n], g [M, n], active rows) in bf16; layout: BlockLayout's
+  arrays as lists. Shared with tests/test_kernels_gpu.py."""
+  layout = gm.BlockLayout(**{key: jnp.array(v, jnp.int32) for key, v in layout.items()},
+                          block_rows=block_rows)
+  m, experts = layout.num_rows, layout.group_start.shape[0]
+  ks = jax.random.split(jax.random.key(seed), 3)
+  lhs = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
+  rhs = jax.random.normal(ks[1], (experts, k, n), jnp.bfloat16)
+  g = jax.random.normal(ks[2], (m, n), jnp.bfloat16)
   return layout, lhs, rhs, g, np.asarray(layout.row_active())
 
 
-def _close(got, want, rows=None):
+def _interpret_problem(n=256):
+  return block_problem(INTERPRET_LAYOUT, 128, 128, n, seed=3)
+
+
+def rel_err(got, want, rows=None) -> float:
+  """|got - want| / |want| (Frobenius) in float32, over `rows` if given."""
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   if rows is not None:
     got, want = got[rows], want[rows]
-  assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _close(got, want, rows=None):
+  assert rel_err(got, want, rows) <= 1e-2
 
 
 def test_gmm_kernel_interpret():

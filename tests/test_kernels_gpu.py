@@ -4,12 +4,11 @@ Needs a Hopper GPU: run on the device machine (`pytest tests/test_kernels_gpu.py
 same kernels are tested through Pallas' GPU interpreter (tests/test_fast_dispatch.py), which cannot
 run the cluster (multicast) tilings.
 """
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe_jax.kernels import grouped_matmul as gm
+from tests.test_fast_dispatch import block_problem, rel_err
 
 pytestmark = pytest.mark.skipif(gm.default_backend() != 'mosaic',
                                 reason='the Mosaic GPU kernels need a Hopper GPU')
@@ -19,21 +18,8 @@ BLOCK_ROWS, SIZE = 256, 512  # fit every candidate tiling, clusters included
 
 def _problem():
   """Expert 0: two blocks, expert 1: none, expert 2: one block, then one idle block."""
-  layout = gm.BlockLayout(block_group=jnp.array([0, 0, 2, -1], jnp.int32),
-                          group_start=jnp.array([0, 2, 2], jnp.int32),
-                          group_blocks=jnp.array([2, 0, 1], jnp.int32), block_rows=BLOCK_ROWS)
-  ks = jax.random.split(jax.random.key(0), 3)
-  lhs = jax.random.normal(ks[0], (4 * BLOCK_ROWS, SIZE), jnp.bfloat16)
-  rhs = jax.random.normal(ks[1], (3, SIZE, SIZE), jnp.bfloat16)
-  g = jax.random.normal(ks[2], (4 * BLOCK_ROWS, SIZE), jnp.bfloat16)
-  return layout, lhs, rhs, g, np.asarray(layout.row_active())
-
-
-def _rel_err(got, want, rows=None) -> float:
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  if rows is not None:
-    got, want = got[rows], want[rows]
-  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+  layout = dict(block_group=[0, 0, 2, -1], group_start=[0, 2, 2], group_blocks=[2, 0, 1])
+  return block_problem(layout, BLOCK_ROWS, SIZE, SIZE, seed=0)
 
 
 def _check_all(tilings, errors_of):
@@ -54,8 +40,8 @@ def test_gmm_tilings():
   want = gm.gmm(lhs, rhs, layout)
   want_t = gm.gmm(g, rhs, layout, transpose_rhs=True)
   _check_all(gm.fitting(gm.GMM_TILINGS, BLOCK_ROWS, SIZE, SIZE), lambda t: (
-      _rel_err(gm.gmm(lhs, rhs, layout, backend='mosaic', tiling=t), want, rows),
-      _rel_err(gm.gmm(g, rhs, layout, transpose_rhs=True, backend='mosaic', tiling=t), want_t,
+      rel_err(gm.gmm(lhs, rhs, layout, backend='mosaic', tiling=t), want, rows),
+      rel_err(gm.gmm(g, rhs, layout, transpose_rhs=True, backend='mosaic', tiling=t), want_t,
                rows)))
 
 
@@ -66,5 +52,5 @@ def test_tgmm_tilings():
   def errors(t):
     got = gm.tgmm(lhs, g, layout, backend='mosaic', tiling=t)
     empty = float(np.abs(np.asarray(got[1], np.float32)).max())  # the empty expert: zeros
-    return _rel_err(got, want), empty
+    return rel_err(got, want), empty
   _check_all(gm.fitting(gm.TGMM_TILINGS, SIZE, SIZE), errors)
