@@ -53,13 +53,6 @@ def jax_mgpu_configs():
   return ref, out
 
 
-def one_expert_layout(m: int) -> gm.BlockLayout:
-  blocks = m // BLOCK_ROWS
-  return gm.BlockLayout(block_group=jnp.zeros((blocks,), jnp.int32),
-                        group_start=jnp.zeros((1,), jnp.int32),
-                        group_blocks=jnp.full((1,), blocks, jnp.int32), block_rows=BLOCK_ROWS)
-
-
 def bench_shape(name, m, k, n, iters, tilings) -> dict:
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (m, k), jnp.bfloat16)
@@ -87,7 +80,7 @@ def bench_shape(name, m, k, n, iters, tilings) -> dict:
     label = (f'jax_mgpu wg={c.wg_dimension.name} stages={c.max_concurrent_steps} '
              f'cluster={getattr(c.cluster_dimension, "name", None)} width={c.grid_tile_width}')
     record(label, jax.jit(lambda x, y, c=c: ref.matmul(x, y, None, c)), a, b)
-  layout = one_expert_layout(m)
+  layout = moe_layer.even_layout(1, m // BLOCK_ROWS, BLOCK_ROWS)
   for t in gm.fitting(tilings, BLOCK_ROWS, n, k):
     fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(t)
               if getattr(t, f.name) != getattr(gm.Tiling(), f.name)}
@@ -109,31 +102,26 @@ def ffn_bounds(case, iters: int, tune: bool) -> dict:
   def ffn(matmul, x, w):
     return feed_forward(matmul, x, w['in'], w['out'], w['gate'])
 
-  def grad_of(apply, x, w):
-    ct = jnp.ones(apply(x, w).shape, dtype)
-    return jax.jit(jax.grad(lambda x, w: jnp.vdot(apply(x, w).astype(jnp.float32), ct),
-                            argnums=(0, 1)))
+  def grad_of(matmul):  # (w, x, ct) -> (d w, d x)
+    return moe_layer.fwd_and_grad(lambda w, x: ffn(matmul, x, w))[1]
 
   kernels = moe_layer.tune_kernels(case, dtype, iters, BLOCK_ROWS, 4) if tune else []
   out = {}
   x = rand(case.tokens, d)
   dense_w = {'in': rand(d, case.k * f), 'gate': rand(d, case.k * f), 'out': rand(case.k * f, d)}
-  out['dense'] = grad_of(lambda x, w: ffn(jnp.matmul, x, w), x, dense_w)
+  out['dense'] = grad_of(jnp.matmul)
   xb = rand(e, rows, d)
   w = {'in': rand(e, d, f), 'gate': rand(e, d, f), 'out': rand(e, f, d)}
-  batched = lambda a, b: jnp.einsum('erd,edf->erf', a, b)
-  out['cublas_batched'] = grad_of(lambda x, w: ffn(batched, x, w), xb, w)
-  layout = gm.BlockLayout(
-      block_group=jnp.repeat(jnp.arange(e, dtype=jnp.int32), rows // BLOCK_ROWS),
-      group_start=jnp.arange(e, dtype=jnp.int32) * (rows // BLOCK_ROWS),
-      group_blocks=jnp.full((e,), rows // BLOCK_ROWS, jnp.int32), block_rows=BLOCK_ROWS)
-  grouped = lambda a, b: gm.grouped_matmul(a, b, layout)
+  out['cublas_batched'] = grad_of(lambda a, b: jnp.einsum('erd,edf->erf', a, b))
+  layout = moe_layer.even_layout(e, rows // BLOCK_ROWS, BLOCK_ROWS)
+  out['grouped'] = grad_of(lambda a, b: gm.grouped_matmul(a, b, layout))
   xg = xb.reshape(e * rows, d)
-  out['grouped'] = grad_of(lambda x, w: ffn(grouped, x, w), xg, w)
-  args = {'dense': (x, dense_w), 'cublas_batched': (xb, w), 'grouped': (xg, w)}
+  ones = jnp.ones_like  # cotangent: an FFN's output has its input's shape
+  args = {'dense': (dense_w, x, ones(x)), 'cublas_batched': (w, xb, ones(xb)),
+          'grouped': (w, xg, ones(xg))}
   got, want = out['grouped'](*args['grouped']), out['cublas_batched'](*args['cublas_batched'])
-  err = max(rel_err(got[0].reshape(want[0].shape), want[0]),
-            *(rel_err(got[1][name], want[1][name]) for name in w))
+  err = max(rel_err(got[1].reshape(want[1].shape), want[1]),
+            *(rel_err(got[0][name], want[0][name]) for name in w))
   if err > 2e-2:
     raise AssertionError(f'grouped and batched expert FFN gradients differ: {err:.1e}')
   times = {name: moe_layer.kernel_ms(fn, *args[name], iters=iters) for name, fn in out.items()}

@@ -306,6 +306,14 @@ def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_f
               rows=rows, overheads=over)
 
 
+def even_layout(experts: int, blocks_per_expert: int, block_rows: int,
+                idle_blocks: int = 0) -> gm.BlockLayout:
+  """The block layout of `experts` experts of `blocks_per_expert` blocks each, then idle blocks."""
+  counts = jnp.full((experts,), blocks_per_expert * block_rows, jnp.int32)
+  total = (experts * blocks_per_expert + idle_blocks) * block_rows
+  return fast_dispatch._layout(counts, total, block_rows)[0]  # pylint: disable=protected-access
+
+
 def tune_kernels(case: Case, dtype, iters: int, block_rows: int | None = None,
                  max_candidates: int = 4) -> list[dict]:
   """Times the grouped matmul kernels of the case's six shapes (forward d->f and f->d, their
@@ -317,9 +325,7 @@ def tune_kernels(case: Case, dtype, iters: int, block_rows: int | None = None,
   rows = case.tokens * case.k
   block_rows = block_rows or fast_dispatch.default_block_rows(rows, case.experts)
   per = -(-rows // case.experts // block_rows)  # blocks per expert
-  counts = jnp.full((case.experts,), per * block_rows, jnp.int32)
-  layout, _ = fast_dispatch._layout(  # pylint: disable=protected-access
-      counts, (per * case.experts + 1) * block_rows, block_rows)
+  layout = even_layout(case.experts, per, block_rows, idle_blocks=1)
   m, used = layout.num_rows, per * block_rows * case.experts
   keys = iter(jax.random.split(jax.random.key(0), 16))
   rand = lambda *shape: jax.random.normal(next(keys), shape, dtype)
