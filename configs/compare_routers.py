@@ -3,13 +3,16 @@
   moe-jax sweep --config configs/compare_routers.py --workdir runs/compare_routers
 
 Members override the base LM (`lm_tiny.py`). With `size_experts=True` the sweep sets every MoE
-member's expert width `moe.d_ff` so its FLOPs per token (as executed, capacity padding included;
-see moe_jax/flops.py) match the dense model's, then checks all members against the dense budget
-and refuses to start if any misses it by more than `flops_tolerance`.
+member's expert width `moe.d_ff` so its FLOPs per token match the dense model's by the
+`flops_match` convention, then checks all members against the dense budget and refuses to start
+if any misses it by more than `flops_tolerance`. 'active' is the papers' convention (k expert FFNs
+per token for token choice, capacity padding not counted; see moe_jax/flops.py); the results table
+shows each member's active and executed FLOPs.
 
-Causality: expert choice and Soft MoE choose over a group of tokens, so they route tokens at the
-same position across the batch (`group_by='position'`): no token ever sees a later one, at the price
-of coupling the sequences of a batch. Token-choice members route each sequence as a group.
+Causality (moe_jax/causality.py, checked when each member's model is built): expert choice and
+Soft MoE route the tokens at one position across the batch (`group_by='position'`), at the price of
+coupling the sequences of a batch; token-choice members route each sequence with
+`priority='token'` (from lm_tiny.py), so no token can take an earlier token's slot.
 """
 import importlib.util
 import pathlib
@@ -29,8 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.base = _base()
   config.base.train.eval_every = 50  # six points on the eval-loss plot
+  config.base.deterministic = True  # bitwise-repeatable on GPU too (moe_jax/reproducibility.py)
   config.size_experts = True
   config.flops_tolerance = 0.02
+  config.flops_match = 'active'
   config.members = ml_collections.ConfigDict(sort_keys=False, initial_dictionary={
       'dense': {'model': {'moe_every': 0}},
       'switch_top1': {'moe': {'router': 'token_choice', 'k': 1, 'capacity_factor': 1.25}},

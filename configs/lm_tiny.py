@@ -17,6 +17,9 @@ from moe_jax.spec import moe_config
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # XLA:GPU deterministic ops (moe_jax/reproducibility.py): bitwise-repeatable GPU runs at some
+  # speed cost; CPU and TPU runs are deterministic either way. Sweeps and claims turn it on.
+  config.deterministic = False
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'tiny_shakespeare'
@@ -34,9 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.activation = 'swiglu'
   config.model.dtype = 'float32'
   config.model.attention = 'auto'  # 'auto': cuDNN fused attention on GPU in bf16, else 'xla'
+  config.model.allow_future_leak = False  # True builds routing that sees later tokens (to study it)
 
   # Every MoESpec field (moe_jax/spec.py documents them), defaults but for these.
-  config.moe = moe_config(d_ff=256)
+  # priority='token' keeps capacity-bound top-k causal (moe_jax/causality.py).
+  config.moe = moe_config(d_ff=256, priority='token')
 
   # Device mesh (docs/parallelism.md): data * expert = the device count, or 1x1 = one device.
   config.mesh = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ from moe_jax.spec import moe_config
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.deterministic = False  # XLA:GPU deterministic ops (moe_jax/reproducibility.py)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'digits'

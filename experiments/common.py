@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
+from moe_jax import reproducibility
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCALES = ('cpu', 'gpu')
 
@@ -44,17 +46,21 @@ def _check_scale(scale: str) -> None:
 
 
 # --- Scale presets -----------------------------------------------------------------------------
-# cpu: tiny, for CI and a laptop: one run of a member takes ~10-20 s on 2 CPU cores after a
-#   ~10 s compile that the seeds of a member share (same model, same TrainConfig).
-# gpu: sized for one H100 and for held-out loss that still falls at the end of every run (the
-#   first GPU run, 16 passes over the data, measured overfitting instead: experiments/README.md).
+# cpu: tiny, for CI and a laptop, on Tiny Shakespeare and the 8x8 digits: one run of a member
+#   takes ~10-20 s on 2 CPU cores after a ~10 s compile that the seeds of a member share. A smoke
+#   test of the machinery: at this size the claims cannot resolve.
+# gpu: sized so that the whole table takes ~10-15 min of one H200 with `--jobs 6`, on data big
+#   enough that no run sees a byte twice: LM claims on English mix (50 MB; each run reads 0.2 of
+#   one pass), claim (f) on Fashion-MNIST (60,000 images; 2.1 epochs). Sized before any result of
+#   this data was seen; the overfitting guard (`check_not_overfit`) still applies.
 
 
 def lm_base(scale: str) -> ml_collections.ConfigDict:
-  """configs/lm_tiny.py at `scale`: a byte-level LM on Tiny Shakespeare, one MoE block in two
-  (cpu) or two in four (gpu); Switch top-1, 8 experts, as members override."""
+  """configs/lm_tiny.py at `scale`: a byte-level LM, one MoE block in two (cpu: 2 blocks on Tiny
+  Shakespeare; gpu: 4 blocks on English mix); Switch top-1, 8 experts, as members override."""
   _check_scale(scale)
   config = load_config_file('configs/lm_tiny.py')
+  config.deterministic = True  # bitwise-repeatable GPU runs (moe_jax/reproducibility.py)
   if scale == 'cpu':
     config.data.update(seq_len=64, batch_size=16)
     config.model.update(d_model=64, num_layers=2, num_heads=2, d_ff=256, moe_every=2)
@@ -62,44 +68,46 @@ def lm_base(scale: str) -> ml_collections.ConfigDict:
     config.train.update(steps=200, warmup_steps=10, learning_rate=1e-2, log_every=10,
                         eval_every=100, eval_batches=4)
   else:
-    config.data.update(seq_len=256, batch_size=32)
+    config.data.update(name='english_mix', seq_len=256, batch_size=32)
     config.model.update(d_model=256, num_layers=4, num_heads=4, d_ff=1024, moe_every=2)
     config.moe.update(num_experts=8, d_ff=1024)
-    # 500 x 8,192 tokens = 4 passes over the 1.0M training bytes (with 16 passes every member's
-    # held-out loss bottomed out near pass 8 and rose by the end: gpu run 1 in the README).
-    config.train.update(steps=500, warmup_steps=50, learning_rate=3e-3, log_every=10,
-                        eval_every=100, eval_batches=6)  # 6 x 32 x 256 of the 55,769 held out
+    # 1,200 x 8,192 = 9.8M tokens: 0.2 of a pass over English mix's 50M training bytes.
+    config.train.update(steps=1200, warmup_steps=100, learning_rate=3e-3, log_every=10,
+                        eval_every=300, eval_batches=16)  # 16 x 32 x 256 of the ~0.5M held out
   config.train.update(checkpoint_every=0, progress=False)  # final checkpoint only
   return config
 
 
 def vit_base(scale: str) -> ml_collections.ConfigDict:
-  """configs/vit_digits.py at `scale`: a ViT on the 8x8 digits, 2x2 patches (cpu, 16 tokens) or
-  1x1 patches (gpu, 64 tokens), an MoE FFN in every second block."""
+  """configs/vit_digits.py at `scale`: a ViT with an MoE FFN in every second block, on the 8x8
+  digits with 2x2 patches (cpu, 16 tokens) or on Fashion-MNIST with 4x4 patches (gpu, 49 tokens)."""
   _check_scale(scale)
   config = load_config_file('configs/vit_digits.py')
+  config.deterministic = True
   if scale == 'cpu':
     config.data.batch_size = 64
     config.model.update(patch_size=2, d_model=64, num_layers=4, num_heads=4, d_ff=128)
     config.train.update(steps=300, warmup_steps=20, learning_rate=3e-3, log_every=10,
                         eval_every=100)
   else:
-    config.data.batch_size = 128
-    config.model.update(patch_size=1, d_model=192, num_layers=6, num_heads=6, d_ff=768)
-    config.moe.update(slots_per_expert=8)  # 8 experts x 8 slots = 64 tokens per image
-    # 250 steps = 22 epochs of the 1,437 training images (with 1,000 steps the test loss was lowest
-    # at the first evaluation, step 250, and rose after it: gpu run 1 in the README).
-    config.train.update(steps=250, warmup_steps=25, learning_rate=1e-3, log_every=10,
-                        eval_every=50)
+    config.data.update(name='fashion_mnist', batch_size=128)
+    config.model.update(patch_size=4, d_model=128, num_layers=4, num_heads=4, d_ff=512)
+    config.moe.update(slots_per_expert=6)  # 8 experts x 6 slots for 49 tokens per image
+    # 1,000 x 128 images = 2.1 epochs of the 60,000 training images (the digits, 1,437 images,
+    # were memorized within 250 steps: experiments/README.md).
+    config.train.update(steps=1000, warmup_steps=50, learning_rate=1e-3, log_every=10,
+                        eval_every=250, eval_batches=10)  # the 10,000 test images in 10 batches
   config.train.update(checkpoint_every=0, progress=False)
   return config
 
 
-def sweep_config(task: str, scale: str, members: dict, *, size_experts: bool = True,
-                 flops_tolerance: float = 0.02, seeds: Sequence[int] | None = None,
+def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
+                 size_experts: bool = True, flops_tolerance: float = 0.02,
+                 seeds: Sequence[int] | None = None,
                  base_changes: Callable | None = None) -> ml_collections.ConfigDict:
-  """A claim's sweep: the task's base at `scale` (changed by `base_changes(base)`), `members`,
-  3 seeds at cpu scale and 8 at gpu scale unless `seeds` is given."""
+  """A claim's sweep: the task's base at `scale` (changed by `base_changes(base)`), `members`
+  sized and checked at equal FLOPs by the paper's convention `flops_match` ('active' or
+  'executed', see moe_jax/flops.py), 3 seeds at cpu scale and 5 at gpu scale unless `seeds`."""
   config = ml_collections.ConfigDict()
   config.task = task
   config.scale = scale
@@ -108,7 +116,8 @@ def sweep_config(task: str, scale: str, members: dict, *, size_experts: bool = T
     base_changes(config.base)
   config.size_experts = size_experts
   config.flops_tolerance = flops_tolerance
-  config.seeds = list(seeds if seeds is not None else (range(3) if scale == 'cpu' else range(8)))
+  config.flops_match = flops_match
+  config.seeds = list(seeds if seeds is not None else (range(3) if scale == 'cpu' else range(5)))
   config.members = ml_collections.ConfigDict(members, sort_keys=False)
   return config
 
@@ -138,6 +147,7 @@ def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: int | None = 
     raise ValueError(f'--seeds={seeds} is too few: an interval needs at least 2 seeds.')
   if data_dir is not None:
     sweep.base.data.data_dir = data_dir
+  reproducibility.configure_from(sweep.base)  # before building members starts JAX's backends
   build_members, train_fn, describe = _task(sweep.task)
   members = build_members(sweep)  # validates and checks equal FLOPs before any training
   workdir.mkdir(parents=True, exist_ok=True)
@@ -261,14 +271,17 @@ class Verdict:
 
 
 def member_rows(results: dict, metrics: Sequence[tuple[str, str, int]]) -> dict:
-  """{member: {column: text}}: the description, FLOPs/token, total params and, for each
+  """{member: {column: text}}: the description, forward FLOPs/token by both conventions (active:
+  k experts per token; executed: capacity padding counts), total and active params and, for each
   (metric, column title, digits), mean ± 95% half-width over seeds."""
   rows = {}
   for name, result in results.items():
     first = result['runs'][0]
     row = {'ffn': result['description'],
-           'FLOPs/token': f"{first['flops_per_token'] / 1e6:.3f}M",
-           'params': f"{first['params_total'] / 1e6:.3f}M"}
+           'FLOPs active': f"{first['flops_active'] / 1e6:.3f}M",
+           'FLOPs executed': f"{first['flops_executed'] / 1e6:.3f}M",
+           'params': f"{first['params_total'] / 1e6:.3f}M",
+           'params active': f"{first['params_active'] / 1e6:.3f}M"}
     for metric, title, digits in metrics:
       row[title] = Interval.of(values(results, name, metric)).format(digits)
     rows[name] = row

@@ -4,7 +4,9 @@
 
 Expert choice (capacity factor 2, i.e. 2 experts per token on average) routes the tokens at one
 position across the batch together (`group_by='position'`), which keeps the LM causal; GShard
-top-2 (capacity factor 1.25) routes each sequence. Both are sized to the dense FFN's FLOPs.
+top-2 (capacity factor 1.25, `priority='token'`: causal) routes each sequence. Both are sized to
+the dense FFN's *active* FLOPs, the paper's convention: 2 expert FFNs per token for each (EC's
+capacity factor 2 is 2 experts per token on average; top-2's capacity padding is not counted).
 "Matches" is defined as: worse by less than MARGIN nats/byte (the whole 95% interval of the
 paired difference below MARGIN).
 """
@@ -17,7 +19,7 @@ MARGIN = 0.01  # nats / byte
 
 
 def get_config(scale: str = 'cpu'):
-  return common.sweep_config('lm', scale, {
+  return common.sweep_config('lm', scale, flops_match='active', members={
       'gshard_top2': {'moe': {'router': 'token_choice', 'k': 2, 'capacity_factor': 1.25}},
       'expert_choice': {'moe': {'router': 'expert_choice', 'capacity_factor': 2.0,
                                 'group_by': 'position'}},

@@ -5,8 +5,9 @@
 DeepSeekMoE's recipe applied to GShard top-2 over 8 experts: split every expert into m = 4
 narrower ones (32 experts of a quarter of the width, 8 active per token) and make one of them a
 shared, always-on expert: 31 routed experts, k = 7, plus 1 shared. Both members are sized to the
-dense FFN's FLOPs; total parameters then agree to within the router and rounding, which the
-verdict checks (PARAMS_TOLERANCE) rather than assumes.
+dense FFN's *active* FLOPs (DeepSeekMoE compares at equal activated parameters: 8 expert-quarters
+against 2 whole experts); total parameters then agree to within the router and rounding, which
+the verdict checks (PARAMS_TOLERANCE) rather than assumes.
 """
 from experiments import common
 
@@ -17,7 +18,7 @@ PARAMS_TOLERANCE = 0.05
 
 
 def get_config(scale: str = 'cpu'):
-  return common.sweep_config('lm', scale, {
+  return common.sweep_config('lm', scale, flops_match='active', members={
       'gshard_top2': {'moe': {'router': 'token_choice', 'num_experts': 8, 'k': 2,
                               'capacity_factor': 1.25}},
       'fine_grained_shared': {'moe': {'router': 'token_choice', 'num_experts': 31, 'k': 7,

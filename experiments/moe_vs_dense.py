@@ -2,8 +2,11 @@
 
   python -m experiments run --claims a --scale cpu --workdir runs/claims
 
-Switch top-1 (capacity factor 1.25) with its expert width sized so that the model's FLOPs per
-token as executed (capacity padding included) equal the dense model's; metric: held-out loss.
+Switch top-1 (capacity factor 1.25) with its expert width sized so that the model's *active*
+FLOPs per token (one expert FFN per token, the Switch paper's convention: its Switch-Base is
+"FLOP-matched" to T5-Base with experts as wide as T5's FFN) equal the dense model's; capacity
+padding makes its executed FLOPs ~1.25x the expert share (both are in the table). Metric:
+held-out loss.
 """
 from experiments import common
 
@@ -13,7 +16,7 @@ SOURCE = 'Fedus et al. 2021, Switch Transformers (fig. 1, sec. 3); Shazeer et al
 
 
 def get_config(scale: str = 'cpu'):
-  return common.sweep_config('lm', scale, {
+  return common.sweep_config('lm', scale, flops_match='active', members={
       'dense': {'model': {'moe_every': 0}},
       'switch_top1': {'moe': {'router': 'token_choice', 'k': 1, 'capacity_factor': 1.25}},
   })

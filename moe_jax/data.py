@@ -116,30 +116,64 @@ def decode(ids) -> str:
   return ids.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
 
 
+# Rows of one batch start at least this many windows apart, so that no row is another's
+# continuation: routing that couples a batch's rows (group_by='position') then never mixes a
+# sequence with its own nearby text.
+MIN_ROW_GAP_WINDOWS = 4
+
+
+def train_window_starts(num_tokens: int, step: int, batch_size: int, seq_len: int,
+                        seed: int) -> np.ndarray:
+  """[batch_size] start offsets of step `step`'s windows, a function of (seed, step) only.
+
+  One random offset per step; row i starts (offset + i * stride) mod the number of starts, with
+  stride = that number // batch_size. Any two rows start >= stride >= MIN_ROW_GAP_WINDOWS windows
+  apart in the text (the wrap joins the text's end to its start, which are not neighbours).
+  """
+  num_starts = num_tokens - seq_len
+  if num_starts < 1:
+    raise ValueError(f'need more than seq_len={seq_len} tokens, got {num_tokens}')
+  stride = num_starts // batch_size
+  if stride < MIN_ROW_GAP_WINDOWS * seq_len:
+    raise ValueError(
+        f'{num_tokens} training tokens are too few for {batch_size} rows of seq_len={seq_len} '
+        f'that start >= {MIN_ROW_GAP_WINDOWS} windows apart; lower config.data.batch_size or '
+        'seq_len, or use more text.')
+  offset = np.random.default_rng([seed, step]).integers(0, num_starts)
+  return (offset + stride * np.arange(batch_size)) % num_starts
+
+
 def train_batch(
     tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int
 ) -> np.ndarray:
-  """[batch_size, seq_len + 1] int32 random windows of `tokens`, a function of (seed, step) only."""
-  if len(tokens) <= seq_len:
-    raise ValueError(f'need more than seq_len={seq_len} tokens, got {len(tokens)}')
-  starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, batch_size)
+  """[batch_size, seq_len + 1] int32 windows at `train_window_starts`."""
+  starts = train_window_starts(len(tokens), step, batch_size, seq_len, seed)
   return np.asarray(tokens)[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+
+
+def eval_window_starts(num_tokens: int, batch_size: int, seq_len: int,
+                       num_batches: int) -> np.ndarray:
+  """[num_batches, batch_size] start offsets of the evaluation windows.
+
+  The text is cut into windows k = tokens[k * seq_len : (k + 1) * seq_len + 1] (inputs and targets
+  of different windows never overlap, so every target is scored once) and the windows into
+  batch_size equal stretches: row i of batch j is window j of stretch i. The rows of one batch
+  are a whole stretch apart, never each other's continuation.
+  """
+  stride = (num_tokens - 1) // seq_len // batch_size  # windows per stretch
+  if stride < max(num_batches, MIN_ROW_GAP_WINDOWS):
+    raise ValueError(
+        f'{num_tokens} held-out tokens are too few for {num_batches} evaluation batches of '
+        f'{batch_size} x {seq_len} whose rows lie >= {MIN_ROW_GAP_WINDOWS} windows apart: they '
+        f'need {max(num_batches, MIN_ROW_GAP_WINDOWS) * batch_size * seq_len + 1}. Lower '
+        'config.train.eval_batches, config.data.batch_size or seq_len.')
+  index = np.arange(num_batches)[:, None] + stride * np.arange(batch_size)[None, :]
+  return index * seq_len
 
 
 def eval_batches(
     tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int
 ) -> np.ndarray:
-  """[num_batches, batch_size, seq_len + 1] int32 fixed windows from the start of `tokens`.
-
-  Window k is tokens[k * seq_len : (k + 1) * seq_len + 1], so inputs (and targets) of different
-  windows do not overlap: each of the first num_batches * batch_size * seq_len targets is scored
-  exactly once.
-  """
-  count = num_batches * batch_size
-  if len(tokens) < count * seq_len + 1:
-    raise ValueError(
-        f'{num_batches} batches of {batch_size} x {seq_len} need {count * seq_len + 1} tokens, '
-        f'got {len(tokens)}'
-    )
-  windows = np.asarray(tokens)[np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)]
-  return windows.reshape(num_batches, batch_size, seq_len + 1).astype(np.int32)
+  """[num_batches, batch_size, seq_len + 1] int32 windows at `eval_window_starts`."""
+  starts = eval_window_starts(len(tokens), batch_size, seq_len, num_batches)
+  return np.asarray(tokens)[starts[..., None] + np.arange(seq_len + 1)].astype(np.int32)

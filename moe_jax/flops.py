@@ -1,8 +1,15 @@
 """Analytic FLOPs and parameter counts, and equal-FLOPs sizing of router comparisons.
 
-Conventions: forward FLOPs per token, a multiply-add counts 2. Experts count *as executed*: a
-capacity-bounded layer runs E * C slots per group of n tokens whether they are full or not, so
-capacity padding counts. Counted: router logits, Soft MoE's dispatch/combine products, expert and
+Forward FLOPs per token, a multiply-add counts 2. Routed experts count by one of two conventions
+(`CONVENTIONS`), which differ only for token choice with a capacity:
+
+* 'active' (the papers' convention: Switch, GShard, expert choice, DeepSeekMoE): k expert FFNs per
+  token for token choice, whatever the capacity; E * C / n for expert choice (its capacity factor)
+  and E * S / n for Soft MoE, which run exactly that many.
+* 'executed' (hardware cost): a capacity-bounded layer runs E * C slots per group of n tokens
+  whether they are full or not, so capacity padding counts (k * capacity_factor per token).
+
+Counted: router logits, Soft MoE's dispatch/combine products, expert and
 shared-expert FFNs. Not counted (O(d) per token, equal across routers): softmax/top-k, the combine
 weighting, norms and residuals. The one-hot 'einsum' dispatch reference does extra work that is an
 implementation choice, not part of the model, and is not counted either.
@@ -38,9 +45,20 @@ def ffn_flops(d_model: int, d_ff: int, activation: str = 'swiglu') -> float:
   return 2.0 * d_model * d_ff * ffn_matrices(activation)
 
 
-def expert_slots_per_token(spec: MoESpec, shape: Shape) -> float:
-  """Routed-expert FFN evaluations per token as executed (capacity padding included)."""
-  if spec.capacity_factor is None:  # dropless: exactly k per token
+CONVENTIONS = ('active', 'executed')
+
+
+def check_convention(convention: str, field: str = 'config.flops_match') -> str:
+  """`convention` if it is one of CONVENTIONS, else a ValueError naming `field`."""
+  if convention not in CONVENTIONS:
+    raise ValueError(f'{field}={convention!r} is invalid: choose one of {CONVENTIONS} (active: '
+                     "the papers' k experts per token; executed: capacity padding counts).")
+  return convention
+
+
+def expert_slots_per_token(spec: MoESpec, shape: Shape, convention: str = 'executed') -> float:
+  """Routed-expert FFN evaluations per token by `convention` (see the module docstring)."""
+  if spec.router == 'token_choice' and (spec.capacity_factor is None or convention == 'active'):
     return float(spec.k)
   n = shape.group_size(spec.group_by)
   if spec.router == 'soft':
@@ -59,37 +77,40 @@ def router_flops(spec: MoESpec, d_model: int) -> float:
   return 2.0 * d_model * spec.num_experts
 
 
-def moe_flops(spec: MoESpec, d_model: int, shape: Shape) -> float:
-  """Forward FLOPs per token of an MoE layer as executed."""
+def moe_flops(spec: MoESpec, d_model: int, shape: Shape, convention: str = 'executed') -> float:
+  """Forward FLOPs per token of an MoE layer by `convention`."""
   per_expert = ffn_flops(d_model, spec.d_ff, spec.activation)
   return (router_flops(spec, d_model) + spec.num_shared_experts * per_expert
-          + expert_slots_per_token(spec, shape) * per_expert)
+          + expert_slots_per_token(spec, shape, convention) * per_expert)
 
 
 def layer_flops(spec: MoESpec | None, d_model: int, d_ff: int, shape: Shape,
-                activation: str = 'swiglu') -> float:
+                activation: str = 'swiglu', convention: str = 'executed') -> float:
   """FFN-layer FLOPs per token: the MoE layer, or a dense FFN of width d_ff when spec is None."""
-  return ffn_flops(d_model, d_ff, activation) if spec is None else moe_flops(spec, d_model, shape)
+  if spec is None:
+    return ffn_flops(d_model, d_ff, activation)
+  return moe_flops(spec, d_model, shape, convention)
 
 
 def moe_params(spec: MoESpec, d_model: int, shape: Shape) -> tuple[int, float]:
-  """(total, active per token) parameters of an MoE layer."""
+  """(total, active per token) parameters of an MoE layer; active counts the routed experts of the
+  'active' convention (k for token choice: the papers' activated parameters)."""
   per_expert = ffn_matrices(spec.activation) * d_model * spec.d_ff
   router = d_model * spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1)
   router += int(spec.router == 'soft')  # learnable scale
   shared = spec.num_shared_experts * per_expert
   total = router + shared + spec.num_experts * per_expert
-  active = router + shared + min(expert_slots_per_token(spec, shape), spec.num_experts) * per_expert
+  routed = min(expert_slots_per_token(spec, shape, 'active'), spec.num_experts)
+  active = router + shared + routed * per_expert
   return total, active
 
 
-def size_to_budget(spec: MoESpec, d_model: int, shape: Shape, budget: float) -> MoESpec:
-  """Returns `spec` with the expert width d_ff that brings its FLOPs closest to `budget`.
-
-  FLOPs are affine in d_ff, so the width is solved for directly and rounded to an integer.
-  """
-  at_one = moe_flops(spec.replace(d_ff=1), d_model, shape)
-  per_unit = moe_flops(spec.replace(d_ff=2), d_model, shape) - at_one
+def size_to_budget(spec: MoESpec, d_model: int, shape: Shape, budget: float,
+                   convention: str = 'executed') -> MoESpec:
+  """Returns `spec` with the expert width d_ff that brings its FLOPs (by `convention`) closest to
+  `budget`. FLOPs are affine in d_ff, so the width is solved for directly and rounded."""
+  at_one = moe_flops(spec.replace(d_ff=1), d_model, shape, convention)
+  per_unit = moe_flops(spec.replace(d_ff=2), d_model, shape, convention) - at_one
   d_ff = round((budget - at_one) / per_unit) + 1
   if d_ff < 1:
     raise ValueError(
@@ -98,15 +119,17 @@ def size_to_budget(spec: MoESpec, d_model: int, shape: Shape, budget: float) -> 
   return spec.replace(d_ff=d_ff)
 
 
-def check_equal_flops(flops: Mapping[str, float], budget: float, tolerance: float) -> None:
-  """Raises ValueError naming every member whose FLOPs/token miss `budget` by more than tolerance."""
+def check_equal_flops(flops: Mapping[str, float], budget: float, tolerance: float,
+                      convention: str = 'executed') -> None:
+  """Raises ValueError naming every member whose FLOPs/token (by `convention`) miss `budget` by
+  more than tolerance."""
   misses = {name: value / budget - 1 for name, value in flops.items()
             if abs(value / budget - 1) > tolerance}
   if misses:
     lines = [f'  {name}: {flops[name]:.4g} FLOPs/token ({miss:+.1%})' for name, miss in misses.items()]
     raise ValueError(
-        f'unequal FLOPs: these members miss the budget of {budget:.4g} FLOPs/token by more than '
-        f'{tolerance:.1%}:\n' + '\n'.join(lines) + '\nLet the sweep size them (size_to_budget, '
+        f'unequal {convention} FLOPs: these members miss the budget of {budget:.4g} FLOPs/token '
+        f'by more than {tolerance:.1%}:\n' + '\n'.join(lines) + '\nLet the sweep size them (size_to_budget, '
         'config.size_experts=True) or change their d_ff / k / capacity_factor.')
 
 
@@ -128,13 +151,13 @@ def moe_blocks(num_layers: int, moe_every: int) -> int:
 
 def transformer_flops(spec: MoESpec | None, *, d_model: int, num_layers: int, d_ff: int,
                       moe_every: int, vocab_size: int, shape: Shape,
-                      activation: str = 'swiglu') -> float:
-  """Forward FLOPs per token of the transformer LM as executed (dense FFNs of width d_ff)."""
+                      activation: str = 'swiglu', convention: str = 'executed') -> float:
+  """Forward FLOPs per token of the transformer LM by `convention` (dense FFNs of width d_ff)."""
   d = d_model
   num_moe = moe_blocks(num_layers, moe_every)
   attention = 8.0 * d * d + 4.0 * shape.seq_len * d
   dense = layer_flops(None, d, d_ff, shape, activation)
-  moe = layer_flops(spec, d, d_ff, shape, activation) if num_moe else 0.0
+  moe = layer_flops(spec, d, d_ff, shape, activation, convention) if num_moe else 0.0
   return (num_layers * attention + (num_layers - num_moe) * dense + num_moe * moe
           + 2.0 * d * vocab_size)
 

@@ -14,15 +14,20 @@ import pathlib
 
 import numpy as np
 
-COLUMNS = ('run', 'ffn', 'eval_loss', 'train_loss', 'flops_per_token', 'params_total',
-           'params_active', 'dropped', 'max_over_mean_load', 'tokens_per_s')
+# flops_active / flops_executed: forward FLOPs per token by each convention of moe_jax/flops.py
+# (active: k experts per token, the papers'; executed: capacity padding counts).
+COLUMNS = ('run', 'ffn', 'eval_loss', 'train_loss', 'flops_active', 'flops_executed',
+           'params_total', 'params_active', 'dropped', 'max_over_mean_load', 'tokens_per_s')
 
 
 def read_run(run_dir: pathlib.Path) -> dict:
-  """{'name', 'summary': dict, 'metrics': [dict per logged step]} of one run directory."""
+  """{'name', 'summary': dict, 'metrics': [dict per logged step], 'config': dict ({} if no
+  config.json)} of one run directory."""
   lines = (run_dir / 'metrics.jsonl').read_text().splitlines()
+  config = run_dir / 'config.json'
   return {'name': run_dir.name, 'summary': json.loads((run_dir / 'summary.json').read_text()),
-          'metrics': [json.loads(line) for line in lines if line.strip()]}
+          'metrics': [json.loads(line) for line in lines if line.strip()],
+          'config': json.loads(config.read_text()) if config.exists() else {}}
 
 
 def find_runs(workdir: pathlib.Path) -> list[dict]:
@@ -70,7 +75,8 @@ def table_rows(runs: list[dict]) -> list[dict]:
     s = run['summary']
     rows.append({
         'run': run['name'], 'ffn': run['ffn'], 'eval_loss': s.get('eval_loss'),
-        'train_loss': s.get('train_loss'), 'flops_per_token': s.get('flops_per_token'),
+        'train_loss': s.get('train_loss'), 'flops_active': s.get('flops_active'),
+        'flops_executed': s.get('flops_executed'),
         'params_total': s.get('params_total'), 'params_active': s.get('params_active'),
         'dropped': _last_mean(run['metrics'], 'fraction_dropped'),
         'max_over_mean_load': _last_mean(run['metrics'], 'max_over_mean_load'),
@@ -88,7 +94,7 @@ def _fmt(column: str, value) -> str:
     return f'{100 * value:.1f}%'
   if column == 'max_over_mean_load':
     return f'{value:.2f}'
-  if column == 'flops_per_token':
+  if column in ('flops_active', 'flops_executed'):
     return f'{value / 1e6:.3f}M'
   if column in ('params_total', 'params_active'):
     return f'{value / 1e6:.2f}M'
@@ -172,6 +178,38 @@ def plot_expert_load(runs: list[dict], path: pathlib.Path) -> bool:
   return True
 
 
+DROPPED = ("'dropped' is the share of tokens that got no expert at the end of training (they pass "
+           'through the residual): token choice with a capacity drops a token when all its k '
+           'choices found their experts full; expert choice when no expert picked it; dropless '
+           'and Soft MoE never drop (0.0%); dense has no router (–).')
+
+
+def context(runs: list[dict], workdir: pathlib.Path) -> str:
+  """The conditions behind a results table: steps, tokens seen, seeds, FLOPs convention,
+  determinism and software, the noise caveat and what 'dropped' means."""
+  configs = [run['config'] for run in runs if run['config']]
+  if not configs:
+    return DROPPED
+  first, env = configs[0], runs[0]['summary'].get('environment', {})
+  data, train = first.get('data', {}), first.get('train', {})
+  tokens = train.get('steps', 0) * data.get('batch_size', 0) * data.get('seq_len', 0)
+  seeds = sorted({c.get('seed') for c in configs}, key=str)
+  match = {m.get('flops_match') for m in _sweep_members(workdir).values()} - {None}
+  lines = [
+      f"Each run: {train.get('steps')} steps of {data.get('batch_size')} x {data.get('seq_len')} "
+      f"tokens of `{data.get('name')}` = {tokens:,} training tokens; seed(s) {seeds}.",
+      (f"Members are sized to equal *{match.pop()}* FLOPs per token" if len(match) == 1 else
+       'FLOPs per token') + ' (active: k expert FFNs per token, the papers\' convention; '
+      'executed: capacity padding counts; moe_jax/flops.py); both are in the table.',
+      f"deterministic={first.get('deterministic')}; jax {env.get('jax')}, jaxlib "
+      f"{env.get('jaxlib')} on {env.get('device_count')} x {env.get('device_kind')}.",
+  ]
+  if len(seeds) == 1:
+    lines.append('With one seed, gaps between members of a few hundredths of a nat are within '
+                 'seed noise (experiments/README.md measures it): no ranking is implied.')
+  return '\n'.join(f'- {line}' for line in lines + [DROPPED])
+
+
 def write_report(workdir: str | pathlib.Path) -> str:
   """Writes results.md/.csv and the plots into `workdir`; returns the markdown table."""
   workdir = pathlib.Path(workdir)
@@ -184,7 +222,7 @@ def write_report(workdir: str | pathlib.Path) -> str:
   if plot_expert_load(runs, workdir / 'expert_load.png'):
     plots.append('expert_load.png')
   (workdir / 'results.md').write_text(
-      f'# Results: {workdir.name}\n\n{table}\n\n' + ''.join(f'![{p}]({p})\n' for p in plots))
+      f'# Results: {workdir.name}\n\n{table}\n\n{context(runs, workdir)}\n\n' + ''.join(f'![{p}]({p})\n' for p in plots))
   with open(workdir / 'results.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()

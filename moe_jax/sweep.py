@@ -1,7 +1,9 @@
 """Equal-FLOPs sweeps: build every member's config, size and check FLOPs, train each, report.
 
 A sweep config has `base` (a full experiment config), `members` ({name: overrides of base}),
-`size_experts` and `flops_tolerance`. Nothing is trained until every member is built, validated and
+`size_experts`, `flops_tolerance` and `flops_match`: the FLOPs convention members are sized and
+checked by, 'active' (the papers': k experts per token) or 'executed' (capacity padding counts;
+see moe_jax/flops.py). Absent, 'active'. Nothing is trained until every member is built, validated and
 found within tolerance of the dense budget; a crashed sweep resumes where it stopped (finished
 members are left as they are, an unfinished one resumes from its last checkpoint, and a member whose
 run directory holds a different config is refused).
@@ -16,7 +18,7 @@ from typing import Callable
 
 import ml_collections
 
-from moe_jax import flops, report
+from moe_jax import flops, report, reproducibility
 from moe_jax.models import transformer
 
 
@@ -43,8 +45,8 @@ class Task:
   """What a sweep needs to know of a model family (the LM here, the ViT in `train_vit`).
 
   check_config(config) validates a full config; from_config(config) -> (model config, MoESpec or
-  None); token_shape(config) -> flops.Shape the FFN layers see; flops_per_token(config) -> model
-  forward FLOPs per token.
+  None); token_shape(config) -> flops.Shape the FFN layers see; flops_per_token(config,
+  convention) -> model forward FLOPs per token by `flops.CONVENTIONS` convention.
   """
   check_config: Callable
   from_config: Callable
@@ -66,12 +68,14 @@ def build_members(sweep: ml_collections.ConfigDict,
                   task: Task = LM) -> dict[str, ml_collections.ConfigDict]:
   """Every member's config, sized to the dense FLOP budget when `size_experts`, and checked.
 
-  Each MoE layer's budget is one dense FFN of width config.model.d_ff.
+  Each MoE layer's budget is one dense FFN of width config.model.d_ff, in the sweep's
+  `flops_match` convention.
 
   Raises:
     ValueError: a member's config is invalid, or its model FLOPs/token differ from the dense
       model's by more than `flops_tolerance` (every offending member is named).
   """
+  convention = flops_match(sweep)
   members = {}
   for name, overrides in sweep.members.items():
     config = member_config(sweep.base, overrides)
@@ -80,12 +84,19 @@ def build_members(sweep: ml_collections.ConfigDict,
     if spec is not None and sweep.size_experts:
       budget = flops.ffn_flops(model.d_model, model.d_ff, model.activation)
       config.moe.d_ff = flops.size_to_budget(spec, model.d_model, task.token_shape(config),
-                                             budget).d_ff
+                                             budget, convention).d_ff
     members[name] = config
   dense = member_config(sweep.base, {'model': {'moe_every': 0}})
-  flops.check_equal_flops({name: task.flops_per_token(c) for name, c in members.items()},
-                          budget=task.flops_per_token(dense), tolerance=sweep.flops_tolerance)
+  member_flops = {name: task.flops_per_token(c, convention) for name, c in members.items()}
+  flops.check_equal_flops(member_flops,
+                          budget=task.flops_per_token(dense, convention),
+                          tolerance=sweep.flops_tolerance, convention=convention)
   return members
+
+
+def flops_match(sweep: ml_collections.ConfigDict) -> str:
+  """The sweep's FLOPs convention, `config.flops_match` ('active' when absent), checked."""
+  return flops.check_convention(sweep.get('flops_match', 'active'))
 
 
 def describe(config: ml_collections.ConfigDict, task: Task = LM) -> str:
@@ -114,6 +125,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   from moe_jax import train
 
   workdir = pathlib.Path(workdir)
+  reproducibility.configure_from(sweep.base)  # before building members starts JAX's backends
   members = build_members(sweep)
   if only:
     unknown = sorted(set(only) - set(members))
@@ -122,8 +134,8 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     members = {name: members[name] for name in only}
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'sweep.json').write_text(json.dumps(
-      {name: {'description': describe(c), 'config': c.to_dict()} for name, c in members.items()},
-      indent=2, default=str))
+      {name: {'description': describe(c), 'config': c.to_dict(), 'flops_match': flops_match(sweep)}
+       for name, c in members.items()}, indent=2, default=str))
   start = time.time()
   for i, (name, config) in enumerate(members.items()):
     print(f'[{i + 1}/{len(members)}] {name}: {describe(config)}', flush=True)

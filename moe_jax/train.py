@@ -29,7 +29,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
-from moe_jax import data, parallel
+from moe_jax import data, flops, parallel, reproducibility
 from moe_jax.models import describe_ffn, transformer
 
 log = logging.getLogger(__name__)
@@ -378,10 +378,13 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
 
 
 def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *, cfg: TrainConfig,
-                  start: int, start_time: float, tokens_per_step: int, flops_per_token: float,
-                  params: tuple[int, float], router: str, extra: tuple[str, ...] = ()) -> dict:
+                  start: int, start_time: float, tokens_per_step: int,
+                  flops_per_token: Callable[[str], float], params: tuple[int, float], router: str,
+                  extra: tuple[str, ...] = ()) -> dict:
   """Writes and returns summary.json (see `train`): the last record's losses (and its `extra`
-  fields, e.g. accuracies), the model's counts, and this call's throughput and times."""
+  fields, e.g. accuracies), the model's counts (FLOPs per token by each convention of
+  `flops.CONVENTIONS`: flops_per_token(convention)), this call's throughput and times, and the
+  software and devices it ran on (`reproducibility.environment`)."""
   last = records[-1]
   timed = (cfg.steps - start - 1) * tokens_per_step  # all steps of this call but the first
   summary = {
@@ -389,7 +392,7 @@ def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *
       'train_loss': last['train_loss'],
       'eval_loss': last.get('eval_loss'),
       **{name: last.get(name) for name in extra},
-      'flops_per_token': flops_per_token,
+      **{f'flops_{c}': flops_per_token(c) for c in flops.CONVENTIONS},
       'params_total': params[0],
       'params_active': params[1],
       'tokens_per_s': timed / loop.train_s if timed > 0 and loop.train_s > 0 else None,
@@ -397,6 +400,7 @@ def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *
       'first_step_s': loop.first_step_s,
       'resumed_from_step': start,
       'router': router,
+      'environment': reproducibility.environment(),
   }
   if is_primary():
     _write_atomic(workdir / 'summary.json', json.dumps(summary, indent=2) + '\n')
@@ -406,8 +410,8 @@ def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *
 def train(config, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) the run in `workdir` to config.train.steps; returns summary.json's dict:
 
-  steps; train_loss, eval_loss (the final step's); flops_per_token (forward,
-  as executed); params_total, params_active; tokens_per_s (training throughput of this call, its
+  steps; train_loss, eval_loss (the final step's); flops_active, flops_executed (forward FLOPs
+  per token by each convention of moe_jax/flops.py); params_total, params_active; tokens_per_s (training throughput of this call, its
   first, compiling step and evaluations left out); wall_s and first_step_s (of this call);
   resumed_from_step; router (`describe_router`).
 
@@ -415,6 +419,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   holds a different config.
   """
   start_time = time.perf_counter()
+  reproducibility.configure_from(config)  # before JAX starts its backends
   cfg, model, mesh = check_config(config)
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
   workdir = pathlib.Path(workdir).resolve()
@@ -465,5 +470,5 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
   return write_summary(workdir, records, loop, cfg=cfg, start=start, start_time=start_time,
                        tokens_per_step=tokens_per_step,
-                       flops_per_token=transformer.model_flops_per_token(config),
+                       flops_per_token=functools.partial(transformer.model_flops_per_token, config),
                        params=transformer.param_counts(config), router=describe_router(config))

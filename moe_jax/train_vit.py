@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from moe_jax import flops, image_datasets, sweep
+from moe_jax import flops, image_datasets, reproducibility, sweep
 from moe_jax import train as lm_train
 from moe_jax.models import describe_ffn, vit
 
@@ -46,15 +46,15 @@ def check_config(config) -> tuple[lm_train.TrainConfig, vit.ViT]:
   return cfg, model
 
 
-def _counts(config, count):
+def _counts(config, count, **kwargs):
   model, spec = vit.from_config(config)
   image_shape, num_classes = image_datasets.image_info(config.data.name)
-  return count(spec, model, image_shape, num_classes, config.data.batch_size)
+  return count(spec, model, image_shape, num_classes, config.data.batch_size, **kwargs)
 
 
-def model_flops_per_token(config) -> float:
-  """Forward FLOPs per token (patch) as executed (see `vit.vit_flops`)."""
-  return _counts(config, vit.vit_flops)
+def model_flops_per_token(config, convention: str = 'executed') -> float:
+  """Forward FLOPs per token (patch) by `convention` (see `vit.vit_flops`)."""
+  return _counts(config, vit.vit_flops, convention=convention)
 
 
 def param_counts(config) -> tuple[int, float]:
@@ -153,6 +153,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   tokens_per_s counts patch tokens. Raises ValueError, before writing anything, for a bad config field or when
   workdir/config.json holds a different config."""
   start_time = time.perf_counter()
+  reproducibility.configure_from(config)  # before JAX starts its backends
   cfg, model = check_config(config)
   batch_size = config.data.batch_size
   workdir = pathlib.Path(workdir).resolve()
@@ -190,7 +191,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
   return lm_train.write_summary(
       workdir, records, loop, cfg=cfg, start=start, start_time=start_time,
-      tokens_per_step=tokens_per_step, flops_per_token=model_flops_per_token(config),
+      tokens_per_step=tokens_per_step,
+      flops_per_token=functools.partial(model_flops_per_token, config),
       params=param_counts(config), router=describe_router(config),
       extra=('train_accuracy', 'eval_accuracy'))
 

@@ -102,6 +102,12 @@ def test_encode_decode_round_trip():
     data.decode([256])
 
 
+def _min_row_gap(starts: np.ndarray) -> int:
+  """Smallest distance in the text between the starts of two rows of one batch."""
+  gaps = np.abs(starts[..., :, None] - starts[..., None, :])
+  return int(gaps[..., ~np.eye(starts.shape[-1], dtype=bool)].min())
+
+
 def test_train_batch(prepared):
   train = prepared[1]['train']
   tokens = data.encode(train)
@@ -115,13 +121,37 @@ def test_train_batch(prepared):
     assert data.decode(row) in train
 
 
+def test_rows_of_a_training_batch_are_never_neighbouring_text(prepared):
+  """Routing that couples a batch's rows must not see a row's own continuation in another row."""
+  tokens = data.encode(prepared[1]['train'])
+  starts = np.stack([data.train_window_starts(len(tokens), step, 8, 128, seed=3)
+                     for step in range(200)])
+  assert _min_row_gap(starts) >= data.MIN_ROW_GAP_WINDOWS * 128
+  assert starts.min() >= 0 and starts.max() <= len(tokens) - 129
+  assert len(np.unique(starts[:, 0])) > 190  # still random windows, step by step
+  with pytest.raises(ValueError, match='config.data.batch_size'):
+    data.train_batch(tokens[:4000], 0, batch_size=8, seq_len=128, seed=0)
+
+
 def test_eval_batches(prepared):
   tokens = data.encode(prepared[1]['validation'])
   batches = data.eval_batches(tokens, batch_size=3, seq_len=16, num_batches=2)
   assert batches.shape == (2, 3, 17) and batches.dtype == np.int32
   np.testing.assert_array_equal(batches, data.eval_batches(tokens, 3, 16, 2))
-  windows = batches.reshape(6, 17)
-  np.testing.assert_array_equal(windows[:, :-1].ravel(), tokens[:96])  # inputs tile the start
-  np.testing.assert_array_equal(windows[:, 1:].ravel(), tokens[1:97])  # and so do targets
-  with pytest.raises(ValueError):
-    data.eval_batches(tokens[:96], 3, 16, 2)
+  starts = data.eval_window_starts(len(tokens), 3, 16, 2)
+  for batch, row_starts in zip(batches, starts):
+    for row, start in zip(batch, row_starts):
+      np.testing.assert_array_equal(row, tokens[start:start + 17])  # a contiguous window
+  # Whole windows: no two windows share an input or a target, so each target is scored once.
+  assert np.all(starts % 16 == 0) and len(np.unique(starts)) == starts.size
+  with pytest.raises(ValueError, match='config.train.eval_batches'):
+    data.eval_batches(tokens[:150], 3, 16, 2)
+
+
+def test_rows_of_an_eval_batch_are_never_each_others_continuation(prepared):
+  """Before: row j + 1 of a batch was row j's continuation, which group_by='position' saw."""
+  tokens = data.encode(prepared[1]['validation'])
+  starts = data.eval_window_starts(len(tokens), batch_size=8, seq_len=128, num_batches=8)
+  assert _min_row_gap(starts) >= data.MIN_ROW_GAP_WINDOWS * 128
+  # ... and each batch's rows are as far apart as the held-out text allows.
+  assert _min_row_gap(starts) == (len(tokens) - 1) // 128 // 8 * 128

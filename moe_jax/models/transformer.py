@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import flops
+from moe_jax import causality, flops
 from moe_jax.data import VOCAB_SIZE
 from moe_jax.experts import ACTIVATIONS, FeedForward
 from moe_jax.layers import MoELayer
@@ -38,6 +38,7 @@ class TransformerConfig:
   dtype: str = 'float32'
   rope_base: float = 10_000.0
   attention: str = 'auto'  # 'auto': cuDNN's fused kernel on GPU in bf16/fp16, else 'xla'
+  allow_future_leak: bool = False  # True lets routing that sees later tokens build (to study it)
   vocab_size: ClassVar[int] = VOCAB_SIZE  # bytes
 
   def __post_init__(self):
@@ -204,11 +205,19 @@ class Transformer(nn.Module):
   balancing needs `mutable=['router_bias']` (see `MoELayer`). expert_axis / batch_axes set (by
   `parallel.expert_parallel`), the MoE layers run expert-parallel inside `jax.shard_map`; the rest
   is data-parallel on the local batch (`parallel.shard_module`).
+
+  Building one whose routing can see later tokens raises ValueError naming the `config.moe`
+  field (`causality.require_causal`) unless `config.allow_future_leak`.
   """
   config: TransformerConfig
   spec: MoESpec | None = None
   expert_axis: str | None = None
   batch_axes: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.config.moe_every:  # refuse routing that sees later tokens, before any tracing
+      causality.require_causal(self.spec, self.config.allow_future_leak)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -235,17 +244,17 @@ def build(config) -> Transformer:
   return Transformer(*from_config(config))
 
 
-def _counts(config, count):
+def _counts(config, count, **kwargs):
   model, spec = from_config(config)
   return count(spec, d_model=model.d_model, num_layers=model.num_layers, d_ff=model.d_ff,
                moe_every=model.moe_every, vocab_size=model.vocab_size,
                shape=flops.Shape(config.data.batch_size, config.data.seq_len),
-               activation=model.activation)
+               activation=model.activation, **kwargs)
 
 
-def model_flops_per_token(config) -> float:
-  """Forward FLOPs per token as executed (see `flops.transformer_flops`); training is ~3x."""
-  return _counts(config, flops.transformer_flops)
+def model_flops_per_token(config, convention: str = 'executed') -> float:
+  """Forward FLOPs per token by `convention` (see `flops.transformer_flops`); training is ~3x."""
+  return _counts(config, flops.transformer_flops, convention=convention)
 
 
 def param_counts(config) -> tuple[int, float]:

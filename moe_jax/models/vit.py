@@ -146,15 +146,16 @@ def build(config, num_classes: int) -> ViT:
 
 
 def vit_flops(spec: MoESpec | None, model: ViTConfig, image_shape, num_classes: int,
-              batch_size: int) -> float:
-  """Forward FLOPs per token of the ViT as executed (dense FFNs of width model.d_ff)."""
+              batch_size: int, convention: str = 'executed') -> float:
+  """Forward FLOPs per token of the ViT by `convention` (dense FFNs of width model.d_ff)."""
   d, n = model.d_model, model.num_tokens(image_shape)
   shape = flops.Shape(batch_size, n)
   patch_dim = model.patch_size ** 2 * image_shape[2]
   num_moe = flops.moe_blocks(model.num_layers, model.moe_every)
   attention = 8.0 * d * d + 4.0 * n * d
   dense = flops.layer_flops(None, d, model.d_ff, shape, model.activation)
-  moe = flops.layer_flops(spec, d, model.d_ff, shape, model.activation) if num_moe else 0.0
+  moe = (flops.layer_flops(spec, d, model.d_ff, shape, model.activation, convention)
+         if num_moe else 0.0)
   patches = n - int(model.pool == 'cls')
   return (2.0 * patch_dim * d * patches / n + model.num_layers * attention
           + (model.num_layers - num_moe) * dense + num_moe * moe + 2.0 * d * num_classes / n)
