@@ -17,9 +17,11 @@ class TinyShakespeareManual(tfds.core.GeneratorBasedBuilder):
   """Tiny Shakespeare from `<manual_dir>/input.txt`; same splits and features as stock."""
 
   VERSION = tfds.core.Version('1.0.0')
-  MANUAL_FILE = 'input.txt'
+  MANUAL_FILES = ('input.txt',)
   URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f'Download {URL} (1115394 bytes) into the manual dir.'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      f'With the network, download {URL} (1,115,394 bytes: the file stock TFDS fetches) into '
+      'that folder.')
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -31,7 +33,7 @@ class TinyShakespeareManual(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    text = (pathlib.Path(dl_manager.manual_dir) / self.MANUAL_FILE).read_bytes().decode('utf-8')
+    text = (pathlib.Path(dl_manager.manual_dir) / self.MANUAL_FILES[0]).read_bytes().decode('utf-8')
     # The stock builder's 90/5/5 split, in characters.
     i = int(len(text) * 0.9)
     train, rest = text[:i], text[i:]
