@@ -1,9 +1,12 @@
 """Data pipeline: text splits through TFDS (offline, no TensorFlow), bytes as tokens, batches.
 
-`tiny_shakespeare` is prepared by the project's own builder (`moe_jax.datasets`) from a local
-`input.txt` into `array_record` files and read back with `as_data_source()`. Any other name goes to
-stock TFDS, which needs the network. Tokens are UTF-8 bytes (`VOCAB_SIZE = 256`). Batches are
-`[batch_size, seq_len + 1]` int32 windows: inputs `batch[:, :-1]`, targets `batch[:, 1:]`.
+`tiny_shakespeare` (1.1 MB) and `english_mix` (51.4 MB: GCIDE, WordNet glosses, fortunes; 1% each
+of validation and test held out by contiguous blocks) are prepared by the project's own builders
+(`moe_jax.datasets.LOCAL_BUILDERS`) from local files (found by `find_manual_dir`, by default in
+`../shared/data/<name>/`) into `array_record` files and read back with `as_data_source()`. Any
+other name goes to stock TFDS, which needs the network. Tokens are UTF-8 bytes
+(`VOCAB_SIZE = 256`). Batches are `[batch_size, seq_len + 1]` int32 windows: inputs
+`batch[:, :-1]`, targets `batch[:, 1:]`.
 """
 
 from __future__ import annotations
