@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import logging
 import math
 import os
 import pathlib
@@ -34,6 +35,7 @@ import tensorflow_datasets as tfds
 from moe_jax import data
 
 DATA_DIR_ENV = data.DATA_DIR_ENV
+log = logging.getLogger(__name__)
 
 
 def _sklearn_data_dir() -> pathlib.Path | None:
@@ -265,9 +267,10 @@ def load_image_splits(
   The data set is prepared into `data_dir` (TFDS default if None) as array_record once, from
   `find_manual_dir(name, manual_dir)`; later calls reuse the prepared files. When the files are
   in none of the default places (no `manual_dir` and no `$MOE_JAX_DATA_DIR` given) and the builder
-  has a `STOCK_NAME` (fashion_mnist), stock `tfds.data_source(STOCK_NAME)` is tried instead: it
-  needs the network (offline it fails only after TFDS's download retries, about a minute), and
-  its failure is raised as FileNotFoundError naming the places looked in and the fix.
+  has a `STOCK_NAME` (fashion_mnist), stock `tfds.data_source(STOCK_NAME)` is tried instead, with
+  a warning: it needs the network (offline it fails only after TFDS's download retries: 205 s on
+  this project's CPU machine), and its failure is raised as FileNotFoundError naming the places
+  looked in and the fix.
   """
   cls = builder_class(name)
   builder = cls(data_dir=data_dir, file_format='array_record')
@@ -295,6 +298,8 @@ def load_image_splits(
 
 def _stock_sources(stock: str, data_dir, missing: FileNotFoundError):
   """Stock TFDS data sources of `stock`; a FileNotFoundError extending `missing` if that fails."""
+  log.warning('%s\nTrying stock TFDS %r instead: it needs the network (offline it fails after '
+              'its download retries, minutes).', missing, stock)
   try:
     return tfds.data_source(stock, data_dir=data_dir,
                             builder_kwargs={'file_format': 'array_record'})

@@ -189,7 +189,7 @@ def _found_nowhere(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path / 'cwd')
 
 
-def test_found_nowhere_tries_stock_tfds_then_names_the_places(monkeypatch, tmp_path):
+def test_found_nowhere_tries_stock_tfds_then_names_the_places(monkeypatch, tmp_path, caplog):
   _found_nowhere(monkeypatch, tmp_path)
   calls = []
 
@@ -202,6 +202,7 @@ def test_found_nowhere_tries_stock_tfds_then_names_the_places(monkeypatch, tmp_p
   with pytest.raises(FileNotFoundError) as info:
     image_datasets.load_image_splits('fashion_mnist', data_dir=tmp_path / 'tfds')
   assert calls == ['fashion_mnist']
+  assert "Trying stock TFDS 'fashion_mnist' instead: it needs the network" in caplog.text
   message = str(info.value)
   for part in [str(tmp_path / 'shared' / 'data' / 'fashion_mnist'), 'Fix:',
                "Stock TFDS 'fashion_mnist' was tried too and failed (it needs the network): "
