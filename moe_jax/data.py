@@ -1,9 +1,12 @@
 """Data pipeline: text splits through TFDS (offline, no TensorFlow), bytes as tokens, batches.
 
-`tiny_shakespeare` is prepared by the project's own builder (`moe_jax.datasets`) from a local
-`input.txt` into `array_record` files and read back with `as_data_source()`. Any other name goes to
-stock TFDS, which needs the network. Tokens are UTF-8 bytes (`VOCAB_SIZE = 256`). Batches are
-`[batch_size, seq_len + 1]` int32 windows: inputs `batch[:, :-1]`, targets `batch[:, 1:]`.
+`tiny_shakespeare` (1.1 MB) and `english_mix` (51.4 MB: GCIDE, WordNet glosses, fortunes; 1% each
+of validation and test held out by contiguous blocks) are prepared by the project's own builders
+(`moe_jax.datasets.LOCAL_BUILDERS`) from local files (found by `find_manual_dir`, by default in
+`../shared/data/<name>/`) into `array_record` files and read back with `as_data_source()`. Any
+other name goes to stock TFDS, which needs the network. Tokens are UTF-8 bytes
+(`VOCAB_SIZE = 256`). Batches are `[batch_size, seq_len + 1]` int32 windows: inputs
+`batch[:, :-1]`, targets `batch[:, 1:]`.
 """
 
 from __future__ import annotations
@@ -24,42 +27,69 @@ def _local_builders() -> dict:
   return LOCAL_BUILDERS
 
 
+def candidate_dirs(name: str, manual_dir: str | os.PathLike | None = None) -> list[pathlib.Path]:
+  """The folders that may hold data set `name`'s files, in the order they are tried.
+
+  Only the first of these that is given counts: `manual_dir` (the folder itself, then its
+  `<name>/` subfolder); else `$MOE_JAX_DATA_DIR/<name>/`; else `../shared/data/<name>/` relative
+  to the repo root and to the current directory (the offline copies, see shared/data/README.md).
+  """
+  if manual_dir is not None:
+    return [pathlib.Path(manual_dir), pathlib.Path(manual_dir) / name]
+  if os.environ.get(DATA_DIR_ENV):
+    return [pathlib.Path(os.environ[DATA_DIR_ENV]) / name]
+  roots = [_REPO_ROOT / '..' / 'shared' / 'data', pathlib.Path.cwd() / '..' / 'shared' / 'data']
+  return list(dict.fromkeys((root / name).resolve() for root in roots))
+
+
+def missing_files(folder: pathlib.Path, files) -> list[str]:
+  """The names in `files` that are not regular files in `folder`."""
+  return [f for f in files if not (pathlib.Path(folder) / f).is_file()]
+
+
+def describe_candidates(folders, files) -> str:
+  """One indented line per folder, saying which of `files` it lacks (for not-found errors)."""
+  lines = []
+  for folder in folders:
+    if not pathlib.Path(folder).is_dir():
+      note = 'no such folder'
+    else:
+      note = 'lacks ' + ', '.join(missing_files(folder, files))
+    lines.append(f'  {folder} ({note})\n')
+  return ''.join(lines)
+
+
 def find_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Returns the local folder holding data set `name`'s files (e.g. `tiny_shakespeare/input.txt`).
 
-  Looks only in the first of these that is given: `manual_dir` (the folder itself, or its
-  `<name>/` subfolder); `$MOE_JAX_DATA_DIR/<name>/`; `../shared/data/<name>/` relative to the repo
-  root and to the current directory. Raises FileNotFoundError, naming the places and the fix.
+  Looks in `candidate_dirs(name, manual_dir)`; a folder counts when it holds all of the builder's
+  `MANUAL_FILES`. Raises FileNotFoundError, naming the places, what each lacks, and the fix.
   """
-  if manual_dir is not None:
-    candidates = [pathlib.Path(manual_dir), pathlib.Path(manual_dir) / name]
-  elif os.environ.get(DATA_DIR_ENV):
-    candidates = [pathlib.Path(os.environ[DATA_DIR_ENV]) / name]
-  else:
-    roots = [_REPO_ROOT / '..' / 'shared' / 'data', pathlib.Path.cwd() / '..' / 'shared' / 'data']
-    candidates = list(dict.fromkeys((root / name).resolve() for root in roots))
+  builder = _local_builders().get(name)
+  candidates = candidate_dirs(name, manual_dir)
   for folder in candidates:
     if _holds_data(name, folder):
       return folder.resolve()
-  builder = _local_builders().get(name)
-  wanted = f'{name}/{builder.MANUAL_FILE}' if builder else f'{name}/'
-  hint = (
-      f'download {builder.URL} (the file stock TFDS {name!r} fetches) to DIR/{wanted}'
-      if builder
-      else f'load_text_splits({name!r}) uses stock TFDS'
-  )
+  if builder:
+    wanted = ', '.join(f'{name}/{f}' for f in builder.MANUAL_FILES)
+    listing = describe_candidates(candidates, builder.MANUAL_FILES)
+    hint = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+  else:
+    wanted = f'{name}/'
+    listing = ''.join(f'  {folder}\n' for folder in candidates)
+    hint = f'Or, with the network, load_text_splits({name!r}) uses stock TFDS.'
   raise FileNotFoundError(
       f'Data set {name!r} not found: no {wanted} in any of\n'
-      + ''.join(f'  {folder}\n' for folder in candidates)
+      + listing
       + f'Fix: pass --config.data.manual_dir=DIR or set {DATA_DIR_ENV}=DIR, with DIR holding '
-      f'{wanted}; or, with the network, {hint}.'
+      f'{wanted}. {hint}'
   )
 
 
 def _holds_data(name: str, folder: pathlib.Path) -> bool:
   builders = _local_builders()
   if name in builders:
-    return (folder / builders[name].MANUAL_FILE).is_file()
+    return not missing_files(folder, builders[name].MANUAL_FILES)
   return folder.is_dir() and any(folder.iterdir())
 
 

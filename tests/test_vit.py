@@ -55,7 +55,8 @@ def test_splits_are_the_real_digits_disjoint(data_dir):
 def test_missing_data_set_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'(?s)no digits\.csv\.gz in any of.*Fix: pip install scikit-learn'):
     image_datasets.load_image_splits('digits', data_dir=tmp_path / 'tfds', manual_dir=tmp_path)
-  with pytest.raises(ValueError, match=r"config\.data\.name='mnist'.*choose one of \['digits'\]"):
+  with pytest.raises(ValueError, match=r"config\.data\.name='mnist'.*choose one of "
+                                       r"\['digits', 'fashion_mnist'\]"):
     image_datasets.load_image_splits('mnist', data_dir=tmp_path)
 
 
