@@ -15,6 +15,7 @@ Peak: H100 SXM dense bf16, 989 TFLOP/s (the datasheet figure without sparsity).
 
   python benchmarks/train_step.py --out train_step.json    # GPU: ~1B model, gather and blocked
   python benchmarks/train_step.py --small                  # CPU smoke run, seconds
+  python benchmarks/train_step.py --deterministic ...      # the same with XLA's deterministic ops
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_jax import flops  # noqa: E402
+from moe_jax import flops, reproducibility  # noqa: E402
 from moe_jax.models.transformer import Transformer, TransformerConfig  # noqa: E402
 from moe_jax.spec import MoESpec  # noqa: E402
 from moe_jax.train import TrainConfig, cross_entropy, make_optimizer  # noqa: E402
@@ -69,7 +70,7 @@ class Case:
 
   def spec(self, **changes) -> MoESpec:
     return MoESpec(router='token_choice', num_experts=self.num_experts, d_ff=self.d_ff, k=self.k,
-                   capacity_factor=self.capacity_factor, group_by='sequence',
+                   capacity_factor=self.capacity_factor, group_by='sequence', priority='token',
                    dispatch=self.dispatch).replace(**changes)
 
   @property
@@ -253,7 +254,11 @@ def main() -> None:
                       help='on GPU: only check cuDNN attention against the XLA reference')
   parser.add_argument('--budget-s', type=float, default=330.0,
                       help='start no new case after this many seconds')
+  parser.add_argument('--deterministic', action='store_true',
+                      help='XLA:GPU deterministic ops (config.deterministic): run once with and '
+                           'once without to measure its cost')
   args = parser.parse_args()
+  reproducibility.configure(args.deterministic)  # before JAX starts its backends
 
   device = jax.devices()[0]
   on_gpu = device.platform == 'gpu'
@@ -280,6 +285,7 @@ def main() -> None:
 
   def save():
     out = {'jax': jax.__version__, 'device': device.device_kind, 'platform': device.platform,
+           'xla_gpu_deterministic_ops': reproducibility.deterministic_flag_set(),
            'attention_check': attention_check,
            'peak_tflops': peak, 'peak': peak_name, 'results': results}
     if args.out:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import pathlib
 import subprocess
@@ -22,11 +23,26 @@ import time
 from experiments import CLAIMS, common
 
 
-def claims_markdown(outcomes: dict, scale: str, command: str, wall_s: float) -> str:
+def environment_line(workdir: pathlib.Path) -> str:
+  """What the runs under `workdir` ran on: jax/jaxlib, devices, deterministic ops (from every
+  run's summary.json; several values are all listed)."""
+  seen = {}
+  for path in sorted(workdir.glob('*/*/seed_*/summary.json')):
+    env = json.loads(path.read_text()).get('environment', {})
+    for key in ('jax', 'jaxlib', 'device_kind', 'device_count', 'xla_gpu_deterministic_ops'):
+      seen.setdefault(key, set()).add(str(env.get(key)))
+  value = lambda key: ' / '.join(sorted(seen.get(key, {'?'})))
+  return (f"Ran with jax {value('jax')}, jaxlib {value('jaxlib')} on {value('device_count')} x "
+          f"{value('device_kind')}; XLA:GPU deterministic ops: {value('xla_gpu_deterministic_ops')} "
+          '(config.deterministic; bitwise-repeatable runs, moe_jax/reproducibility.py).')
+
+
+def claims_markdown(outcomes: dict, scale: str, command: str, wall_s: float,
+                    environment: str = '') -> str:
   """claims.md: the summary table, then one section per claim."""
   lines = [f'# Paper claims at `{scale}` scale', '',
            f'Command: `{command}` ({wall_s / 60:.1f} min wall for this call; finished runs are '
-           'reused, not retrained).', '',
+           'reused, not retrained).', '', environment, '',
            'Intervals are 95% Student-t intervals over seeds (mean ± half-width); differences are '
            'paired by seed. A claim counts as reproduced only if the whole interval of the '
            'difference lies on the claimed side.', '',
@@ -39,7 +55,10 @@ def claims_markdown(outcomes: dict, scale: str, command: str, wall_s: float) -> 
   for key, (module, verdict) in outcomes.items():
     lines += ['', f'## ({key}) {module.STATEMENT}', '', f'Source: {module.SOURCE}. '
               f'Config: `experiments/{module.__name__.split(".")[-1]}.py`.', '',
-              f'Verdict: **{verdict.label}**: {verdict.summary}.', '']
+              f'Verdict: **{verdict.label}**: {verdict.summary}.', '',
+              f'FLOPs matched: {module.get_config(scale).flops_match} (active: k expert FFNs '
+              'per token, capacity padding not counted; executed: padding counts). Seeds: '
+              f'{len(module.get_config(scale).seeds)}.', '']
     lines += [f'- {note}' for note in verdict.notes] + ([''] if verdict.notes else [])
     columns = list(next(iter(verdict.rows.values())))
     lines += ['| member | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
@@ -87,7 +106,8 @@ def main(argv=None) -> None:
                       *([f'--seeds {args.seeds}'] if args.seeds else []),
                       *([f'--jobs {args.jobs}'] if args.jobs > 1 else []),
                       f'--workdir {args.workdir}'])
-  text = claims_markdown(outcomes, args.scale, command, time.perf_counter() - start)
+  text = claims_markdown(outcomes, args.scale, command, time.perf_counter() - start,
+                         environment_line(args.workdir))
   (args.workdir / 'claims.md').write_text(text)
   print(f'\nwritten: {args.workdir / "claims.md"}')
 

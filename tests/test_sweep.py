@@ -24,18 +24,38 @@ def test_default_sweep_members_are_equal_flops():
   config = compare_config()
   members = sweep.build_members(config)
   assert list(members)[0] == 'dense' and len(members) == 7
-  budget = transformer.model_flops_per_token(members['dense'])
+  assert config.flops_match == 'active'
+  budget = transformer.model_flops_per_token(members['dense'], 'active')
   for name, member in members.items():
-    assert abs(transformer.model_flops_per_token(member) / budget - 1) <= config.flops_tolerance
-  # Sizing really changed the expert widths: top-2 at cf 1.25 gets about 1/2.5 of the dense width.
+    active = transformer.model_flops_per_token(member, 'active')
+    assert abs(active / budget - 1) <= config.flops_tolerance, name
+  # Sizing really changed the expert widths: top-2 gets about half the dense width (its capacity
+  # padding is not counted in the papers' convention, only in the executed FLOPs).
   gshard = members['gshard_top2']
-  assert gshard.moe.d_ff == pytest.approx(config.base.model.d_ff / 2.5, abs=4)
+  assert gshard.moe.d_ff == pytest.approx(config.base.model.d_ff / 2, abs=2)
+  executed = transformer.model_flops_per_token(gshard, 'executed')
+  assert executed > 1.05 * budget
+
+
+def test_executed_flops_match_sizes_capacity_padding():
+  config = compare_config()
+  config.flops_match = 'executed'
+  members = sweep.build_members(config)
+  budget = transformer.model_flops_per_token(members['dense'], 'executed')
+  for name, member in members.items():
+    executed = transformer.model_flops_per_token(member, 'executed')
+    assert abs(executed / budget - 1) <= config.flops_tolerance, name
+  # Top-2 at cf 1.25 runs 2.5 expert slots per token: about 1/2.5 of the dense width.
+  assert members['gshard_top2'].moe.d_ff == pytest.approx(config.base.model.d_ff / 2.5, abs=4)
+  config.flops_match = 'useful'
+  with pytest.raises(ValueError, match=r"config.flops_match='useful' is invalid"):
+    sweep.build_members(config)
 
 
 def test_unequal_member_is_refused_before_anything_is_written(tmp_path):
   config = compare_config()
   config.size_experts = False
-  with pytest.raises(ValueError, match=r'unequal FLOPs(.|\n)*gshard_top2: .* \(\+'):
+  with pytest.raises(ValueError, match=r'unequal active FLOPs(.|\n)*gshard_top2: .* \(\+'):
     sweep.run_sweep(config, tmp_path / 'sweep')
   assert not (tmp_path / 'sweep').exists()
 
@@ -50,7 +70,7 @@ def test_bad_member_field_is_named():
 def test_flops_check_uses_the_tolerance():
   config = compare_config()
   members = sweep.build_members(config)
-  values = {n: transformer.model_flops_per_token(c) for n, c in members.items()}
+  values = {n: transformer.model_flops_per_token(c, 'active') for n, c in members.items()}
   budget = values['dense']
   values['switch_top1'] *= 1.05
   with pytest.raises(ValueError, match='switch_top1'):

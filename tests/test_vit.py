@@ -169,7 +169,7 @@ def test_sweep_members_are_sized_to_equal_flops(data_dir):
   import ml_collections
   sweep = ml_collections.ConfigDict()
   sweep.base = tiny_config(data_dir)
-  sweep.size_experts, sweep.flops_tolerance = True, 0.02
+  sweep.size_experts, sweep.flops_tolerance, sweep.flops_match = True, 0.02, 'executed'
   sweep.members = {'dense': {'model': {'moe_every': 0}}, 'soft': {'moe': {'router': 'soft'}},
                    'top2': {'moe': {'router': 'token_choice', 'k': 2}},
                    'ec': {'moe': {'router': 'expert_choice', 'capacity_factor': 2.0}}}
@@ -178,5 +178,5 @@ def test_sweep_members_are_sized_to_equal_flops(data_dir):
   for name, config in members.items():
     assert train_vit.model_flops_per_token(config) == pytest.approx(budget, rel=0.02), name
   sweep.size_experts = False
-  with pytest.raises(ValueError, match='unequal FLOPs'):
+  with pytest.raises(ValueError, match='unequal executed FLOPs'):
     train_vit.build_members(sweep)

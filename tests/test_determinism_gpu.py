@@ -1,0 +1,62 @@
+"""Bitwise-repeatable GPU training with config.deterministic (moe_jax/reproducibility.py).
+
+Needs a GPU: run on the device machine with `JAX_PLATFORMS=cuda python -m pytest -q -s
+tests/test_determinism_gpu.py` (English mix in $MOE_JAX_DATA_DIR or ../shared/data). Four processes
+train the same claim member from the same seed, two with the switch on and two with it off, all at
+once on the one GPU; the two 'on' runs must write identical metrics (every logged loss, gradient
+norm and routing metric, bit for bit), and the spread of the 'off' runs is printed for
+docs/performance.md. On CPU every run is deterministic and this test skips.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from moe_jax import data
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
+
+WORKER = pathlib.Path(__file__).with_name('determinism_worker.py')
+STEPS = 300
+TIMING = ('tokens_per_s',)  # wall-clock fields: never bitwise equal
+
+
+def _metrics(workdir: pathlib.Path) -> list[dict]:
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def _spread(a: list[dict], b: list[dict], key: str) -> float:
+  return max(abs(x[key] - y[key]) for x, y in zip(a, b) if x.get(key) is not None)
+
+
+def test_same_seed_twice_is_bitwise_identical_with_the_switch_on(tmp_path):
+  data_dir = str(tmp_path / 'tfds')
+  data.load_text_splits('english_mix', data_dir=data_dir)  # prepared once, before the runs
+  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.2')
+  env.pop('XLA_FLAGS', None)
+  runs = {f'{mode}{i}': tmp_path / f'{mode}{i}' for mode in ('on', 'off') for i in (1, 2)}
+  procs = {name: subprocess.Popen([sys.executable, str(WORKER), str(workdir), data_dir,
+                                   str(STEPS), name[:-1]], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+           for name, workdir in runs.items()}
+  for name, proc in procs.items():
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, f'{name} failed:\n{out[-3000:]}'
+  metrics = {name: _metrics(workdir) for name, workdir in runs.items()}
+  summaries = {name: json.loads((w / 'summary.json').read_text()) for name, w in runs.items()}
+  assert summaries['on1']['environment']['xla_gpu_deterministic_ops']
+  assert not summaries['off1']['environment']['xla_gpu_deterministic_ops']
+  assert len(metrics['on1']) == STEPS // 10
+  assert metrics['on1'] == metrics['on2']  # bit for bit, every logged step
+  spread = {key: _spread(metrics['off1'], metrics['off2'], key)
+            for key in ('train_loss', 'grad_norm')}
+  spread['eval_loss'] = abs(summaries['off1']['eval_loss'] - summaries['off2']['eval_loss'])
+  shift = abs(summaries['on1']['eval_loss'] - summaries['off1']['eval_loss'])
+  print(f'\nswitch off, two runs, largest difference: {spread}; eval loss on - off: {shift:.2e}; '
+        f"eval loss on: {summaries['on1']['eval_loss']:.6f}")
+  assert shift < 0.02  # the deterministic ops compute the same model, only in a fixed order
