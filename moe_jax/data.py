@@ -16,6 +16,7 @@ import numpy as np
 VOCAB_SIZE = 256
 DATA_DIR_ENV = 'MOE_JAX_DATA_DIR'
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHIPPED_DATA = pathlib.Path(__file__).resolve().parent / 'shipped_data'  # Tiny Shakespeare's text
 
 
 def _local_builders() -> dict:
@@ -29,14 +30,16 @@ def find_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> p
 
   Looks only in the first of these that is given: `manual_dir` (the folder itself, or its
   `<name>/` subfolder); `$MOE_JAX_DATA_DIR/<name>/`; `../shared/data/<name>/` relative to the repo
-  root and to the current directory. Raises FileNotFoundError, naming the places and the fix.
+  root and to the current directory, then the copy shipped in the package (`SHIPPED_DATA`, Tiny
+  Shakespeare only). Raises FileNotFoundError, naming the places and the fix.
   """
   if manual_dir is not None:
     candidates = [pathlib.Path(manual_dir), pathlib.Path(manual_dir) / name]
   elif os.environ.get(DATA_DIR_ENV):
     candidates = [pathlib.Path(os.environ[DATA_DIR_ENV]) / name]
   else:
-    roots = [_REPO_ROOT / '..' / 'shared' / 'data', pathlib.Path.cwd() / '..' / 'shared' / 'data']
+    roots = [_REPO_ROOT / '..' / 'shared' / 'data', pathlib.Path.cwd() / '..' / 'shared' / 'data',
+             SHIPPED_DATA]
     candidates = list(dict.fromkeys((root / name).resolve() for root in roots))
   for folder in candidates:
     if _holds_data(name, folder):

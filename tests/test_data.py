@@ -1,7 +1,9 @@
 """Data pipeline tests on the real Tiny Shakespeare file, offline and without TensorFlow."""
 
+import hashlib
 import importlib.util
 import pathlib
+import re
 import shutil
 import socket
 import sys
@@ -125,3 +127,15 @@ def test_eval_batches(prepared):
   np.testing.assert_array_equal(windows[:, 1:].ravel(), tokens[1:97])  # and so do targets
   with pytest.raises(ValueError):
     data.eval_batches(tokens[:96], 3, 16, 2)
+
+
+def test_shipped_copy_is_the_last_fallback(monkeypatch, tmp_path):
+  """With no manual dir, no $MOE_JAX_DATA_DIR and no ../shared, the package's own copy is used."""
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.setattr(data, '_REPO_ROOT', tmp_path / 'clone')
+  monkeypatch.chdir(tmp_path)
+  found = data.find_manual_dir('tiny_shakespeare')
+  assert found == data.SHIPPED_DATA / 'tiny_shakespeare'
+  listed = re.search(r'tiny_shakespeare/input.txt \|[^|]*\| ([0-9a-f]{64}) \|',
+                     (SHARED_DATA / 'README.md').read_text()).group(1)
+  assert hashlib.sha256((found / 'input.txt').read_bytes()).hexdigest() == listed
