@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from moe_jax import flops, image_datasets, sweep
+from moe_jax import data, flops, image_datasets, sweep
 from moe_jax import train as lm_train
 from moe_jax.models import describe_ffn, vit
 
@@ -155,8 +155,9 @@ def train(config, workdir: str | os.PathLike) -> dict:
   cfg, model = check_config(config)
   batch_size = config.data.batch_size
   workdir = lm_train.run_directory(workdir)
-  splits = image_datasets.load_image_splits(config.data.name, data_dir=config.data.data_dir,
-                                            manual_dir=config.data.manual_dir)
+  with data.quiet_tfds():
+    splits = image_datasets.load_image_splits(config.data.name, data_dir=config.data.data_dir,
+                                              manual_dir=config.data.manual_dir)
   lm_train.write_config(config, workdir)
 
   images, labels = splits['train']
