@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.util
+import logging
 import pathlib
 import re
 import shutil
@@ -139,3 +140,11 @@ def test_shipped_copy_is_the_last_fallback(monkeypatch, tmp_path):
   listed = re.search(r'tiny_shakespeare/input.txt \|[^|]*\| ([0-9a-f]{64}) \|',
                      (SHARED_DATA / 'README.md').read_text()).group(1)
   assert hashlib.sha256((found / 'input.txt').read_bytes()).hexdigest() == listed
+
+
+def test_preparing_a_local_builder_is_quiet(tmp_path, capfd, caplog):
+  """No "Downloading and preparing" line, no progress-bar debris off a terminal, no absl warning."""
+  data.load_text_splits('tiny_shakespeare', data_dir=tmp_path)
+  out, err = capfd.readouterr()
+  assert out == '' and '\x1b[' not in err and '\r' not in err, (out, err)
+  assert not [r for r in caplog.records if r.name == 'absl' and r.levelno >= logging.WARNING]
