@@ -404,9 +404,9 @@ def _check_finite(unchecked: list[tuple], manager, workdir: pathlib.Path) -> Non
               if good else 'there is no checkpoint yet')
       raise NonFiniteLoss(
           f'train loss {float(loss)}, gradient norm {float(grad_norm)} at step {step}: stopped '
-          f'without saving that state; {kept}. Rerunning the same command reaches the same step '
-          'again: start a new --workdir with a lower config.train.learning_rate, a larger '
-          'config.moe.z_loss_coef (router logits) or config.train.clip_norm > 0.')
+          f'without saving that state; {kept}. The same command would resume from there and '
+          'likely meet it again: start a new --workdir with a lower config.train.learning_rate, '
+          'a larger config.moe.z_loss_coef (router logits) or config.train.clip_norm > 0.')
 
 
 def _checkpoint(manager, step: int, state, clock: RunTime, workdir: pathlib.Path) -> None:
