@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make main   the equal-FLOPs router comparison on Tiny Shakespeare (results table + plots)
 #   make test   the test suite, notebooks included
+#   make notebooks   JupyterLab on notebooks/ (installs the `notebooks` extra)
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 RUNS ?= runs/compare_routers
 
-.PHONY: main test install
+.PHONY: main test install notebooks
 
 $(STAMP): setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +22,7 @@ main: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+notebooks: $(STAMP)
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[notebooks]'
+	$(VENV)/bin/jupyter lab notebooks/

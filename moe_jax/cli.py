@@ -3,19 +3,24 @@
   moe-jax train  --config configs/lm_tiny.py --workdir DIR [--config.model.d_model=64 ...]
   moe-jax sweep  --config configs/compare_routers.py --workdir DIR [--only dense,switch_top1]
   moe-jax report --workdir DIR
+  moe-jax config --config FILE [--config.moe.router=soft ...]   (prints the resolved config)
 
 Config overrides are ml_collections' `--config.<field>=<value>`; `--config.<field>=None` sets a
 field to None (e.g. `--config.moe.capacity_factor=None` for dropless routing), applied after the
 other overrides. Each command is one `COMMANDS` entry: a function defining its flags on its own
-`FlagValues` and a function running with them.
+`FlagValues` and a function running with them. A user's mistake (a missing config file, a bad
+field value, a workdir that is a file, missing data, no runs to report) ends in one line on stderr
+and exit code 2, Ctrl-C in 130 and a non-finite loss in 1, with no traceback.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
+import textwrap
 from typing import Any, Callable, Sequence
 
 from absl import flags
@@ -36,15 +41,23 @@ class Command:
   run: Callable[[flags.FlagValues], Any]
 
 
-def _config_and_workdir_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
-  """--config FILE (with --config.<field>=value overrides) and --workdir DIR, both required."""
+def _config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  """--config FILE (required), with --config.<field>=value overrides."""
   config_flags.DEFINE_config_file(
       'config', None, 'ml_collections config file defining get_config(); override fields with '
-      '--config.<field>=<value>, or --config.<field>=None.', flag_values=fv, lock_config=True,
-      sys_argv=list(argv))
-  flags.DEFINE_string('workdir', None, 'run directory: config.json, metrics.jsonl, '
-                      'checkpoints/, summary.json. An existing one is resumed.', flag_values=fv)
-  flags.mark_flags_as_required(['config', 'workdir'], flag_values=fv)
+      '--config.<field>=<value>, or --config.<field>=None. `moe-jax config --config FILE` prints '
+      'the resolved config and the router families with their options.', flag_values=fv,
+      lock_config=True, sys_argv=list(argv))
+  flags.mark_flags_as_required(['config'], flag_values=fv)
+
+
+def _config_and_workdir_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  """--config FILE (with --config.<field>=value overrides) and --workdir DIR, both required."""
+  _config_flag(fv, argv)
+  flags.DEFINE_string('workdir', None, 'run directory: config.json, metrics.jsonl, TensorBoard '
+                      'events, checkpoints/, summary.json. An existing one is resumed.',
+                      flag_values=fv)
+  flags.mark_flags_as_required(['workdir'], flag_values=fv)
 
 
 def _train(fv: flags.FlagValues) -> None:
@@ -63,11 +76,12 @@ def _sweep_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
 
 
 def _sweep(fv: flags.FlagValues) -> None:
-  from moe_jax import distributed, sweep
+  from moe_jax import distributed, report, sweep
 
   distributed.initialize_from_env()
 
   print(sweep.run_sweep(fv.config, fv.workdir, only=fv.only))
+  print(report.written(fv.workdir))
 
 
 def _workdir_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
@@ -81,7 +95,18 @@ def _report(fv: flags.FlagValues) -> None:
   from moe_jax import report
 
   print(report.write_report(fv.workdir))
-  print(f'\nwritten: {fv.workdir}/results.md, results.csv and PNG plots')
+  print(report.written(fv.workdir))
+
+
+def _show_config(fv: flags.FlagValues) -> None:
+  from moe_jax import spec
+
+  print(fv.config)
+  print(f'Router families (config.moe.router): {", ".join(spec.ROUTERS)}; group_by: '
+        f'{", ".join(spec.GROUPINGS)}; score: {", ".join(spec.SCORES)}; priority: '
+        f'{", ".join(spec.PRIORITIES)}.\nconfig.moe fields (moe_jax/spec.py, MoESpec):')
+  attributes = spec.MoESpec.__doc__.split('Attributes:\n', 1)[1]
+  print(textwrap.indent(textwrap.dedent(attributes).rstrip(), '  '))
 
 
 COMMANDS: dict[str, Command] = {
@@ -90,6 +115,8 @@ COMMANDS: dict[str, Command] = {
     'sweep': Command('train every member of an equal-FLOPs sweep, then report', _sweep_flags,
                      _sweep),
     'report': Command('results.md/.csv and plots from run directories', _workdir_flag, _report),
+    'config': Command('print the resolved config (file + overrides) and the router options',
+                      _config_flag, _show_config),
 }
 
 
@@ -110,6 +137,50 @@ def _set_none(config, path: str) -> None:
   node[field] = None
 
 
+class _StderrHandler(logging.StreamHandler):
+  """A log handler writing to the sys.stderr of the moment, which a later caller of `main` (a
+  test, a notebook) may have replaced."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value):
+    del value
+
+
+def _missing_config_file(args: Sequence[str]) -> str | None:
+  """The --config FILE of args when there is no such file (ml_collections would say so only at
+  the config's first use, in a long traceback)."""
+  for i, arg in enumerate(args):
+    if arg in ('--config', '-config') and i + 1 < len(args):
+      value = args[i + 1]
+    elif arg.startswith(('--config=', '-config=')):
+      value = arg.split('=', 1)[1]
+    else:
+      continue
+    path = value.split(':', 1)[0]  # FILE:ARGS passes ARGS to get_config
+    return None if os.path.isfile(path) else path
+  return None
+
+
+def _run(name: str, fv: flags.FlagValues) -> int:
+  """Runs command `name`; returns its exit status. A user's mistake (ValueError or OSError: the
+  config, workdir or data), Ctrl-C and a non-finite loss end in one message, no traceback."""
+  try:
+    COMMANDS[name].run(fv)
+    return 0
+  except KeyboardInterrupt as e:  # train.Interrupted says where to resume
+    status, message = 130, str(e) or 'interrupted'
+  except FloatingPointError as e:  # train.NonFiniteLoss
+    status, message = 1, str(e)
+  except (ValueError, OSError) as e:
+    status, message = 2, str(e)
+  print(f'{PROG} {name}: {message}', file=sys.stderr)
+  return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs `moe-jax <command> [flags]`; returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
@@ -128,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'usage: {PROG} {name} [flags]\n\n{fv.get_help()}')
     return 0
   try:
+    missing = _missing_config_file(args) if 'config' in fv else None
+    if missing:
+      raise flags.Error(f'config file {missing} not found')
     rest = fv(args)
     if len(rest) > 1:
       raise flags.Error(f'unexpected arguments {rest[1:]}')
@@ -142,11 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   logger = logging.getLogger('moe_jax')
   if not logger.handlers:
-    logger.addHandler(logging.StreamHandler())
+    logger.addHandler(_StderrHandler())
     logger.setLevel(logging.INFO)
     logger.propagate = False  # a root handler (absl's) would print each line twice
-  COMMANDS[name].run(fv)
-  return 0
+  return _run(name, fv)
 
 
 if __name__ == '__main__':

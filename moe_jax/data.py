@@ -11,14 +11,20 @@ other name goes to stock TFDS, which needs the network. Tokens are UTF-8 bytes
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import pathlib
+import sys
 
 import numpy as np
 
 VOCAB_SIZE = 256
 DATA_DIR_ENV = 'MOE_JAX_DATA_DIR'
+log = logging.getLogger(__name__)
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHIPPED_DATA = pathlib.Path(__file__).resolve().parent / 'shipped_data'  # Tiny Shakespeare's text
 
 
 def _local_builders() -> dict:
@@ -32,13 +38,15 @@ def candidate_dirs(name: str, manual_dir: str | os.PathLike | None = None) -> li
 
   Only the first of these that is given counts: `manual_dir` (the folder itself, then its
   `<name>/` subfolder); else `$MOE_JAX_DATA_DIR/<name>/`; else `../shared/data/<name>/` relative
-  to the repo root and to the current directory (the offline copies, see shared/data/README.md).
+  to the repo root and to the current directory (the offline copies, see shared/data/README.md),
+  then the copy shipped in the package (`SHIPPED_DATA`: Tiny Shakespeare only).
   """
   if manual_dir is not None:
     return [pathlib.Path(manual_dir), pathlib.Path(manual_dir) / name]
   if os.environ.get(DATA_DIR_ENV):
     return [pathlib.Path(os.environ[DATA_DIR_ENV]) / name]
-  roots = [_REPO_ROOT / '..' / 'shared' / 'data', pathlib.Path.cwd() / '..' / 'shared' / 'data']
+  roots = [_REPO_ROOT / '..' / 'shared' / 'data', pathlib.Path.cwd() / '..' / 'shared' / 'data',
+           SHIPPED_DATA]
   return list(dict.fromkeys((root / name).resolve() for root in roots))
 
 
@@ -57,6 +65,26 @@ def describe_candidates(folders, files) -> str:
       note = 'lacks ' + ', '.join(missing_files(folder, files))
     lines.append(f'  {folder} ({note})\n')
   return ''.join(lines)
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+  """Silences TFDS while it prepares one of the project's local builders: no 'Downloading and
+  preparing dataset' lines (TFDS prints them to stdout), no absl warnings about the data dir it is
+  about to fill, and no progress bars when stderr is not a terminal (they would leave ANSI
+  debris in logs)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  if not sys.stderr.isatty():
+    tfds.disable_progress_bar()
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
 
 
 def find_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -111,11 +139,14 @@ def load_text_splits(
 
   builders = _local_builders()
   if name in builders:
-    builder = builders[name](data_dir=data_dir, file_format='array_record')
-    if not builder.is_prepared():
-      config = tfds.download.DownloadConfig(manual_dir=str(find_manual_dir(name, manual_dir)))
-      builder.download_and_prepare(download_config=config)
-    sources = builder.as_data_source()
+    with quiet_tfds():
+      builder = builders[name](data_dir=data_dir, file_format='array_record')
+      if not builder.is_prepared():
+        source = find_manual_dir(name, manual_dir)
+        log.info('preparing %s from %s into %s (once)', name, source, builder.data_dir)
+        config = tfds.download.DownloadConfig(manual_dir=str(source))
+        builder.download_and_prepare(download_config=config)
+      sources = builder.as_data_source()
   else:
     try:
       sources = tfds.data_source(

@@ -3,7 +3,9 @@
 A run directory holds `summary.json` and `metrics.jsonl` (see moe_jax/train.py). `write_report`
 turns every run under a sweep directory into `results.md`, `results.csv`, `eval_loss.png`
 (eval loss against step, one line per run), `expert_load.png` (heat map of each MoE layer's final
-share of tokens per expert) and `dropped.png` (fraction of tokens dropped against step).
+share of tokens per expert) and `dropped.png` (fraction of tokens dropped against step). Each run
+keeps one colour in every plot. The table's train loss is the mean over the last evaluation
+interval, and no eval loss is bold unless its lead is larger than the seed noise (`best_runs`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import csv
 import json
 import math
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -69,14 +72,23 @@ def _last_mean(metrics: list[dict], metric: str) -> float:
   return float(np.mean([values[-1] for values in series.values()])) if series else math.nan
 
 
+def last_interval_train_loss(metrics: list[dict]) -> float | None:
+  """Mean logged train loss over the last evaluation interval (the steps after the evaluation
+  before the last one), not the last batch alone."""
+  evals = [m['step'] for m in metrics if 'eval_loss' in m]
+  after = evals[-2] if len(evals) > 1 else 0
+  losses = [m['train_loss'] for m in metrics if m['step'] > after]
+  return float(np.mean(losses)) if losses else None
+
+
 def table_rows(runs: list[dict]) -> list[dict]:
   rows = []
   for run in runs:
     s = run['summary']
     rows.append({
         'run': run['name'], 'ffn': run['ffn'], 'eval_loss': s.get('eval_loss'),
-        'train_loss': s.get('train_loss'), 'flops_active': s.get('flops_active'),
-        'flops_executed': s.get('flops_executed'),
+        'train_loss': last_interval_train_loss(run['metrics']),
+        'flops_active': s.get('flops_active'), 'flops_executed': s.get('flops_executed'),
         'params_total': s.get('params_total'), 'params_active': s.get('params_active'),
         'dropped': _last_mean(run['metrics'], 'fraction_dropped'),
         'max_over_mean_load': _last_mean(run['metrics'], 'max_over_mean_load'),
@@ -103,26 +115,84 @@ def _fmt(column: str, value) -> str:
   return str(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-  best = min((r['eval_loss'] for r in rows if r['eval_loss'] is not None), default=None)
+def markdown_table(rows: list[dict], bold: set[str] = frozenset()) -> str:
+  """The results table; the eval_loss of the runs named in `bold` is bold (see `best_runs`)."""
   lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
   for row in rows:
     cells = [_fmt(c, row[c]) for c in COLUMNS]
-    if best is not None and row['eval_loss'] == best:
-      cells[2] = f'**{cells[2]}**'
+    if row['run'] in bold:
+      cells[COLUMNS.index('eval_loss')] = f'**{cells[COLUMNS.index("eval_loss")]}**'
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+def _member(run: dict) -> str:
+  """A run's config without its seed (and device mesh): the runs of one member share it."""
+  config = {k: v for k, v in run['config'].items() if k not in ('seed', 'mesh')}
+  return json.dumps(config, sort_keys=True) if config else run['name']
+
+
+def best_runs(runs: list[dict], rows: list[dict]) -> tuple[set[str], str]:
+  """(runs whose eval_loss to bold, a note saying why or why none).
+
+  Runs whose configs differ only in the seed are one member. The member with the lowest mean
+  eval_loss is bold only when its lead over the runner-up exceeds twice the standard error of
+  that difference, from the pooled spread over seeds; with one seed per member the noise is
+  unknown, so nothing is bold.
+  """
+  members: dict[str, list] = {}
+  for run, row in zip(runs, rows):
+    if row['eval_loss'] is not None:
+      members.setdefault(_member(run), []).append((run['name'], row['eval_loss']))
+  if len(members) < 2:
+    return set(), ''
+  if all(len(m) == 1 for m in members.values()):
+    return set(), ('No eval_loss is bold: with one seed per member the seed noise is unknown, so '
+                   'no gap between members can be told from it. Train each member with several '
+                   'seeds (config.seed) to rank them.')
+  deviations = [loss - np.mean([x for _, x in m]) for m in members.values() for _, loss in m]
+  dof = sum(len(m) - 1 for m in members.values())
+  noise = math.sqrt(sum(d * d for d in deviations) / dof)
+  (best_mean, best), (second_mean, second) = sorted(
+      (np.mean([x for _, x in m]), key) for key, m in members.items())[:2]
+  gap = second_mean - best_mean
+  threshold = 2 * noise * math.sqrt(1 / len(members[best]) + 1 / len(members[second]))
+  if gap > threshold:
+    return {name for name, _ in members[best]}, (
+        f'Bold: the lowest mean eval_loss over seeds; its lead over the runner-up, {gap:.4f}, '
+        f'exceeds twice its standard error from the spread over seeds ({threshold:.4f}).')
+  return set(), (f'No eval_loss is bold: the gap between the best two members, {gap:.4f}, is '
+                 f'within twice its standard error from the spread over seeds ({threshold:.4f}).')
+
+
+TRAIN_LOSS_NOTE = ('train_loss: the mean of the train losses logged over the last evaluation '
+                   'interval, not one batch.')
+
+
+def _colours(runs: list[dict]) -> dict[str, Any]:
+  """One colour per run, the same in every plot."""
+  import matplotlib
+  cmap = matplotlib.colormaps['tab10' if len(runs) <= 10 else 'tab20']
+  return {run['name']: cmap(i % cmap.N) for i, run in enumerate(runs)}
+
+
+def _csv_rows(rows: list[dict]) -> list[dict]:
+  """Rows with NaN as None, an empty CSV cell."""
+  return [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+          for row in rows]
 
 
 def plot_eval_loss(runs: list[dict], path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  colours = _colours(runs)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for run in runs:
     points = [(m['step'], m['eval_loss']) for m in run['metrics'] if 'eval_loss' in m]
     if points:
-      ax.plot(*zip(*points), marker='o', markersize=3, label=run['name'])
+      ax.plot(*zip(*points), marker='o', markersize=3, label=run['name'],
+              color=colours[run['name']])
   ax.set(xlabel='step', ylabel='eval loss (nats / byte)', title='Held-out loss at equal FLOPs')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
@@ -135,12 +205,14 @@ def plot_dropped(runs: list[dict], path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  colours = _colours(runs)
   fig, ax = plt.subplots(figsize=(7, 4))
   for run in runs:
     steps = [m['step'] for m in run['metrics'] if any(k.endswith('/fraction_dropped') for k in m)]
     series = moe_series(run['metrics'], 'fraction_dropped')
     if series:
-      ax.plot(steps, 100 * np.mean(list(series.values()), axis=0), label=run['name'])
+      ax.plot(steps, 100 * np.mean(list(series.values()), axis=0), label=run['name'],
+              color=colours[run['name']])
   ax.set(xlabel='step', ylabel='tokens dropped (%, mean over MoE layers)',
          title='Dropped tokens (they pass through the residual)')
   ax.grid(alpha=0.3)
@@ -151,27 +223,34 @@ def plot_dropped(runs: list[dict], path: pathlib.Path) -> None:
 
 
 def plot_expert_load(runs: list[dict], path: pathlib.Path) -> bool:
-  """Heat map: one row per (run, MoE layer), share of tokens per expert at the last log step."""
+  """Heat map: one row per (run, MoE layer), share of tokens per expert at the last log step.
+
+  Row labels take their run's colour in the other plots."""
   rows, labels = [], []
   for run in runs:
     for layer, values in moe_series(run['metrics'], 'tokens_per_expert').items():
       load = np.asarray(values[-1], float)
       rows.append(load / max(load.sum(), 1e-9) * len(load))  # 1 = fair share
-      labels.append(f'{run["name"]} / {layer}')
+      labels.append((run['name'], layer))
   if not rows:
     return False
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  colours = _colours(runs)
   width = max(len(r) for r in rows)
   grid = np.full((len(rows), width), np.nan)
   for i, r in enumerate(rows):
     grid[i, :len(r)] = r
   fig, ax = plt.subplots(figsize=(max(6, 0.25 * width + 3), 0.4 * len(rows) + 1.5))
   image = ax.imshow(grid, aspect='auto', cmap='magma', vmin=0)
-  ax.set_yticks(range(len(labels)), labels, fontsize=7)
-  ax.set(xlabel='expert', title='Expert load at the end of training (1 = fair share)')
-  fig.colorbar(image, ax=ax, fraction=0.03)
+  ax.set_yticks(range(len(labels)), [f'{name} / {layer}' for name, layer in labels], fontsize=7)
+  for tick, (name, _) in zip(ax.get_yticklabels(), labels):
+    tick.set_color(colours[name])
+  ax.set_xticks(range(0, width, max(1, width // 16)))
+  ax.set(xlabel='expert index', ylabel='run / MoE layer',
+         title='Expert load at the end of training (1 = fair share)')
+  fig.colorbar(image, ax=ax, fraction=0.03, label='share of tokens / fair share')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -211,11 +290,13 @@ def context(runs: list[dict], workdir: pathlib.Path) -> str:
 
 
 def write_report(workdir: str | pathlib.Path) -> str:
-  """Writes results.md/.csv and the plots into `workdir`; returns the markdown table."""
+  """Writes results.md/.csv and the plots into `workdir`; returns the markdown table and its
+  notes."""
   workdir = pathlib.Path(workdir)
   runs = find_runs(workdir)
   rows = table_rows(runs)
-  table = markdown_table(rows)
+  bold, best_note = best_runs(runs, rows)
+  table = '\n\n'.join(filter(None, [markdown_table(rows, bold), TRAIN_LOSS_NOTE, best_note]))
   plots = ['eval_loss.png', 'dropped.png']
   plot_eval_loss(runs, workdir / 'eval_loss.png')
   plot_dropped(runs, workdir / 'dropped.png')
@@ -226,5 +307,14 @@ def write_report(workdir: str | pathlib.Path) -> str:
   with open(workdir / 'results.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(_csv_rows(rows))
   return table
+
+
+OUTPUTS = ('results.md', 'results.csv', 'eval_loss.png', 'dropped.png', 'expert_load.png')
+
+
+def written(workdir: str | pathlib.Path) -> str:
+  """A line naming where `write_report` put its files."""
+  workdir = pathlib.Path(workdir).resolve()
+  return f'wrote {", ".join(n for n in OUTPUTS if (workdir / n).exists())} in {workdir}'

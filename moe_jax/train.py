@@ -6,12 +6,15 @@ global-norm clipping) on next-byte cross-entropy plus the MoE auxiliary loss, an
   workdir/
     config.json      the full config; a later call with a different config is refused
     metrics.jsonl    one JSON object per logged step (see `_record`)
+    events.out.tfevents.*  the same records for TensorBoard (`moe_jax.tensorboard_events`)
     checkpoints/     orbax CheckpointManager: {params, opt_state, model_state (router_bias)}
+    timing.json      wall and training seconds up to the latest checkpoint (`RunTime`)
     summary.json     final losses, FLOPs and parameter counts, throughput, router description
 
 Training restarts from the latest checkpoint and continues exactly as an uninterrupted run
 would: batch i is `data.train_batch(tokens, i, ...)`, a function of (seed, i) only, and its RNG
-is fold_in(key, i). Lines of metrics.jsonl past the restored step are dropped first.
+is fold_in(key, i). Records past the restored step are dropped first (metrics.jsonl, events).
+Ctrl-C checkpoints the current step first; a non-finite loss stops the run before it is saved.
 
 `config.mesh` = {data, expert} (absent: 1x1, one device) lays the run out on a device mesh
 (`moe_jax.parallel`, docs/parallelism.md): params and optimizer state by `parallel.param_shardings`,
@@ -39,7 +42,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
-from moe_jax import data, flops, parallel, reproducibility
+from moe_jax import data, flops, parallel, reproducibility, tensorboard_events
 from moe_jax.models import describe_ffn, transformer
 
 log = logging.getLogger(__name__)
@@ -313,80 +316,188 @@ def check_config(config) -> tuple[TrainConfig, transformer.Transformer, Mesh]:
   return cfg, model, mesh
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during training, raised after the state was checkpointed at `step`."""
+
+  def __init__(self, step: int):
+    super().__init__(f'interrupted at step {step}; rerun the same command to resume')
+    self.step = step
+
+
+class NonFiniteLoss(FloatingPointError):
+  """A non-finite train loss or gradient norm stopped training; that state was not saved."""
+
+
+@dataclasses.dataclass
+class RunTime:
+  """Time spent on a run over all the calls that trained it. timing.json, written with each
+  checkpoint, carries the totals up to it into the call that resumes from that checkpoint."""
+  call_start: float  # time.perf_counter() when this call started
+  earlier_wall_s: float = 0.0  # wall time of the earlier calls
+  train_s: float = 0.0  # training seconds: each call's first (compiling) step, evaluations left out
+  timed_steps: int = 0  # the steps that train_s covers
+
+  @classmethod
+  def resume(cls, workdir: pathlib.Path, start: int, call_start: float) -> 'RunTime':
+    path = workdir / 'timing.json'
+    if not start or not path.exists():
+      return cls(call_start)
+    saved = json.loads(path.read_text())
+    return cls(call_start, saved['wall_s'], saved['train_s'], saved['timed_steps'])
+
+  @property
+  def wall_s(self) -> float:
+    return self.earlier_wall_s + time.perf_counter() - self.call_start
+
+  def tokens_per_s(self, tokens_per_step: int) -> float | None:
+    if not self.timed_steps or self.train_s <= 0:
+      return None
+    return self.timed_steps * tokens_per_step / self.train_s
+
+  def save(self, workdir: pathlib.Path) -> None:
+    if is_primary():
+      _write_atomic(workdir / 'timing.json', json.dumps(
+          {'wall_s': self.wall_s, 'train_s': self.train_s, 'timed_steps': self.timed_steps}) + '\n')
+
+
+class RunLog:
+  """Appends metrics.jsonl records to that file and to the run's TensorBoard events (process 0
+  only); opening it drops what an earlier call wrote past `start` from both."""
+
+  def __init__(self, workdir: pathlib.Path, start: int):
+    self.records = _resume_metrics(workdir / 'metrics.jsonl', start)
+    self._files = None
+    if is_primary():
+      self._files = ((workdir / 'metrics.jsonl').open('a'),
+                     tensorboard_events.RunEvents(workdir, self.records))
+
+  def write(self, record: dict) -> None:
+    self.records.append(record)
+    if self._files:
+      metrics, events = self._files
+      metrics.write(json.dumps(record) + '\n')
+      metrics.flush()
+      events.write(record)
+
+  def close(self) -> None:
+    for file in self._files or ():
+      file.close()
+
+
 @dataclasses.dataclass
 class StepsDone:
-  """What `run_steps` leaves: the final state, the metrics.jsonl records it wrote, the seconds of
-  the first (compiling) step, and the seconds of the other steps, evaluations left out."""
+  """What `run_steps` leaves: the final state, every metrics.jsonl record of the run, the seconds
+  of this call's first (compiling) step, and the run's times over all calls."""
   state: Any
   records: list[dict]
   first_step_s: float | None
-  train_s: float
+  time: RunTime
+
+
+def _check_finite(unchecked: list[tuple], manager, workdir: pathlib.Path) -> None:
+  """Raises NonFiniteLoss at the first of `unchecked` (step, train loss, grad norm) with a
+  non-finite loss or norm."""
+  for step, loss, grad_norm in jax.device_get(unchecked):
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+      good = manager.latest_step()
+      kept = (f'the last good checkpoint, step {good}, is kept in {workdir / "checkpoints"}'
+              if good else 'there is no checkpoint yet')
+      raise NonFiniteLoss(
+          f'train loss {float(loss)}, gradient norm {float(grad_norm)} at step {step}: stopped '
+          f'without saving that state; {kept}. The same command would resume from there and '
+          'likely meet it again: start a new --workdir with a lower config.train.learning_rate, '
+          'a larger config.moe.z_loss_coef (router logits) or config.train.clip_norm > 0.')
+
+
+def _checkpoint(manager, step: int, state, clock: RunTime, workdir: pathlib.Path) -> None:
+  manager.save(step, args=ocp.args.StandardSave(state))
+  clock.save(workdir)
 
 
 def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager,
-              metrics_path: pathlib.Path, schedule, tokens_per_step: int,
+              workdir: pathlib.Path, schedule, tokens_per_step: int, call_start: float,
               name: str = 'train') -> StepsDone:
   """The training loop of every task: steps `state` from `start` to cfg.steps.
 
   step_fn(state, i) -> (state, metrics) runs optimizer step i (its metrics as `train_step`'s, plus
   any scalar 'train_*' extras, e.g. train_accuracy); evaluate(state) -> {'eval_...': float}.
-  Every log_every steps a `_record` line goes to metrics.jsonl; evaluation runs every eval_every
-  steps and at the end; the state is checkpointed through `manager` every checkpoint_every steps
-  and at the end. A tqdm bar shows progress when cfg.progress and stderr is a terminal. Only
-  process 0 writes metrics.jsonl (every process steps, evaluates and checkpoints).
+  Every log_every steps a `_record` goes to metrics.jsonl and the TensorBoard events (`RunLog`);
+  evaluation runs every eval_every steps and at the end; the state is checkpointed through
+  `manager` (with timing.json, `RunTime`; call_start: when this call started) every
+  checkpoint_every steps and at the end. A tqdm bar shows progress when cfg.progress and stderr
+  is a terminal. Only process 0 writes files (every process steps, evaluates and checkpoints).
+
+  Before a step is logged or checkpointed, the losses and gradient norms of the steps since the
+  last check must be finite, else NonFiniteLoss (the bad state is not saved). Ctrl-C checkpoints
+  the last completed step and raises `Interrupted`. A ValueError from step_fn or evaluate comes
+  from the model's code, not from the user's input: it is re-raised as a RuntimeError.
   """
-  records = []
-  first_step_s, train_s, last_step, last_time = None, 0.0, start, time.perf_counter()
+  run_log = RunLog(workdir, start)
+  clock = RunTime.resume(workdir, start, call_start)
+  first_step_s, last_step, last_time = None, start, time.perf_counter()
+  done, unchecked = (state, start), []  # the last completed step; losses not yet checked
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=f'train {name}', unit='step',
                   disable=not cfg.progress or not sys.stderr.isatty() or not is_primary(),
                   dynamic_ncols=True)
   try:
-    with (metrics_path.open('a') if is_primary() else open(os.devnull, 'w')) as metrics_file:
-      for i in range(start, cfg.steps):
-        state, metrics = step_fn(state, i)
-        step = i + 1
-        bar.update()
-        if first_step_s is None:  # compiles (unless this process already did); not timed
-          jax.block_until_ready(metrics)
-          first_step_s = time.perf_counter() - last_time
-          last_step, last_time = step, time.perf_counter()
-        final = step == cfg.steps
-        evaluating = final or (cfg.eval_every and step % cfg.eval_every == 0)
-        if evaluating or step % cfg.log_every == 0:
-          metrics = jax.device_get(metrics)  # waits for the step
-          elapsed = time.perf_counter() - last_time
-          train_s += elapsed
-          tokens_per_s = ((step - last_step) * tokens_per_step / elapsed
-                          if step > last_step else None)
-          record = _record(step, metrics, float(schedule(i)), tokens_per_s)
-          if evaluating:
-            record.update(evaluate(state))
-            log.info('step %d: train_loss %.4f, eval_loss %.4f', step, record['train_loss'],
-                     record['eval_loss'])
-          metrics_file.write(json.dumps(record) + '\n')
-          metrics_file.flush()
-          records.append(record)
-          bar.set_postfix(loss=f'{record["train_loss"]:.3f}')
-          last_step, last_time = step, time.perf_counter()
-        if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-          manager.save(step, args=ocp.args.StandardSave(state))
+    for i in range(start, cfg.steps):
+      state, metrics = step_fn(state, i)
+      step = i + 1
+      unchecked.append((step, metrics['train_loss'], metrics['grad_norm']))
+      bar.update()
+      if first_step_s is None:  # compiles (unless this process already did); not timed
+        jax.block_until_ready(metrics)
+        first_step_s = time.perf_counter() - last_time
+        last_step, last_time = step, time.perf_counter()
+      final = step == cfg.steps
+      evaluating = final or (cfg.eval_every and step % cfg.eval_every == 0)
+      logging_step = evaluating or step % cfg.log_every == 0
+      saving = final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+      if logging_step or saving:
+        _check_finite(unchecked, manager, workdir)
+        unchecked = []
+      if logging_step:
+        metrics = jax.device_get(metrics)  # waits for the step
+        elapsed = time.perf_counter() - last_time
+        clock.train_s += elapsed
+        clock.timed_steps += step - last_step
+        tokens_per_s = ((step - last_step) * tokens_per_step / elapsed
+                        if step > last_step else None)
+        record = _record(step, metrics, float(schedule(i)), tokens_per_s)
+        if evaluating:
+          record.update(evaluate(state))
+          log.info('step %d: train_loss %.4f, eval_loss %.4f', step, record['train_loss'],
+                   record['eval_loss'])
+        run_log.write(record)
+        bar.set_postfix(loss=f'{record["train_loss"]:.3f}')
+        last_step, last_time = step, time.perf_counter()
+      if saving:
+        _checkpoint(manager, step, state, clock, workdir)
+      done = (state, step)
+  except KeyboardInterrupt:
+    state, step = done
+    if step > (manager.latest_step() or 0):
+      _check_finite([u for u in unchecked if u[0] <= step], manager, workdir)
+      _checkpoint(manager, step, state, clock, workdir)
+    raise Interrupted(step) from None
+  except ValueError as e:
+    raise RuntimeError(f'training failed at step {i + 1}: {e}') from e
   finally:
     bar.close()
+    run_log.close()
     manager.wait_until_finished()
     manager.close()
-  return StepsDone(state, records, first_step_s, train_s)
+  return StepsDone(state, run_log.records, first_step_s, clock)
 
 
-def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *, cfg: TrainConfig,
-                  start: int, start_time: float, tokens_per_step: int,
-                  flops_per_token: Callable[[str], float], params: tuple[int, float], router: str,
-                  extra: tuple[str, ...] = ()) -> dict:
+def write_summary(workdir: pathlib.Path, loop: StepsDone, *, cfg: TrainConfig, start: int,
+                  tokens_per_step: int, flops_per_token: Callable[[str], float],
+                  params: tuple[int, float], router: str, extra: tuple[str, ...] = ()) -> dict:
   """Writes and returns summary.json (see `train`): the last record's losses (and its `extra`
   fields, e.g. accuracies), the model's counts (FLOPs per token by each convention of
-  `flops.CONVENTIONS`: flops_per_token(convention)), this call's throughput and times, and the
+  `flops.CONVENTIONS`: flops_per_token(convention)), the run's throughput and times, and the
   software and devices it ran on (`reproducibility.environment`)."""
-  last = records[-1]
-  timed = (cfg.steps - start - 1) * tokens_per_step  # all steps of this call but the first
+  last = loop.records[-1]
   summary = {
       'steps': cfg.steps,
       'train_loss': last['train_loss'],
@@ -395,8 +506,8 @@ def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *
       **{f'flops_{c}': flops_per_token(c) for c in flops.CONVENTIONS},
       'params_total': params[0],
       'params_active': params[1],
-      'tokens_per_s': timed / loop.train_s if timed > 0 and loop.train_s > 0 else None,
-      'wall_s': time.perf_counter() - start_time,
+      'tokens_per_s': loop.time.tokens_per_s(tokens_per_step),
+      'wall_s': loop.time.wall_s,
       'first_step_s': loop.first_step_s,
       'resumed_from_step': start,
       'router': router,
@@ -407,30 +518,42 @@ def write_summary(workdir: pathlib.Path, records: list[dict], loop: StepsDone, *
   return summary
 
 
+def run_directory(workdir: str | os.PathLike) -> pathlib.Path:
+  """`workdir` as an absolute path; NotADirectoryError when it is a file."""
+  path = pathlib.Path(workdir).resolve()
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f'workdir {path} is a file, not a run directory: give a new '
+                             'directory, or the directory of a run to resume.')
+  return path
+
+
 def train(config, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) the run in `workdir` to config.train.steps; returns summary.json's dict:
 
   steps; train_loss, eval_loss (the final step's); flops_active, flops_executed (forward FLOPs
-  per token by each convention of moe_jax/flops.py); params_total, params_active; tokens_per_s (training throughput of this call, its
-  first, compiling step and evaluations left out); wall_s and first_step_s (of this call);
-  resumed_from_step; router (`describe_router`).
+  per token by each convention of moe_jax/flops.py); params_total, params_active; tokens_per_s
+  (training throughput over all calls, each call's first, compiling step and evaluations left
+  out); wall_s (all calls); first_step_s (this call's); resumed_from_step; router
+  (`describe_router`); environment (`reproducibility.environment`).
 
-  Raises ValueError, before writing anything, for a bad config field or when workdir/config.json
-  holds a different config.
+  Raises, before writing anything: ValueError for a bad config field or when workdir/config.json
+  holds a different config; NotADirectoryError when workdir is a file; FileNotFoundError when the
+  data set is not found. While training: `Interrupted` (Ctrl-C, after a checkpoint) and
+  `NonFiniteLoss` (see `run_steps`).
   """
-  start_time = time.perf_counter()
+  call_start = time.perf_counter()
   reproducibility.configure_from(config)  # before JAX starts its backends
   cfg, model, mesh = check_config(config)
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
-  workdir = pathlib.Path(workdir).resolve()
+  workdir = run_directory(workdir)
+  splits = data.load_text_splits(config.data.name, data_dir=config.data.data_dir,
+                                 manual_dir=config.data.manual_dir)
   write_config(config, workdir)
   finished = workdir / 'summary.json'
   if finished.exists() and json.loads(finished.read_text()).get('steps') == cfg.steps:
     log.info('%s finished all %d steps earlier: nothing to do', workdir, cfg.steps)
     return json.loads(finished.read_text())
 
-  splits = data.load_text_splits(config.data.name, data_dir=config.data.data_dir,
-                                 manual_dir=config.data.manual_dir)
   tokens = data.encode(splits['train'])
   place = functools.partial(jax.device_put, device=parallel.batch_sharding(mesh))
   eval_set = [place(batch) for batch in data.eval_batches(
@@ -449,8 +572,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
              workdir / 'checkpoints', dict(mesh.shape))
   else:
     state = init_state(model, cfg, init_key, batch_size, seq_len, mesh)
-  metrics_path = workdir / 'metrics.jsonl'
-  records = _resume_metrics(metrics_path, start)
 
   def step_fn(state, i):
     batch = place(data.train_batch(tokens, i, batch_size, seq_len, config.seed))
@@ -464,11 +585,9 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
   tokens_per_step = batch_size * seq_len
   loop = run_steps(state, step_fn, evaluate, cfg=cfg, start=start, manager=manager,
-                   metrics_path=metrics_path, schedule=schedule, tokens_per_step=tokens_per_step,
-                   name=workdir.name)
-  records += loop.records
+                   workdir=workdir, schedule=schedule, tokens_per_step=tokens_per_step,
+                   call_start=call_start, name=workdir.name)
 
-  return write_summary(workdir, records, loop, cfg=cfg, start=start, start_time=start_time,
-                       tokens_per_step=tokens_per_step,
+  return write_summary(workdir, loop, cfg=cfg, start=start, tokens_per_step=tokens_per_step,
                        flops_per_token=functools.partial(transformer.model_flops_per_token, config),
                        params=transformer.param_counts(config), router=describe_router(config))

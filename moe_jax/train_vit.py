@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from moe_jax import flops, image_datasets, reproducibility, sweep
+from moe_jax import data, flops, image_datasets, reproducibility, sweep
 from moe_jax import train as lm_train
 from moe_jax.models import describe_ffn, vit
 
@@ -150,17 +150,17 @@ def evaluate(state: dict, model: vit.ViT, images: np.ndarray, labels: np.ndarray
 def train(config, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes) the ViT run in `workdir` to config.train.steps; returns summary.json's
   dict: the LM's fields (`moe_jax.train.train`) plus eval_accuracy and train_accuracy;
-  tokens_per_s counts patch tokens. Raises ValueError, before writing anything, for a bad config field or when
-  workdir/config.json holds a different config."""
-  start_time = time.perf_counter()
+  tokens_per_s counts patch tokens. Raises as `moe_jax.train.train` does."""
+  call_start = time.perf_counter()
   reproducibility.configure_from(config)  # before JAX starts its backends
   cfg, model = check_config(config)
   batch_size = config.data.batch_size
-  workdir = pathlib.Path(workdir).resolve()
+  workdir = lm_train.run_directory(workdir)
+  with data.quiet_tfds():
+    splits = image_datasets.load_image_splits(config.data.name, data_dir=config.data.data_dir,
+                                              manual_dir=config.data.manual_dir)
   lm_train.write_config(config, workdir)
 
-  splits = image_datasets.load_image_splits(config.data.name, data_dir=config.data.data_dir,
-                                            manual_dir=config.data.manual_dir)
   images, labels = splits['train']
   image_shape = images.shape[1:]
   schedule = lm_train.make_optimizer(cfg)[1]
@@ -172,8 +172,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
   start = manager.latest_step() or 0
   if start:
     state = manager.restore(start, args=ocp.args.StandardRestore(state))
-  metrics_path = workdir / 'metrics.jsonl'
-  records = lm_train._resume_metrics(metrics_path, start)  # pylint: disable=protected-access
 
   def step_fn(state, i):
     x, y = image_datasets.train_batch(images, labels, i, batch_size, config.seed)
@@ -185,13 +183,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
   tokens_per_step = batch_size * model.config.num_tokens(image_shape)
   loop = lm_train.run_steps(state, step_fn, evaluate_test, cfg=cfg, start=start, manager=manager,
-                            metrics_path=metrics_path, schedule=schedule,
-                            tokens_per_step=tokens_per_step, name=workdir.name)
-  records += loop.records
+                            workdir=workdir, schedule=schedule, tokens_per_step=tokens_per_step,
+                            call_start=call_start, name=workdir.name)
 
   return lm_train.write_summary(
-      workdir, records, loop, cfg=cfg, start=start, start_time=start_time,
-      tokens_per_step=tokens_per_step,
+      workdir, loop, cfg=cfg, start=start, tokens_per_step=tokens_per_step,
       flops_per_token=functools.partial(model_flops_per_token, config),
       params=param_counts(config), router=describe_router(config),
       extra=('train_accuracy', 'eval_accuracy'))

@@ -1,7 +1,10 @@
 """Data pipeline tests on the real Tiny Shakespeare file, offline and without TensorFlow."""
 
+import hashlib
 import importlib.util
+import logging
 import pathlib
+import re
 import shutil
 import socket
 import sys
@@ -155,3 +158,23 @@ def test_rows_of_an_eval_batch_are_never_each_others_continuation(prepared):
   assert _min_row_gap(starts) >= data.MIN_ROW_GAP_WINDOWS * 128
   # ... and each batch's rows are as far apart as the held-out text allows.
   assert _min_row_gap(starts) == (len(tokens) - 1) // 128 // 8 * 128
+
+
+def test_shipped_copy_is_the_last_fallback(monkeypatch, tmp_path):
+  """With no manual dir, no $MOE_JAX_DATA_DIR and no ../shared, the package's own copy is used."""
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.setattr(data, '_REPO_ROOT', tmp_path / 'clone')
+  monkeypatch.chdir(tmp_path)
+  found = data.find_manual_dir('tiny_shakespeare')
+  assert found == data.SHIPPED_DATA / 'tiny_shakespeare'
+  listed = re.search(r'tiny_shakespeare/input.txt \|[^|]*\| ([0-9a-f]{64}) \|',
+                     (SHARED_DATA / 'README.md').read_text()).group(1)
+  assert hashlib.sha256((found / 'input.txt').read_bytes()).hexdigest() == listed
+
+
+def test_preparing_a_local_builder_is_quiet(tmp_path, capfd, caplog):
+  """No "Downloading and preparing" line, no progress-bar debris off a terminal, no absl warning."""
+  data.load_text_splits('tiny_shakespeare', data_dir=tmp_path)
+  out, err = capfd.readouterr()
+  assert out == '' and '\x1b[' not in err and '\r' not in err, (out, err)
+  assert not [r for r in caplog.records if r.name == 'absl' and r.levelno >= logging.WARNING]

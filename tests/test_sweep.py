@@ -92,6 +92,8 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys):
   assert cli.main(args) == 0
   out = capsys.readouterr().out
   assert '| dense | dense f=64 |' in out and '| switch_top1 | token_choice k=1 cf=1.25' in out
+  assert ('wrote results.md, results.csv, eval_loss.png, dropped.png, expert_load.png in '
+          f'{workdir}') in out
 
   with open(workdir / 'results.csv') as f:
     rows = list(csv.DictReader(f))

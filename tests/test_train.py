@@ -63,8 +63,11 @@ def test_training_lowers_loss_on_real_text(short_run):
 
 def test_run_directory_format(short_run):
   config, workdir, summary = short_run
-  assert {p.name for p in workdir.iterdir()} == {'config.json', 'metrics.jsonl', 'checkpoints',
-                                                'summary.json'}
+  names = {p.name for p in workdir.iterdir()}
+  events = [name for name in names if name.startswith('events.out.tfevents.')]
+  assert len(events) == 1  # TensorBoard's copy of metrics.jsonl
+  assert names - set(events) == {'config.json', 'metrics.jsonl', 'checkpoints', 'timing.json',
+                                 'summary.json'}
   assert json.loads((workdir / 'config.json').read_text()) == config.to_dict()
   assert json.loads((workdir / 'summary.json').read_text()) == summary
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [75, 150]

@@ -1,0 +1,189 @@
+"""The `moe-jax` command line in daily use (issue 16): short errors for a user's mistakes, Ctrl-C,
+the non-finite loss guard, TensorBoard events, `moe-jax config`.
+
+Every run is the same tiny LM (8 steps), so the compiled steps are shared by all tests here.
+"""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import lm_tiny
+from moe_jax import cli, data, spec, tensorboard_events, train
+
+TINY = ['--config.data.seq_len=32', '--config.data.batch_size=4', '--config.model.d_model=32',
+        '--config.model.num_layers=2', '--config.model.num_heads=2', '--config.model.d_ff=64',
+        '--config.moe.num_experts=4', '--config.moe.d_ff=64', '--config.train.steps=8',
+        '--config.train.warmup_steps=2', '--config.train.log_every=1',
+        '--config.train.eval_every=4', '--config.train.eval_batches=2',
+        '--config.train.checkpoint_every=4', '--config.train.progress=False']
+
+
+def train_args(data_dir, workdir, *extra):
+  return ['moe-jax', 'train', '--config', lm_tiny.__file__, '--workdir', str(workdir),
+          f'--config.data.data_dir={data_dir}', *TINY, *extra]
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def checkpoints(workdir):
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+def assert_short_error(err, *parts):
+  assert 'Traceback' not in err and len(err.strip().splitlines()) <= 8, err
+  for part in parts:
+    assert part in err, (part, err)
+
+
+@pytest.fixture(scope='module')
+def straight_run(data_dir, tmp_path_factory):
+  """The run directory of an uninterrupted tiny run through the CLI."""
+  workdir = tmp_path_factory.mktemp('straight')
+  assert cli.main(train_args(data_dir, workdir)) == 0
+  return workdir
+
+
+# --- Short errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('extra, parts', [
+    (['--config.moe.router=foo'], ["config.moe.router='foo'", 'token_choice']),
+    (['--config.moe.capacity_factor=-1.0'], ['config.moe.capacity_factor=-1.0']),
+    (['--config.train.warmup_steps=8'], ['config.train.warmup_steps=8', 'steps=8']),
+], ids=['unknown_router', 'negative_capacity', 'warmup_not_below_steps'])
+def test_bad_field_value_is_one_message(data_dir, tmp_path, capsys, extra, parts):
+  assert cli.main(train_args(data_dir, tmp_path / 'run', *extra)) == 2
+  assert_short_error(capsys.readouterr().err, 'moe-jax train: ', *parts)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_missing_config_file_is_one_message(tmp_path, capsys):
+  args = ['moe-jax', 'train', '--config', str(tmp_path / 'nope.py'), '--workdir',
+          str(tmp_path / 'run'), '--config.moe.k=2']
+  assert cli.main(args) == 2
+  assert_short_error(capsys.readouterr().err, f'config file {tmp_path / "nope.py"} not found')
+
+
+def test_workdir_that_is_a_file_is_one_message(data_dir, tmp_path, capsys):
+  (tmp_path / 'file').write_text('')
+  assert cli.main(train_args(data_dir, tmp_path / 'file')) == 2
+  assert_short_error(capsys.readouterr().err, 'is a file')
+
+
+def test_report_without_runs_is_one_message(tmp_path, capsys):
+  assert cli.main(['moe-jax', 'report', '--workdir', str(tmp_path)]) == 2
+  assert_short_error(capsys.readouterr().err, 'no finished runs')
+
+
+def test_missing_data_is_one_message_and_writes_no_config(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))  # holds no tiny_shakespeare/
+  workdir = tmp_path / 'run'
+  assert cli.main(train_args(tmp_path / 'tfds', workdir)) == 2
+  assert_short_error(capsys.readouterr().err, "Data set 'tiny_shakespeare' not found",
+                     '--config.data.manual_dir')
+  assert not (workdir / 'config.json').exists()  # so the corrected rerun is no 'different config'
+
+
+def test_a_bug_in_the_step_keeps_its_traceback(data_dir, tmp_path, monkeypatch):
+  """A ValueError from the model's code is no user mistake: the CLI does not shorten it."""
+  def broken_step(*args, **kwargs):
+    raise ValueError('shapes do not match')
+
+  monkeypatch.setattr(train, 'train_step', broken_step)
+  with pytest.raises(RuntimeError, match='training failed at step 1: shapes do not match'):
+    cli.main(train_args(data_dir, tmp_path / 'run'))
+
+
+# --- Ctrl-C, non-finite loss --------------------------------------------------------------------
+
+
+def step_patched(monkeypatch, at_call, change):
+  """Makes train.train_step's `at_call`-th call (from 1) return change(state, metrics)."""
+  real_step, calls = train.train_step, []
+
+  def step(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == at_call:
+      return change(*real_step(*args, **kwargs))
+    return real_step(*args, **kwargs)
+
+  monkeypatch.setattr(train, 'train_step', step)
+
+
+def test_ctrl_c_checkpoints_then_resume_matches_an_uninterrupted_run(
+    straight_run, data_dir, tmp_path, capsys, monkeypatch):
+  def interrupt(state, metrics):
+    raise KeyboardInterrupt
+
+  step_patched(monkeypatch, 6, interrupt)  # during step 6: steps 1-5 are done
+  workdir = tmp_path / 'run'
+  assert cli.main(train_args(data_dir, workdir)) == 130
+  assert_short_error(capsys.readouterr().err,
+                     'interrupted at step 5; rerun the same command to resume')
+  assert checkpoints(workdir) == [4, 5]
+  assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5]
+  first_call = json.loads((workdir / 'timing.json').read_text())
+
+  monkeypatch.undo()
+  assert cli.main(train_args(data_dir, workdir)) == 0
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['resumed_from_step'] == 5
+  assert summary['wall_s'] > first_call['wall_s'] > 0  # the whole run, both calls
+  assert json.loads((workdir / 'timing.json').read_text())['timed_steps'] == 4 + 2
+  got, expected = read_metrics(workdir), read_metrics(straight_run)
+  assert [set(r) for r in got] == [set(r) for r in expected]
+  for mine, theirs in zip(got, expected):
+    for key in set(mine) - {'tokens_per_s'}:
+      np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, err_msg=key)
+  # TensorBoard shows each step once: the points past step 5 of the first call are gone.
+  def points(run):  # tokens/s is absent right after each call's first (compiling) step
+    return [(step, tag) for step, tag, _ in tensorboard_events.read_events(run)
+            if tag != 'train/tokens_per_s']
+
+  assert points(workdir) == points(straight_run)
+
+
+def test_non_finite_loss_stops_before_saving(data_dir, tmp_path, capsys, monkeypatch):
+  step_patched(monkeypatch, 8, lambda state, metrics: (state, {**metrics, 'train_loss': jnp.nan}))
+  workdir = tmp_path / 'run'
+  assert cli.main(train_args(data_dir, workdir)) == 1
+  assert_short_error(capsys.readouterr().err, 'train loss nan', 'at step 8',
+                     'last good checkpoint, step 4', 'config.train.learning_rate',
+                     'config.moe.z_loss_coef', 'config.train.clip_norm')
+  assert checkpoints(workdir) == [4]  # the final step's state was not saved
+  assert [r['step'] for r in read_metrics(workdir)] == list(range(1, 8))
+  assert not (workdir / 'summary.json').exists()
+
+
+# --- TensorBoard, moe-jax config ----------------------------------------------------------------
+
+
+def test_run_writes_tensorboard_events(straight_run):
+  events = tensorboard_events.read_events(straight_run)
+  steps = {}
+  for step, tag, value in events:
+    steps.setdefault(tag, []).append(step)
+  assert steps['train/loss'] == steps['train/learning_rate'] == list(range(1, 9))
+  assert steps['eval/loss'] == [4, 8]
+  assert steps['train/tokens_per_s'] == list(range(2, 9))  # none right after the compiling step
+  for metric in ('fraction_dropped', 'router_entropy', 'max_over_mean_load', 'tokens_per_expert'):
+    assert steps[f'moe/block_1/{metric}'] == list(range(1, 9)), metric
+  last = {tag: value for step, tag, value in events if step == 8}
+  record = read_metrics(straight_run)[-1]
+  assert last['eval/loss'] == pytest.approx(record['eval_loss'])
+  assert last['moe/block_1/tokens_per_expert'] == record['moe/block_1/tokens_per_expert']
+
+
+def test_config_command_prints_resolved_config_and_router_options(capsys):
+  assert cli.main(['moe-jax', 'config', '--config', lm_tiny.__file__,
+                   '--config.moe.router=soft', '--config.moe.capacity_factor=None']) == 0
+  out = capsys.readouterr().out
+  assert 'router: soft' in out and 'capacity_factor: null' in out and 'learning_rate:' in out
+  for choice in (*spec.ROUTERS, *spec.GROUPINGS, *spec.PRIORITIES, 'dispatch:', 'z_loss_coef'):
+    assert choice in out
+  assert cli.main(['moe-jax', 'train', '--help']) == 0
+  assert 'moe-jax config' in capsys.readouterr().out
