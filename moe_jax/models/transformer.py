@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import causality, flops
+from moe_jax import causality, flops, reproducibility
 from moe_jax.data import VOCAB_SIZE
 from moe_jax.experts import ACTIVATIONS, FeedForward
 from moe_jax.layers import MoELayer
@@ -128,11 +128,14 @@ def rope(x: jax.Array, base: float) -> jax.Array:
 def attention_implementation(requested: str, dtype, head_dim: int) -> str:
   """'xla' or 'cudnn' for `requested` ('auto' | 'xla' | 'cudnn'). 'auto' picks cuDNN's fused
   flash kernel where it applies (GPU, bf16/fp16, head size a multiple of 8 up to 128): it never
-  materializes the [L, L] scores and skips the masked half. Elsewhere XLA's softmax attention."""
+  materializes the [L, L] scores and skips the masked half. Elsewhere, and under XLA's
+  deterministic ops (config.deterministic: with them cuDNN's kernel fails to compile in jax 0.11.2),
+  XLA's softmax attention."""
   if requested != 'auto':
     return requested
   fused_ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-              and head_dim % 8 == 0 and head_dim <= 128)
+              and head_dim % 8 == 0 and head_dim <= 128
+              and not reproducibility.deterministic_flag_set())
   return 'cudnn' if fused_ok else 'xla'
 
 
