@@ -104,7 +104,13 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys):
   for plot in ('eval_loss.png', 'dropped.png', 'expert_load.png'):
     image = matplotlib.image.imread(workdir / plot)
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # a real picture
-  assert '![eval_loss.png](eval_loss.png)' in (workdir / 'results.md').read_text()
+  results = (workdir / 'results.md').read_text()
+  assert '![eval_loss.png](eval_loss.png)' in results
+  # The table's context: steps, tokens seen, seeds, FLOPs convention, determinism, 'dropped'.
+  assert '4 steps of 4 x 16 tokens of `tiny_shakespeare` = 256 training tokens; seed(s) [0]' in results
+  assert 'sized to equal *active* FLOPs' in results and 'deterministic=True' in results
+  assert 'within seed noise' in results and "'dropped' is the share of tokens" in results
+  assert '| flops_active | flops_executed |' in results
 
   runs = {p: p.read_bytes() for p in workdir.glob('*/*') if p.is_file()}
   assert cli.main(args) == 0  # a second run leaves finished members alone, rewrites the report
