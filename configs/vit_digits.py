@@ -1,7 +1,8 @@
 """A small MoE ViT (Soft MoE) on the 8x8 handwritten digits; trains in well under a minute on CPU.
 
-  python -m moe_jax.train_vit --config configs/vit_digits.py --workdir runs/vit_digits \
+  moe-jax train --config configs/vit_digits.py --workdir runs/vit_digits \
       [--config.moe.router=expert_choice ...]
+  (on 8 devices: ... --config.mesh.data=2 --config.mesh.expert=4)
 
 The digits ship inside scikit-learn (`moe_jax.image_datasets`); `data.data_dir=None` prepares the
 TFDS files in TFDS's default data dir. 2x2 patches give 16 tokens per image, routed per image
@@ -37,6 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Every MoESpec field (moe_jax/spec.py documents them), defaults but for these.
   config.moe = moe_config(router='soft', d_ff=128, slots_per_expert=2, activation='gelu')
+
+  # Device mesh (docs/parallelism.md): data * expert = the device count, or 1x1 = one device.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 1
+  config.mesh.expert = 1  # divides moe.num_experts; expert weights are sharded over it
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 300

@@ -13,9 +13,7 @@ Student-t half-width of n seeds (t * sd / sqrt(n)), wide by design when n is sma
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
-import json
 import math
 import pathlib
 import time
@@ -25,7 +23,7 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from moe_jax import reproducibility
+from moe_jax import reproducibility, run_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCALES = ('cpu', 'gpu')
@@ -125,48 +123,35 @@ def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
 # --- Running -----------------------------------------------------------------------------------
 
 
-def _task(name: str):
-  """(build_members, train, describe) of task 'lm' or 'vit'."""
-  if name == 'lm':
-    from moe_jax import sweep, train
-    return sweep.build_members, train.train, sweep.describe
-  if name == 'vit':
-    from moe_jax import sweep, train_vit
-    return (train_vit.build_members, train_vit.train,
-            functools.partial(sweep.describe, task=train_vit.TASK))
-  raise ValueError(f"config.task={name!r} is invalid: choose 'lm' or 'vit'.")
-
-
 def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: int | None = None,
               data_dir: str | None = None, log: Callable = print) -> 'Verdict':
   """Trains every member x seed of `module.get_config(scale)` into `workdir` and returns the
   verdict. seeds: use only the first `seeds` seeds; data_dir: the TFDS data dir of every run."""
-  sweep = module.get_config(scale)
-  chosen = list(sweep.seeds)[:seeds] if seeds else list(sweep.seeds)
+  claim = module.get_config(scale)
+  chosen = list(claim.seeds)[:seeds] if seeds else list(claim.seeds)
   if len(chosen) < 2:
     raise ValueError(f'--seeds={seeds} is too few: an interval needs at least 2 seeds.')
   if data_dir is not None:
-    sweep.base.data.data_dir = data_dir
-  reproducibility.configure_from(sweep.base)  # before building members starts JAX's backends
-  build_members, train_fn, describe = _task(sweep.task)
-  members = build_members(sweep)  # validates and checks equal FLOPs before any training
+    claim.base.data.data_dir = data_dir
+  reproducibility.configure_from(claim.base)  # before building members starts JAX's backends
+  from moe_jax import sweep, train  # heavy imports only when a claim runs
+  members = sweep.build_members(claim)  # validates and checks equal FLOPs before any training
   workdir.mkdir(parents=True, exist_ok=True)
   results = {}
   for name, config in members.items():
     results[name] = []
     for seed in chosen:
-      run_dir = workdir / name / f'seed_{seed}'
+      directory = workdir / name / f'seed_{seed}'
       config = ml_collections.ConfigDict(config.to_dict())
       config.seed = seed
-      done = run_dir / 'summary.json'
-      if done.exists() and json.loads(done.read_text()).get('steps') == config.train.steps:
+      if run_dir.finished_summary(directory, config.train.steps) is not None:
         log(f'  {name} seed {seed}: finished earlier, reused')
       else:
         start = time.perf_counter()
-        train_fn(config, run_dir)
+        train.train(config, directory)
         log(f'  {name} seed {seed}: trained in {time.perf_counter() - start:.0f} s')
-      results[name].append(run_numbers(run_dir))
-    results[name] = {'description': describe(config), 'runs': results[name]}
+      results[name].append(run_numbers(directory))
+    results[name] = {'description': sweep.describe(config), 'runs': results[name]}
   train_s = sum(run.get('wall_s') or 0.0 for result in results.values() for run in result['runs'])
   return dataclasses.replace(check_not_overfit(module.verdict(results), results), train_s=train_s)
 

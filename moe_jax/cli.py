@@ -110,8 +110,8 @@ def _show_config(fv: flags.FlagValues) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    'train': Command('train (or resume) a transformer LM run', _config_and_workdir_flags,
-                     _train),
+    'train': Command('train (or resume) a run: the LM or the ViT, as the config says',
+                     _config_and_workdir_flags, _train),
     'sweep': Command('train every member of an equal-FLOPs sweep, then report', _sweep_flags,
                      _sweep),
     'report': Command('results.md/.csv and plots from run directories', _workdir_flag, _report),
