@@ -1,10 +1,11 @@
-"""Shared machinery of the claim reproductions: scale presets, running seeds, statistics, verdicts.
+"""Shared machinery of the claim reproductions: their sweeps, running seeds, statistics, verdicts.
 
 A claim module (`experiments/<claim>.py`) defines `STATEMENT`, `SOURCE`, `get_config(scale)` (a
 sweep config: `base`, `members`, `size_experts`, `flops_tolerance`, plus `task` ('lm' or 'vit')
-and `seeds`) and `verdict(results) -> Verdict`. `run_claim` trains every member with every seed
-into `workdir/<member>/seed_<s>/` (finished runs are skipped, so a crashed table resumes) and
-hands the verdict the per-run numbers of `run_numbers`.
+and `seeds`; its base is a config of configs/ at the claim's scale, e.g.
+`configs/lm_tiny.py:scale=gpu`) and `verdict(results) -> Verdict`. `run_claim` trains every member
+with every seed into `workdir/<member>/seed_<s>/` (finished runs are skipped, so a crashed table
+resumes) and hands the verdict the per-run numbers of `run_numbers`.
 
 Statistics: every member runs with the same seeds (same data order and initialization key), so
 members are compared by paired differences; an interval is the mean +- the two-sided 95%
@@ -13,7 +14,6 @@ Student-t half-width of n seeds (t * sd / sqrt(n)), wide by design when n is sma
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import pathlib
 import time
@@ -23,93 +23,26 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
+from configs import lm_tiny, vit_digits
+from configs.common import SCALES  # noqa: F401 (the scales of every claim; --scale)
 from moe_jax import reproducibility, run_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SCALES = ('cpu', 'gpu')
-
-
-def load_config_file(relative_path: str) -> ml_collections.ConfigDict:
-  """get_config() of a repository config file, e.g. 'configs/lm_tiny.py'."""
-  path = REPO / relative_path
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def _check_scale(scale: str) -> None:
-  if scale not in SCALES:
-    raise ValueError(f'scale={scale!r} is invalid: choose one of {SCALES} (--scale).')
-
-
-# --- Scale presets -----------------------------------------------------------------------------
-# cpu: tiny, for CI and a laptop, on Tiny Shakespeare and the 8x8 digits: one run of a member
-#   takes ~10-20 s on 2 CPU cores after a ~10 s compile that the seeds of a member share. A smoke
-#   test of the machinery: at this size the claims cannot resolve.
-# gpu: sized so that the whole table takes ~10-15 min of one H200 with `--jobs 6`, on data big
-#   enough that no run sees a byte twice: LM claims on English mix (50 MB; each run reads 0.2 of
-#   one pass), claim (f) on Fashion-MNIST (60,000 images; 2.1 epochs). Sized before any result of
-#   this data was seen; the overfitting guard (`check_not_overfit`) still applies.
-
-
-def lm_base(scale: str) -> ml_collections.ConfigDict:
-  """configs/lm_tiny.py at `scale`: a byte-level LM, one MoE block in two (cpu: 2 blocks on Tiny
-  Shakespeare; gpu: 4 blocks on English mix); Switch top-1, 8 experts, as members override."""
-  _check_scale(scale)
-  config = load_config_file('configs/lm_tiny.py')
-  config.deterministic = True  # bitwise-repeatable GPU runs (moe_jax/reproducibility.py)
-  if scale == 'cpu':
-    config.data.update(seq_len=64, batch_size=16)
-    config.model.update(d_model=64, num_layers=2, num_heads=2, d_ff=256, moe_every=2)
-    config.moe.update(num_experts=8, d_ff=256)
-    config.train.update(steps=200, warmup_steps=10, learning_rate=1e-2, log_every=10,
-                        eval_every=100, eval_batches=4)
-  else:
-    config.data.update(name='english_mix', seq_len=256, batch_size=32)
-    config.model.update(d_model=256, num_layers=4, num_heads=4, d_ff=1024, moe_every=2)
-    config.moe.update(num_experts=8, d_ff=1024)
-    # 1,200 x 8,192 = 9.8M tokens: 0.2 of a pass over English mix's 50M training bytes.
-    config.train.update(steps=1200, warmup_steps=100, learning_rate=3e-3, log_every=10,
-                        eval_every=300, eval_batches=16)  # 16 x 32 x 256 of the ~0.5M held out
-  config.train.update(checkpoint_every=0, progress=False)  # final checkpoint only
-  return config
-
-
-def vit_base(scale: str) -> ml_collections.ConfigDict:
-  """configs/vit_digits.py at `scale`: a ViT with an MoE FFN in every second block, on the 8x8
-  digits with 2x2 patches (cpu, 16 tokens) or on Fashion-MNIST with 4x4 patches (gpu, 49 tokens)."""
-  _check_scale(scale)
-  config = load_config_file('configs/vit_digits.py')
-  config.deterministic = True
-  if scale == 'cpu':
-    config.data.batch_size = 64
-    config.model.update(patch_size=2, d_model=64, num_layers=4, num_heads=4, d_ff=128)
-    config.train.update(steps=300, warmup_steps=20, learning_rate=3e-3, log_every=10,
-                        eval_every=100)
-  else:
-    config.data.update(name='fashion_mnist', batch_size=128)
-    config.model.update(patch_size=4, d_model=128, num_layers=4, num_heads=4, d_ff=512)
-    config.moe.update(slots_per_expert=6)  # 8 experts x 6 slots for 49 tokens per image
-    # 1,000 x 128 images = 2.1 epochs of the 60,000 training images (the digits, 1,437 images,
-    # were memorized within 250 steps: experiments/README.md).
-    config.train.update(steps=1000, warmup_steps=50, learning_rate=1e-3, log_every=10,
-                        eval_every=250, eval_batches=10)  # the 10,000 test images in 10 batches
-  config.train.update(checkpoint_every=0, progress=False)
-  return config
+BASES = {'lm': lm_tiny, 'vit': vit_digits}  # each task's base config (`at_scale` presets)
 
 
 def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
                  size_experts: bool = True, flops_tolerance: float = 0.02,
                  seeds: Sequence[int] | None = None,
                  base_changes: Callable | None = None) -> ml_collections.ConfigDict:
-  """A claim's sweep: the task's base at `scale` (changed by `base_changes(base)`), `members`
-  sized and checked at equal FLOPs by the paper's convention `flops_match` ('active' or
-  'executed', see moe_jax/flops.py), 3 seeds at cpu scale and 5 at gpu scale unless `seeds`."""
+  """A claim's sweep: the task's base config at `scale` (`BASES`; changed by
+  `base_changes(base)`), `members` sized and checked at equal FLOPs by the paper's convention
+  `flops_match` ('active' or 'executed', see moe_jax/flops.py), 3 seeds at cpu scale and 5 at gpu
+  scale unless `seeds`."""
   config = ml_collections.ConfigDict()
   config.task = task
   config.scale = scale
-  config.base = {'lm': lm_base, 'vit': vit_base}[task](scale)
+  config.base = BASES[task].get_config(f'scale={scale}')
   if base_changes is not None:
     base_changes(config.base)
   config.size_experts = size_experts
