@@ -117,14 +117,14 @@ def spike_count(losses: Sequence[float], window: int = 10, threshold: float = 0.
                  for t in range(window, len(losses))))
 
 
-def run_numbers(run_dir: pathlib.Path) -> dict:
+def run_numbers(directory: pathlib.Path) -> dict:
   """The numbers a verdict reads from one finished run directory: its summary (eval_loss, ...),
   'dropped' (final fraction of tokens dropped, mean over MoE layers; 0 for dense), 'spikes'
   (`spike_count` of the logged training losses), 'max_jump' (the largest relative rise of the
   training loss over the median of the 10 previous logged losses) and 'overfit' (the final
   held-out loss relative to the lowest of the run's evaluations, minus 1; 0 when the last is best)."""
   from moe_jax import report
-  run = report.read_run(run_dir)
+  run = report.read_run(directory)
   losses = [m['train_loss'] for m in run['metrics']]
   dropped = [values[-1] for values in report.moe_series(run['metrics'], 'fraction_dropped').values()]
   jumps = [losses[t] / np.median(losses[t - 10:t]) - 1 for t in range(10, len(losses))]
