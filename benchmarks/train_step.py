@@ -6,7 +6,7 @@ E=8, k=2, capacity factor 1.25), bf16 compute, float32 parameters, and the train
 the state donated. Tokens are random ints (vocab 256): this measures throughput, not learning.
 
 MFU = model FLOPs per step / step time / peak. Model FLOPs per step = 3 x forward FLOPs (fwd + bwd)
-x tokens, forward FLOPs per token from `flops.transformer_flops`:
+x tokens, forward FLOPs per token from `transformer.transformer_flops`:
   * 'executed': experts count as executed by capacity buffers (E * C slots per group, capacity
     padding included; attention scores over the full [L, L] matrix), the repo's convention;
   * 'useful': only the k * T routed expert slots count (the same function with dropless routing),
@@ -36,9 +36,11 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe_jax import flops, reproducibility  # noqa: E402
+from moe_jax.models import transformer  # noqa: E402
 from moe_jax.models.transformer import Transformer, TransformerConfig  # noqa: E402
 from moe_jax.spec import MoESpec  # noqa: E402
-from moe_jax.train import TrainConfig, cross_entropy, make_optimizer  # noqa: E402
+from moe_jax.tasks import cross_entropy  # noqa: E402
+from moe_jax.train import TrainConfig, make_optimizer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe_layer import elapsed, log  # noqa: E402
@@ -86,16 +88,17 @@ class Case:
     """As executed (capacity padding and the full [L, L] score matrix counted), or useful: exactly
     k expert slots per token and only the causal half of the scores (L(L+1)/2 of L^2 entries)."""
     if not useful:
-      return self._count(flops.transformer_flops, self.spec())
-    full = self._count(flops.transformer_flops, self.spec(capacity_factor=None, dispatch='gather'))
+      return self._count(transformer.transformer_flops, self.spec())
+    full = self._count(transformer.transformer_flops,
+                       self.spec(capacity_factor=None, dispatch='gather'))
     masked = 4.0 * self.d_model * self.seq_len * (1 - (self.seq_len + 1) / (2 * self.seq_len))
     return full - self.num_layers * masked
 
   def params(self) -> tuple[int, float]:
     """(total, active per token); active counts k experts (the routing's, not the padding)."""
-    total, _ = self._count(flops.transformer_params, self.spec())
-    _, active = self._count(flops.transformer_params, self.spec(capacity_factor=None,
-                                                                dispatch='gather'))
+    total, _ = self._count(transformer.transformer_params, self.spec())
+    _, active = self._count(transformer.transformer_params,
+                            self.spec(capacity_factor=None, dispatch='gather'))
     return total, active
 
 
@@ -119,7 +122,7 @@ def make_step(model: Transformer, tx):
 
 def run_case(case: Case, warmup: int, steps: int, peak: float | None) -> dict:
   model = case.model()
-  tx, _ = make_optimizer(TrainConfig())
+  tx = make_optimizer(TrainConfig()).tx
 
   @jax.jit
   def init(rng):

@@ -14,23 +14,14 @@ Soft MoE route the tokens at one position across the batch (`group_by='position'
 coupling the sequences of a batch; token-choice members route each sequence with
 `priority='token'` (from lm_tiny.py), so no token can take an earlier token's slot.
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _base():
-  path = pathlib.Path(__file__).with_name('lm_tiny.py')
-  spec = importlib.util.spec_from_file_location('lm_tiny', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from configs import lm_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.base = _base()
+  config.base = lm_tiny.get_config()
   config.base.train.eval_every = 50  # six points on the eval-loss plot
   config.base.deterministic = True  # bitwise-repeatable on GPU too (moe_jax/reproducibility.py)
   config.size_experts = True

@@ -3,18 +3,22 @@
   moe-jax train --config configs/lm_tiny.py --workdir runs/lm_tiny [--config.model.d_model=64 ...]
   (on 8 devices: ... --config.mesh.data=2 --config.mesh.expert=4)
 
+Presets (`--config configs/lm_tiny.py:ARG`, comma-separated): `dropless`, token choice without a
+capacity (moe.capacity_factor=None); `scale=cpu` or `scale=gpu`, the LM of the paper claims
+(experiments/) at that scale (`at_scale`).
+
 `data.data_dir=None` prepares and reads TFDS files in TFDS's default data dir
 ($TFDS_DATA_DIR, else ~/tensorflow_datasets); `data.manual_dir=None` finds `input.txt` as
-`moe_jax.data.find_manual_dir` describes. `moe.capacity_factor=None` (dropless) is set from the
-command line as `--config.moe.capacity_factor=None`.
+`moe_jax.data.find_manual_dir` describes.
 """
 import ml_collections
 from ml_collections import config_dict
 
+from configs import common
 from moe_jax.spec import moe_config
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   # XLA:GPU deterministic ops (moe_jax/reproducibility.py): bitwise-repeatable GPU runs at some
@@ -43,22 +47,27 @@ def get_config() -> ml_collections.ConfigDict:
   # priority='token' keeps capacity-bound top-k causal (moe_jax/causality.py).
   config.moe = moe_config(d_ff=256, priority='token')
 
-  # Device mesh (docs/parallelism.md): data * expert = the device count, or 1x1 = one device.
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = 1
-  config.mesh.expert = 1  # divides moe.num_experts; expert weights are sharded over it
+  config.mesh = common.mesh()
+  config.train = common.train()  # 300 steps, held-out loss every 100 on 8 batches
+  return common.with_presets(config, arg, at_scale)
 
-  config.train = ml_collections.ConfigDict()
-  config.train.steps = 300
-  config.train.learning_rate = 3e-3
-  config.train.end_lr_fraction = 0.1  # cosine decays to learning_rate * end_lr_fraction
-  config.train.warmup_steps = 30
-  config.train.weight_decay = 0.1
-  config.train.clip_norm = 1.0  # 0 = no clipping
-  config.train.log_every = 10
-  config.train.eval_every = 100
-  config.train.eval_batches = 8
-  config.train.checkpoint_every = 100
-  config.train.keep_checkpoints = 2
-  config.train.progress = True
-  return config
+
+def at_scale(config: ml_collections.ConfigDict, scale: str) -> None:
+  """The paper claims' LM at `scale` (`common.SCALES`): one MoE block in two (cpu: 2 blocks on Tiny
+  Shakespeare; gpu: 4 blocks on English mix); Switch top-1, 8 experts, as members override."""
+  common.check_scale(scale)
+  config.deterministic = True  # bitwise-repeatable GPU runs (moe_jax/reproducibility.py)
+  if scale == 'cpu':
+    config.data.update(seq_len=64, batch_size=16)
+    config.model.update(d_model=64, num_layers=2, num_heads=2, d_ff=256, moe_every=2)
+    config.moe.update(num_experts=8, d_ff=256)
+    config.train.update(steps=200, warmup_steps=10, learning_rate=1e-2, log_every=10,
+                        eval_every=100, eval_batches=4)
+  else:
+    config.data.update(name='english_mix', seq_len=256, batch_size=32)
+    config.model.update(d_model=256, num_layers=4, num_heads=4, d_ff=1024, moe_every=2)
+    config.moe.update(num_experts=8, d_ff=1024)
+    # 1,200 x 8,192 = 9.8M tokens: 0.2 of a pass over English mix's 50M training bytes.
+    config.train.update(steps=1200, warmup_steps=100, learning_rate=3e-3, log_every=10,
+                        eval_every=300, eval_batches=16)  # 16 x 32 x 256 of the ~0.5M held out
+  config.train.update(checkpoint_every=0, progress=False)  # final checkpoint only

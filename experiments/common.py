@@ -1,10 +1,11 @@
-"""Shared machinery of the claim reproductions: scale presets, running seeds, statistics, verdicts.
+"""Shared machinery of the claim reproductions: their sweeps, running seeds, statistics, verdicts.
 
 A claim module (`experiments/<claim>.py`) defines `STATEMENT`, `SOURCE`, `get_config(scale)` (a
 sweep config: `base`, `members`, `size_experts`, `flops_tolerance`, plus `task` ('lm' or 'vit')
-and `seeds`) and `verdict(results) -> Verdict`. `run_claim` trains every member with every seed
-into `workdir/<member>/seed_<s>/` (finished runs are skipped, so a crashed table resumes) and
-hands the verdict the per-run numbers of `run_numbers`.
+and `seeds`; its base is a config of configs/ at the claim's scale, e.g.
+`configs/lm_tiny.py:scale=gpu`) and `verdict(results) -> Verdict`. `run_claim` trains every member
+with every seed into `workdir/<member>/seed_<s>/` (finished runs are skipped, so a crashed table
+resumes) and hands the verdict the per-run numbers of `run_numbers`.
 
 Statistics: every member runs with the same seeds (same data order and initialization key), so
 members are compared by paired differences; an interval is the mean +- the two-sided 95%
@@ -13,9 +14,6 @@ Student-t half-width of n seeds (t * sd / sqrt(n)), wide by design when n is sma
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
-import json
 import math
 import pathlib
 import time
@@ -25,93 +23,26 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from moe_jax import reproducibility
+from configs import lm_tiny, vit_digits
+from configs.common import SCALES  # noqa: F401 (the scales of every claim; --scale)
+from moe_jax import reproducibility, run_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SCALES = ('cpu', 'gpu')
-
-
-def load_config_file(relative_path: str) -> ml_collections.ConfigDict:
-  """get_config() of a repository config file, e.g. 'configs/lm_tiny.py'."""
-  path = REPO / relative_path
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def _check_scale(scale: str) -> None:
-  if scale not in SCALES:
-    raise ValueError(f'scale={scale!r} is invalid: choose one of {SCALES} (--scale).')
-
-
-# --- Scale presets -----------------------------------------------------------------------------
-# cpu: tiny, for CI and a laptop, on Tiny Shakespeare and the 8x8 digits: one run of a member
-#   takes ~10-20 s on 2 CPU cores after a ~10 s compile that the seeds of a member share. A smoke
-#   test of the machinery: at this size the claims cannot resolve.
-# gpu: sized so that the whole table takes ~10-15 min of one H200 with `--jobs 6`, on data big
-#   enough that no run sees a byte twice: LM claims on English mix (50 MB; each run reads 0.2 of
-#   one pass), claim (f) on Fashion-MNIST (60,000 images; 2.1 epochs). Sized before any result of
-#   this data was seen; the overfitting guard (`check_not_overfit`) still applies.
-
-
-def lm_base(scale: str) -> ml_collections.ConfigDict:
-  """configs/lm_tiny.py at `scale`: a byte-level LM, one MoE block in two (cpu: 2 blocks on Tiny
-  Shakespeare; gpu: 4 blocks on English mix); Switch top-1, 8 experts, as members override."""
-  _check_scale(scale)
-  config = load_config_file('configs/lm_tiny.py')
-  config.deterministic = True  # bitwise-repeatable GPU runs (moe_jax/reproducibility.py)
-  if scale == 'cpu':
-    config.data.update(seq_len=64, batch_size=16)
-    config.model.update(d_model=64, num_layers=2, num_heads=2, d_ff=256, moe_every=2)
-    config.moe.update(num_experts=8, d_ff=256)
-    config.train.update(steps=200, warmup_steps=10, learning_rate=1e-2, log_every=10,
-                        eval_every=100, eval_batches=4)
-  else:
-    config.data.update(name='english_mix', seq_len=256, batch_size=32)
-    config.model.update(d_model=256, num_layers=4, num_heads=4, d_ff=1024, moe_every=2)
-    config.moe.update(num_experts=8, d_ff=1024)
-    # 1,200 x 8,192 = 9.8M tokens: 0.2 of a pass over English mix's 50M training bytes.
-    config.train.update(steps=1200, warmup_steps=100, learning_rate=3e-3, log_every=10,
-                        eval_every=300, eval_batches=16)  # 16 x 32 x 256 of the ~0.5M held out
-  config.train.update(checkpoint_every=0, progress=False)  # final checkpoint only
-  return config
-
-
-def vit_base(scale: str) -> ml_collections.ConfigDict:
-  """configs/vit_digits.py at `scale`: a ViT with an MoE FFN in every second block, on the 8x8
-  digits with 2x2 patches (cpu, 16 tokens) or on Fashion-MNIST with 4x4 patches (gpu, 49 tokens)."""
-  _check_scale(scale)
-  config = load_config_file('configs/vit_digits.py')
-  config.deterministic = True
-  if scale == 'cpu':
-    config.data.batch_size = 64
-    config.model.update(patch_size=2, d_model=64, num_layers=4, num_heads=4, d_ff=128)
-    config.train.update(steps=300, warmup_steps=20, learning_rate=3e-3, log_every=10,
-                        eval_every=100)
-  else:
-    config.data.update(name='fashion_mnist', batch_size=128)
-    config.model.update(patch_size=4, d_model=128, num_layers=4, num_heads=4, d_ff=512)
-    config.moe.update(slots_per_expert=6)  # 8 experts x 6 slots for 49 tokens per image
-    # 1,000 x 128 images = 2.1 epochs of the 60,000 training images (the digits, 1,437 images,
-    # were memorized within 250 steps: experiments/README.md).
-    config.train.update(steps=1000, warmup_steps=50, learning_rate=1e-3, log_every=10,
-                        eval_every=250, eval_batches=10)  # the 10,000 test images in 10 batches
-  config.train.update(checkpoint_every=0, progress=False)
-  return config
+BASES = {'lm': lm_tiny, 'vit': vit_digits}  # each task's base config (`at_scale` presets)
 
 
 def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
                  size_experts: bool = True, flops_tolerance: float = 0.02,
                  seeds: Sequence[int] | None = None,
                  base_changes: Callable | None = None) -> ml_collections.ConfigDict:
-  """A claim's sweep: the task's base at `scale` (changed by `base_changes(base)`), `members`
-  sized and checked at equal FLOPs by the paper's convention `flops_match` ('active' or
-  'executed', see moe_jax/flops.py), 3 seeds at cpu scale and 5 at gpu scale unless `seeds`."""
+  """A claim's sweep: the task's base config at `scale` (`BASES`; changed by
+  `base_changes(base)`), `members` sized and checked at equal FLOPs by the paper's convention
+  `flops_match` ('active' or 'executed', see moe_jax/flops.py), 3 seeds at cpu scale and 5 at gpu
+  scale unless `seeds`."""
   config = ml_collections.ConfigDict()
   config.task = task
   config.scale = scale
-  config.base = {'lm': lm_base, 'vit': vit_base}[task](scale)
+  config.base = BASES[task].get_config(f'scale={scale}')
   if base_changes is not None:
     base_changes(config.base)
   config.size_experts = size_experts
@@ -125,48 +56,35 @@ def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
 # --- Running -----------------------------------------------------------------------------------
 
 
-def _task(name: str):
-  """(build_members, train, describe) of task 'lm' or 'vit'."""
-  if name == 'lm':
-    from moe_jax import sweep, train
-    return sweep.build_members, train.train, sweep.describe
-  if name == 'vit':
-    from moe_jax import sweep, train_vit
-    return (train_vit.build_members, train_vit.train,
-            functools.partial(sweep.describe, task=train_vit.TASK))
-  raise ValueError(f"config.task={name!r} is invalid: choose 'lm' or 'vit'.")
-
-
 def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: int | None = None,
               data_dir: str | None = None, log: Callable = print) -> 'Verdict':
   """Trains every member x seed of `module.get_config(scale)` into `workdir` and returns the
   verdict. seeds: use only the first `seeds` seeds; data_dir: the TFDS data dir of every run."""
-  sweep = module.get_config(scale)
-  chosen = list(sweep.seeds)[:seeds] if seeds else list(sweep.seeds)
+  claim = module.get_config(scale)
+  chosen = list(claim.seeds)[:seeds] if seeds else list(claim.seeds)
   if len(chosen) < 2:
     raise ValueError(f'--seeds={seeds} is too few: an interval needs at least 2 seeds.')
   if data_dir is not None:
-    sweep.base.data.data_dir = data_dir
-  reproducibility.configure_from(sweep.base)  # before building members starts JAX's backends
-  build_members, train_fn, describe = _task(sweep.task)
-  members = build_members(sweep)  # validates and checks equal FLOPs before any training
+    claim.base.data.data_dir = data_dir
+  reproducibility.configure_from(claim.base)  # before building members starts JAX's backends
+  from moe_jax import sweep, train  # heavy imports only when a claim runs
+  members = sweep.build_members(claim)  # validates and checks equal FLOPs before any training
   workdir.mkdir(parents=True, exist_ok=True)
   results = {}
   for name, config in members.items():
     results[name] = []
     for seed in chosen:
-      run_dir = workdir / name / f'seed_{seed}'
+      directory = workdir / name / f'seed_{seed}'
       config = ml_collections.ConfigDict(config.to_dict())
       config.seed = seed
-      done = run_dir / 'summary.json'
-      if done.exists() and json.loads(done.read_text()).get('steps') == config.train.steps:
+      if run_dir.finished_summary(directory, config.train.steps) is not None:
         log(f'  {name} seed {seed}: finished earlier, reused')
       else:
         start = time.perf_counter()
-        train_fn(config, run_dir)
+        train.train(config, directory)
         log(f'  {name} seed {seed}: trained in {time.perf_counter() - start:.0f} s')
-      results[name].append(run_numbers(run_dir))
-    results[name] = {'description': describe(config), 'runs': results[name]}
+      results[name].append(run_numbers(directory))
+    results[name] = {'description': sweep.describe(config), 'runs': results[name]}
   train_s = sum(run.get('wall_s') or 0.0 for result in results.values() for run in result['runs'])
   return dataclasses.replace(check_not_overfit(module.verdict(results), results), train_s=train_s)
 
@@ -199,14 +117,14 @@ def spike_count(losses: Sequence[float], window: int = 10, threshold: float = 0.
                  for t in range(window, len(losses))))
 
 
-def run_numbers(run_dir: pathlib.Path) -> dict:
+def run_numbers(directory: pathlib.Path) -> dict:
   """The numbers a verdict reads from one finished run directory: its summary (eval_loss, ...),
   'dropped' (final fraction of tokens dropped, mean over MoE layers; 0 for dense), 'spikes'
   (`spike_count` of the logged training losses), 'max_jump' (the largest relative rise of the
   training loss over the median of the 10 previous logged losses) and 'overfit' (the final
   held-out loss relative to the lowest of the run's evaluations, minus 1; 0 when the last is best)."""
   from moe_jax import report
-  run = report.read_run(run_dir)
+  run = report.read_run(directory)
   losses = [m['train_loss'] for m in run['metrics']]
   dropped = [values[-1] for values in report.moe_series(run['metrics'], 'fraction_dropped').values()]
   jumps = [losses[t] / np.median(losses[t - 10:t]) - 1 for t in range(10, len(losses))]

@@ -1,13 +1,15 @@
 """The `moe-jax` command line: `moe-jax <command> [flags]`.
 
   moe-jax train  --config configs/lm_tiny.py --workdir DIR [--config.model.d_model=64 ...]
+  moe-jax train  --config configs/vit_digits.py --workdir DIR   (the trainer serves every task)
   moe-jax sweep  --config configs/compare_routers.py --workdir DIR [--only dense,switch_top1]
   moe-jax report --workdir DIR
   moe-jax config --config FILE [--config.moe.router=soft ...]   (prints the resolved config)
 
-Config overrides are ml_collections' `--config.<field>=<value>`; `--config.<field>=None` sets a
-field to None (e.g. `--config.moe.capacity_factor=None` for dropless routing), applied after the
-other overrides. Each command is one `COMMANDS` entry: a function defining its flags on its own
+Config overrides are ml_collections' `--config.<field>=<value>`; `--config FILE:ARG` passes ARG to
+the file's get_config, whose presets it picks (e.g. `configs/lm_tiny.py:dropless` for
+`moe.capacity_factor=None`; configs/__init__.py). A config in a package (configs/) imports its
+siblings as Python. Each command is one `COMMANDS` entry: a function defining its flags on its own
 `FlagValues` and a function running with them. A user's mistake (a missing config file, a bad
 field value, a workdir that is a file, missing data, no runs to report) ends in one line on stderr
 and exit code 2, Ctrl-C in 130 and a non-finite loss in 1, with no traceback.
@@ -18,7 +20,7 @@ import dataclasses
 import json
 import logging
 import os
-import re
+import pathlib
 import sys
 import textwrap
 from typing import Any, Callable, Sequence
@@ -27,7 +29,6 @@ from absl import flags
 from ml_collections import config_flags
 
 PROG = 'moe-jax'
-_NONE_OVERRIDE = re.compile(r'^--?config\.([\w.]+)=(?:None|none)$')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +45,10 @@ class Command:
 def _config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
   """--config FILE (required), with --config.<field>=value overrides."""
   config_flags.DEFINE_config_file(
-      'config', None, 'ml_collections config file defining get_config(); override fields with '
-      '--config.<field>=<value>, or --config.<field>=None. `moe-jax config --config FILE` prints '
-      'the resolved config and the router families with their options.', flag_values=fv,
+      'config', None, 'ml_collections config file defining get_config(), as FILE or FILE:ARG '
+      '(ARG picks presets, e.g. configs/lm_tiny.py:dropless); override fields with '
+      '--config.<field>=<value>. `moe-jax config --config FILE` prints the resolved config and '
+      'the router families with their options.', flag_values=fv,
       lock_config=True, sys_argv=list(argv))
   flags.mark_flags_as_required(['config'], flag_values=fv)
 
@@ -110,8 +112,8 @@ def _show_config(fv: flags.FlagValues) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    'train': Command('train (or resume) a transformer LM run', _config_and_workdir_flags,
-                     _train),
+    'train': Command('train (or resume) a run: the LM or the ViT, as the config says',
+                     _config_and_workdir_flags, _train),
     'sweep': Command('train every member of an equal-FLOPs sweep, then report', _sweep_flags,
                      _sweep),
     'report': Command('results.md/.csv and plots from run directories', _workdir_flag, _report),
@@ -127,16 +129,6 @@ def _usage() -> str:
   return '\n'.join(lines)
 
 
-def _set_none(config, path: str) -> None:
-  *parents, field = path.split('.')
-  node = config
-  for name in parents:
-    node = node[name]
-  if field not in node:
-    raise KeyError(f'--config.{path}=None: config has no field {path!r}.')
-  node[field] = None
-
-
 class _StderrHandler(logging.StreamHandler):
   """A log handler writing to the sys.stderr of the moment, which a later caller of `main` (a
   test, a notebook) may have replaced."""
@@ -150,19 +142,23 @@ class _StderrHandler(logging.StreamHandler):
     del value
 
 
-def _missing_config_file(args: Sequence[str]) -> str | None:
-  """The --config FILE of args when there is no such file (ml_collections would say so only at
-  the config's first use, in a long traceback)."""
+def _config_file(args: Sequence[str]) -> str | None:
+  """The FILE of `--config FILE[:ARG]` in args (ARG goes to the file's get_config)."""
   for i, arg in enumerate(args):
     if arg in ('--config', '-config') and i + 1 < len(args):
-      value = args[i + 1]
-    elif arg.startswith(('--config=', '-config=')):
-      value = arg.split('=', 1)[1]
-    else:
-      continue
-    path = value.split(':', 1)[0]  # FILE:ARGS passes ARGS to get_config
-    return None if os.path.isfile(path) else path
+      return args[i + 1].split(':', 1)[0]
+    if arg.startswith(('--config=', '-config=')):
+      return arg.split('=', 1)[1].split(':', 1)[0]
   return None
+
+
+def _import_path_for(config_file: str) -> None:
+  """Puts the folder above the config file's package (the repository root for configs/*.py)
+  first on sys.path, so that the config imports its siblings (`from configs import lm_tiny`)
+  however moe-jax was started. A config file outside a package changes nothing."""
+  folder = pathlib.Path(config_file).resolve().parent
+  if (folder / '__init__.py').exists() and str(folder.parent) not in sys.path:
+    sys.path.insert(0, str(folder.parent))
 
 
 def _run(name: str, fv: flags.FlagValues) -> int:
@@ -191,27 +187,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f'{PROG}: unknown command {name!r}.\n\n{_usage()}', file=sys.stderr)
     return 2
-  nones = [m.group(1) for m in map(_NONE_OVERRIDE.match, args) if m]
-  args = [f'{PROG} {name}'] + [a for a in args if not _NONE_OVERRIDE.match(a)]
+  args = [f'{PROG} {name}', *args]
   fv = flags.FlagValues()
   COMMANDS[name].define_flags(fv, args)
   if '-h' in args or '--help' in args:
     print(f'usage: {PROG} {name} [flags]\n\n{fv.get_help()}')
     return 0
   try:
-    missing = _missing_config_file(args) if 'config' in fv else None
-    if missing:
-      raise flags.Error(f'config file {missing} not found')
+    config_file = _config_file(args) if 'config' in fv else None
+    if config_file is not None:  # ml_collections would say so only at the config's first use
+      if not os.path.isfile(config_file):
+        raise flags.Error(f'config file {config_file} not found')
+      _import_path_for(config_file)
     rest = fv(args)
     if len(rest) > 1:
       raise flags.Error(f'unexpected arguments {rest[1:]}')
-    for path in nones:
-      _set_none(fv.config, path)
   except (flags.Error, KeyError, AttributeError) as e:  # the latter two: unknown config fields
     message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     if isinstance(e, AttributeError):  # ConfigDict's message is a repr: unquote it
       message = 'unknown config field ' + message.strip('\'').replace('\\n', ' ').replace(
           "\\'", "'")
+    last = message.rstrip().splitlines()[-1]
+    if 'Traceback' in message and last.startswith('ValueError: '):  # from get_config(ARG)
+      message = last.removeprefix('ValueError: ')
     print(f'{PROG} {name}: {message}\n\nSee `{PROG} {name} --help`.', file=sys.stderr)
     return 2
   logger = logging.getLogger('moe_jax')

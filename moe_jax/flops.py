@@ -133,42 +133,6 @@ def check_equal_flops(flops: Mapping[str, float], budget: float, tolerance: floa
         'config.size_experts=True) or change their d_ff / k / capacity_factor.')
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoder-only transformer LM (moe_jax.models.transformer): whole-model counts.
-#
-# Per token, forward: attention QKVO projections 4 * 2 * d^2; scores and values 2 * 2 * L * d as
-# executed (the full [L, L] score matrix, causal mask included); the FFN of each block by
-# `layer_flops`; the unembedding 2 * d * V. The embedding lookup, norms, RoPE and softmaxes are
-# O(d) per token and not counted. Parameters: embedding and unembedding V * d each (untied),
-# 4 * d^2 attention and 2 * d norm scales per block, d for the final norm, FFNs by `moe_params`.
-# ---------------------------------------------------------------------------------------------
-
-
 def moe_blocks(num_layers: int, moe_every: int) -> int:
   """How many of `num_layers` blocks hold an MoE FFN (blocks i with (i + 1) % moe_every == 0)."""
   return num_layers // moe_every if moe_every else 0
-
-
-def transformer_flops(spec: MoESpec | None, *, d_model: int, num_layers: int, d_ff: int,
-                      moe_every: int, vocab_size: int, shape: Shape,
-                      activation: str = 'swiglu', convention: str = 'executed') -> float:
-  """Forward FLOPs per token of the transformer LM by `convention` (dense FFNs of width d_ff)."""
-  d = d_model
-  num_moe = moe_blocks(num_layers, moe_every)
-  attention = 8.0 * d * d + 4.0 * shape.seq_len * d
-  dense = layer_flops(None, d, d_ff, shape, activation)
-  moe = layer_flops(spec, d, d_ff, shape, activation, convention) if num_moe else 0.0
-  return (num_layers * attention + (num_layers - num_moe) * dense + num_moe * moe
-          + 2.0 * d * vocab_size)
-
-
-def transformer_params(spec: MoESpec | None, *, d_model: int, num_layers: int, d_ff: int,
-                       moe_every: int, vocab_size: int, shape: Shape,
-                       activation: str = 'swiglu') -> tuple[int, float]:
-  """(total, active per token) parameters of the transformer LM (untied embeddings)."""
-  d = d_model
-  num_moe = moe_blocks(num_layers, moe_every)
-  shared = 2 * vocab_size * d + num_layers * (4 * d * d + 2 * d) + d
-  shared += (num_layers - num_moe) * ffn_matrices(activation) * d * d_ff
-  moe_total, moe_active = moe_params(spec, d, shape) if num_moe else (0, 0.0)
-  return shared + num_moe * moe_total, shared + num_moe * moe_active

@@ -170,16 +170,18 @@ def init_variables(module, mesh: Mesh, rngs, *args, **kwargs):
 
 
 def expert_parallel(module: MoELayer) -> MoELayer:
-  """`module` (a `MoELayer`, or a `Transformer` of them) configured to run inside shard_map over a
-  ('data', 'expert') mesh."""
+  """`module` (a `MoELayer`, or a `Transformer` or `ViT` of them) configured to run inside
+  shard_map over a ('data', 'expert') mesh."""
   return module.clone(expert_axis=EXPERT, batch_axes=AXES)
 
 
 def shard_module(module: MoELayer, mesh: Mesh, *, train: bool = False,
-                 mutable: bool | Sequence[str] = False) -> Callable:
+                 mutable: bool | Sequence[str] = False, seq_len: int | None = None) -> Callable:
   """`module.apply` run expert-parallel over `mesh` with `jax.shard_map`.
 
-  `module`: an unsharded `MoELayer`, or a `Transformer` (fields spec, expert_axis, batch_axes).
+  `module`: an unsharded `MoELayer`, or a model of them (`Transformer`, `ViT`: fields spec,
+  expert_axis, batch_axes). seq_len: the tokens per example its MoE layers see, for `check_mesh`
+  (default x.shape[1], for token inputs x [B, L, ...]; a ViT's images have more dims).
   Returns apply(variables, x, rngs=None) with module.apply's outputs: (y, aux), or ((y, aux),
   updated collections) when `mutable` names collections (e.g. ['router_bias']). `variables` hold
   global arrays (an unsharded module's tree, e.g. from `init_variables`); x: [B, ...] with B over
@@ -189,7 +191,8 @@ def shard_module(module: MoELayer, mesh: Mesh, *, train: bool = False,
   sharded = expert_parallel(module)
 
   def apply(variables, x, rngs=None):
-    check_mesh(module.spec, mesh, batch_size=x.shape[0], seq_len=x.shape[1])
+    check_mesh(module.spec, mesh, batch_size=x.shape[0],
+               seq_len=x.shape[1] if seq_len is None else seq_len)
     if mesh.size == 1:
       return module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
     names = list(variables) if mutable is True else list(mutable or ())

@@ -1,25 +1,22 @@
 """Equal-FLOPs sweeps: build every member's config, size and check FLOPs, train each, report.
 
-A sweep config has `base` (a full experiment config), `members` ({name: overrides of base}),
-`size_experts`, `flops_tolerance` and `flops_match`: the FLOPs convention members are sized and
-checked by, 'active' (the papers': k experts per token) or 'executed' (capacity padding counts;
-see moe_jax/flops.py). Absent, 'active'. Nothing is trained until every member is built, validated and
-found within tolerance of the dense budget; a crashed sweep resumes where it stopped (finished
-members are left as they are, an unfinished one resumes from its last checkpoint, and a member whose
-run directory holds a different config is refused).
+A sweep config has `base` (a full experiment config of any task, `moe_jax.tasks`), `members`
+({name: overrides of base}), `size_experts`, `flops_tolerance` and `flops_match`: the FLOPs
+convention members are sized and checked by, 'active' (the papers': k experts per token) or
+'executed' (capacity padding counts; see moe_jax/flops.py). Absent, 'active'. Nothing is trained
+until every member is built, validated and found within tolerance of the dense budget; a crashed
+sweep resumes where it stopped (finished members are left as they are, an unfinished one resumes
+from its last checkpoint, and a member whose run directory holds a different config is refused).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time
-from typing import Callable
 
 import ml_collections
 
-from moe_jax import flops, report, reproducibility
-from moe_jax.models import transformer
+from moe_jax import flops, report, reproducibility, tasks
 
 
 def member_config(base: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
@@ -40,33 +37,9 @@ def member_config(base: ml_collections.ConfigDict, overrides) -> ml_collections.
   return config
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """What a sweep needs to know of a model family (the LM here, the ViT in `train_vit`).
-
-  check_config(config) validates a full config; from_config(config) -> (model config, MoESpec or
-  None); token_shape(config) -> flops.Shape the FFN layers see; flops_per_token(config,
-  convention) -> model forward FLOPs per token by `flops.CONVENTIONS` convention.
-  """
-  check_config: Callable
-  from_config: Callable
-  token_shape: Callable
-  flops_per_token: Callable
-
-
-def _lm_check_config(config):
-  from moe_jax import train  # heavy imports only when building a sweep
-  return train.check_config(config)
-
-
-LM = Task(check_config=_lm_check_config, from_config=transformer.from_config,
-          token_shape=lambda c: flops.Shape(c.data.batch_size, c.data.seq_len),
-          flops_per_token=transformer.model_flops_per_token)
-
-
-def build_members(sweep: ml_collections.ConfigDict,
-                  task: Task = LM) -> dict[str, ml_collections.ConfigDict]:
-  """Every member's config, sized to the dense FLOP budget when `size_experts`, and checked.
+def build_members(sweep: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """Every member's config, sized to the dense FLOP budget when `size_experts`, and checked
+  (`train.check_config`).
 
   Each MoE layer's budget is one dense FFN of width config.model.d_ff, in the sweep's
   `flops_match` convention.
@@ -75,11 +48,14 @@ def build_members(sweep: ml_collections.ConfigDict,
     ValueError: a member's config is invalid, or its model FLOPs/token differ from the dense
       model's by more than `flops_tolerance` (every offending member is named).
   """
+  from moe_jax import train  # heavy imports only when building a sweep
+
   convention = flops_match(sweep)
+  task = tasks.of(sweep.base)
   members = {}
   for name, overrides in sweep.members.items():
     config = member_config(sweep.base, overrides)
-    task.check_config(config)
+    train.check_config(config)
     model, spec = task.from_config(config)
     if spec is not None and sweep.size_experts:
       budget = flops.ffn_flops(model.d_model, model.d_ff, model.activation)
@@ -99,9 +75,9 @@ def flops_match(sweep: ml_collections.ConfigDict) -> str:
   return flops.check_convention(sweep.get('flops_match', 'active'))
 
 
-def describe(config: ml_collections.ConfigDict, task: Task = LM) -> str:
+def describe(config: ml_collections.ConfigDict) -> str:
   """A short human label of a member's FFN, e.g. 'token_choice k=2 cf=1.25 E=8 f=204'."""
-  model, spec = task.from_config(config)
+  model, spec = tasks.of(config).from_config(config)
   if spec is None:
     return f'dense f={model.d_ff}'
   parts = [spec.router]

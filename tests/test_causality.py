@@ -11,7 +11,7 @@ opt-in flag the same check sees their leak: the test has the power to fail.
 import functools
 import importlib
 import json
-import pathlib
+import pkgutil
 
 import jax
 import jax.numpy as jnp
@@ -19,19 +19,21 @@ import ml_collections
 import numpy as np
 import pytest
 
+import configs
+from configs import lm_tiny
 from experiments import CLAIMS, common
 from moe_jax import sweep
 from moe_jax.models import transformer
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARPNESS = 30.0  # router weights x this: near one-hot routing, so capacity binds
 
 
-def _config_file(path: pathlib.Path) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def shipped_configs() -> dict[str, ml_collections.ConfigDict]:
+  """{name: get_config()} of every config module in configs/."""
+  modules = {info.name: importlib.import_module(f'configs.{info.name}')
+             for info in pkgutil.iter_modules(configs.__path__)}
+  return {name: module.get_config() for name, module in sorted(modules.items())
+          if hasattr(module, 'get_config')}
 
 
 def _is_lm(config) -> bool:
@@ -42,12 +44,11 @@ def shipped_lm_members() -> dict[str, ml_collections.ConfigDict]:
   """{'source/member': config} of every LM the project ships: each LM config in configs/, each
   member of each sweep there, each member of each LM claim at both scales."""
   members = {}
-  for path in sorted((ROOT / 'configs').glob('**/*.py')):
-    config = _config_file(path)
+  for source, config in shipped_configs().items():
     if 'members' in config and _is_lm(config.base):
-      members.update({f'{path.stem}/{name}': c for name, c in sweep.build_members(config).items()})
+      members.update({f'{source}/{name}': c for name, c in sweep.build_members(config).items()})
     elif _is_lm(config):
-      members[path.stem] = config
+      members[source] = config
   for key, claim in CLAIMS.items():
     module = importlib.import_module(f'experiments.{claim}')
     for scale in common.SCALES:
@@ -162,7 +163,7 @@ LEAKS = {  # config.moe changes of a compare_routers-like LM that leak, and the 
 
 
 def leaky(changes: dict, allow: bool) -> ml_collections.ConfigDict:
-  config = narrow(_config_file(ROOT / 'configs' / 'lm_tiny.py'))
+  config = narrow(lm_tiny.get_config())
   config.data.update(batch_size=4, seq_len=32)
   config.model.update(num_layers=2, moe_every=1, allow_future_leak=allow)
   config.moe.update(num_experts=4, **changes)

@@ -1,9 +1,12 @@
 """The `moe-jax` command line in daily use (issue 16): short errors for a user's mistakes, Ctrl-C,
-the non-finite loss guard, TensorBoard events, `moe-jax config`.
+the non-finite loss guard, TensorBoard events, `moe-jax config` (presets, configs/ as a package).
 
 Every run is the same tiny LM (8 steps), so the compiled steps are shared by all tests here.
 """
 import json
+import os
+import pathlib
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +69,15 @@ def test_missing_config_file_is_one_message(tmp_path, capsys):
           str(tmp_path / 'run'), '--config.moe.k=2']
   assert cli.main(args) == 2
   assert_short_error(capsys.readouterr().err, f'config file {tmp_path / "nope.py"} not found')
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('nope', "config argument 'nope' is unknown: choose from ['dropless', 'scale']"),
+    ('scale=tpu', "scale='tpu' is invalid: choose one of ('cpu', 'gpu')"),
+])
+def test_bad_config_argument_is_one_message(capsys, arg, message):
+  assert cli.main(['moe-jax', 'config', '--config', f'{lm_tiny.__file__}:{arg}']) == 2
+  assert_short_error(capsys.readouterr().err, message)
 
 
 def test_workdir_that_is_a_file_is_one_message(data_dir, tmp_path, capsys):
@@ -179,11 +191,23 @@ def test_run_writes_tensorboard_events(straight_run):
 
 
 def test_config_command_prints_resolved_config_and_router_options(capsys):
-  assert cli.main(['moe-jax', 'config', '--config', lm_tiny.__file__,
-                   '--config.moe.router=soft', '--config.moe.capacity_factor=None']) == 0
+  assert cli.main(['moe-jax', 'config', '--config', f'{lm_tiny.__file__}:dropless',
+                   '--config.moe.router=soft']) == 0
   out = capsys.readouterr().out
   assert 'router: soft' in out and 'capacity_factor: null' in out and 'learning_rate:' in out
   for choice in (*spec.ROUTERS, *spec.GROUPINGS, *spec.PRIORITIES, 'dispatch:', 'z_loss_coef'):
     assert choice in out
   assert cli.main(['moe-jax', 'train', '--help']) == 0
   assert 'moe-jax config' in capsys.readouterr().out
+
+
+def test_a_config_imports_its_package_however_moe_jax_started(monkeypatch, capsys):
+  """compare_routers.py imports configs.lm_tiny; a console script's sys.path lacks the repository
+  root, so moe-jax puts it there for a config file inside a package."""
+  root = pathlib.Path(lm_tiny.__file__).resolve().parents[1]
+  monkeypatch.setattr(sys, 'path', [p for p in sys.path
+                                    if pathlib.Path(os.path.abspath(p or '.')).resolve() != root])
+  for name in [name for name in sys.modules if name.split('.')[0] == 'configs']:
+    monkeypatch.delitem(sys.modules, name)
+  assert cli.main(['moe-jax', 'config', '--config', str(root / 'configs' / 'compare_routers.py')]) == 0
+  assert str(root) in sys.path and 'switch_top1' in capsys.readouterr().out

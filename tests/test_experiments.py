@@ -12,7 +12,7 @@ import pytest
 
 from experiments import CLAIMS, common
 from experiments.__main__ import main
-from moe_jax import sweep, train_vit
+from moe_jax import sweep, tasks
 from moe_jax.models import transformer
 
 
@@ -22,10 +22,9 @@ def test_every_claim_builds_with_its_flops(key, scale):
   module = importlib.import_module(f'experiments.{CLAIMS[key]}')
   config = module.get_config(scale)
   assert module.STATEMENT and module.SOURCE and len(config.seeds) >= 3
-  build, flops_of = ((train_vit.build_members, train_vit.model_flops_per_token)
-                     if config.task == 'vit' else
-                     (sweep.build_members, transformer.model_flops_per_token))
-  members = build(config)
+  assert tasks.of(config.base) is tasks.get(config.task)  # the base config says its task
+  members = sweep.build_members(config)
+  flops_of = tasks.get(config.task).flops_per_token
   assert len(members) >= 2
   assert config.flops_match in ('active', 'executed')
   flops = [flops_of(c, config.flops_match) for c in members.values()]

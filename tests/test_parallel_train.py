@@ -1,9 +1,10 @@
-"""Training the LM on a mesh of 8 simulated CPU devices (config.mesh): sharded == one device.
+"""Training on a mesh of 8 simulated CPU devices (config.mesh): sharded == one device.
 
-(a) Three train steps on the 2x4 and 8x1 (data x expert) meshes equal the one-device steps (losses,
-metrics, params, optimizer state, router bias) for token choice by sequence and for an aux-free
-router, whose bias is identical on every shard; (b) a checkpoint written on 2x4 resumes on 4x2 and
-the run continues as the uninterrupted one; (c) a bad mesh config fails before any work.
+(a) Three train steps of the LM on the 2x4 and 8x1 (data x expert) meshes equal the one-device
+steps (losses, metrics, params, optimizer state, router bias) for token choice by sequence and for
+an aux-free router, whose bias is identical on every shard; (b) a checkpoint written on 2x4 resumes
+on 4x2 and the run continues as the uninterrupted one; (c) a bad mesh config fails before any work;
+(d) `moe-jax train` trains the ViT (each image routed alone) on 2x4 as on one device.
 """
 import functools
 import logging
@@ -14,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moe_jax import data, parallel, train
+from configs import vit_digits
+from moe_jax import cli, data, parallel, train, train_vit
 from tests.test_train import read_metrics, tiny_config
 
 ROUTERS = {
@@ -32,15 +34,15 @@ def config(mesh, router='token_choice', data_dir=None, **overrides):
 
 def run_steps(config, num_steps=3):
   """(state, [metrics]) after `num_steps` train steps on random batches, on config.mesh."""
-  cfg, model, mesh = train.check_config(config)
+  task, cfg, model, mesh = train.check_config(config)
+  state = train.init_state(model, cfg, jax.random.key(0), task.input_spec(config), mesh)
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
-  state = train.init_state(model, cfg, jax.random.key(0), batch_size, seq_len, mesh)
   batches = jax.random.randint(jax.random.key(1), (num_steps, batch_size, seq_len + 1), 0, 256)
   metrics = []
   for i, batch in enumerate(batches):
     batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-    state, step_metrics = train.train_step(state, batch, jax.random.key(i), model=model, cfg=cfg,
-                                           mesh=mesh)
+    state, step_metrics = train.train_step(state, batch, jax.random.key(i), task=task,
+                                           model=model, cfg=cfg, mesh=mesh)
     metrics.append(step_metrics)
   return state, metrics
 
@@ -93,8 +95,8 @@ def test_checkpoint_resumes_on_another_mesh(data_dir, tmp_path, caplog):
       np.testing.assert_allclose(mine[key], theirs[key], **TOLERANCE, err_msg=key)
 
   # The 2x4 checkpoint laid out on 4x2: 4 experts per device.
-  cfg, model, mesh = train.check_config(resumed_config)
-  target = train.abstract_state(model, cfg, 8, 16, mesh)
+  task, cfg, model, mesh = train.check_config(resumed_config)
+  target = train.abstract_state(model, cfg, task.input_spec(resumed_config), mesh)
   with ocp.CheckpointManager(straight / 'checkpoints') as manager:
     state = manager.restore(4, args=ocp.args.StandardRestore(target))
   w_in = state['params']['block_1']['moe']['experts']['w_in']
@@ -127,4 +129,29 @@ def test_bad_mesh_config_fails_before_any_work(tmp_path, monkeypatch, overrides,
 def test_absent_mesh_section_is_one_device():
   cfg = config((2, 4))
   del cfg['mesh']
-  assert train.check_config(cfg)[2].devices.shape == (1, 1)
+  assert train.check_config(cfg).mesh.devices.shape == (1, 1)
+
+
+VIT = ['--config.data.batch_size=32', '--config.model.d_model=32', '--config.model.num_layers=2',
+       '--config.model.num_heads=2', '--config.model.d_ff=64', '--config.moe.num_experts=4',
+       '--config.moe.d_ff=64', '--config.moe.slots_per_expert=4', '--config.train.steps=4',
+       '--config.train.warmup_steps=1', '--config.train.log_every=1',
+       '--config.train.eval_every=2', '--config.train.checkpoint_every=2',
+       '--config.train.progress=False']  # test_vit's tiny Soft MoE ViT, 4 steps
+
+
+def test_vit_trains_on_a_mesh_as_on_one_device(image_data_dir, tmp_path):
+  args = ['--config', vit_digits.__file__, f'--config.data.data_dir={image_data_dir}', *VIT]
+  mesh = ['--config.mesh.data=2', '--config.mesh.expert=4']
+  assert cli.main(['moe-jax', 'train', '--workdir', str(tmp_path / '2x4'), *args, *mesh]) == 0
+  # The old entry point is `moe-jax train` too.
+  assert train_vit.main(['train_vit', '--workdir', str(tmp_path / '1x1'), *args]) == 0
+  expected, got = read_metrics(tmp_path / '1x1'), read_metrics(tmp_path / '2x4')
+  assert [r['step'] for r in got] == [1, 2, 3, 4] and 'eval_accuracy' in got[-1]
+  for mine, theirs in zip(got, expected):
+    assert set(mine) == set(theirs)
+    for key in set(mine) - {'tokens_per_s'}:
+      np.testing.assert_allclose(mine[key], theirs[key], **TOLERANCE, err_msg=key)
+  restore = lambda run: ocp.StandardCheckpointer().restore(tmp_path / run / 'checkpoints/4/default')
+  jax.tree.map(functools.partial(np.testing.assert_allclose, **TOLERANCE), restore('2x4'),
+               restore('1x1'))

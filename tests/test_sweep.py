@@ -1,23 +1,17 @@
 """Equal-FLOPs sweeps (refusal before any work, an end-to-end tiny sweep) and reports."""
 import csv
-import importlib.util
 import json
 import pathlib
 
 import matplotlib.image
 import pytest
 
+from configs import compare_routers
 from moe_jax import cli, flops, report, sweep
 from moe_jax.models import transformer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def compare_config():
-  spec = importlib.util.spec_from_file_location('compare', ROOT / 'configs' / 'compare_routers.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+compare_config = compare_routers.get_config
 
 
 def test_default_sweep_members_are_equal_flops():

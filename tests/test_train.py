@@ -208,9 +208,9 @@ def test_cli_parses_overrides(monkeypatch, tmp_path):
   seen = {}
   monkeypatch.setattr(train, 'train', lambda config, workdir: seen.update(
       config=config, workdir=workdir) or {})
-  status = cli.main(['moe-jax', 'train', '--config', lm_tiny.__file__, '--workdir',
+  status = cli.main(['moe-jax', 'train', '--config', f'{lm_tiny.__file__}:dropless', '--workdir',
                      str(tmp_path), '--config.model.d_model=64', '--config.moe.k=2',
-                     '--config.moe.capacity_factor=None', '--config.data.data_dir=/x/y'])
+                     '--config.data.data_dir=/x/y'])
   assert status == 0 and seen['workdir'] == str(tmp_path)
   config = seen['config']
   assert (config.model.d_model, config.moe.k, config.moe.capacity_factor,

@@ -3,26 +3,21 @@
 Covers: the TFDS builder's splits hold the real images, disjoint, and a missing file is a clear
 error; patchify; parameter counts equal the model's and FLOPs match a hand count; config errors
 name the field; training lowers the loss for Soft MoE, writes the LM's run-directory format that
-`report` reads, and resumes exactly; a ViT sweep is sized to equal FLOPs.
+`report` reads, and resumes exactly (also a run whose config.json predates config.mesh); a ViT
+sweep is sized to equal FLOPs.
 """
 import gzip
 import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import vit_digits
-from moe_jax import image_datasets, report, train_vit
+from moe_jax import image_datasets, report, run_dir, sweep, train
 from moe_jax.models import vit
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tfds')
-  image_datasets.load_image_splits('digits', data_dir=path)
-  return str(path)
 
 
 def tiny_config(data_dir, **overrides):
@@ -39,8 +34,8 @@ def tiny_config(data_dir, **overrides):
   return config
 
 
-def test_splits_are_the_real_digits_disjoint(data_dir):
-  splits = image_datasets.load_image_splits('digits', data_dir=data_dir)
+def test_splits_are_the_real_digits_disjoint(image_data_dir):
+  splits = image_datasets.load_image_splits('digits', data_dir=image_data_dir)
   (train_x, train_y), (test_x, test_y) = splits['train'], splits['test']
   assert train_x.shape == (1437, 8, 8, 1) and test_x.shape == (360, 8, 8, 1)
   assert train_x.dtype == np.float32 and 0 <= train_x.min() and train_x.max() == 1.0
@@ -79,44 +74,44 @@ def test_patchify_row_major():
 @pytest.mark.parametrize('moe', [None, {'router': 'soft'}, {'router': 'token_choice', 'k': 2},
                                  {'router': 'expert_choice', 'capacity_factor': 2.0}])
 @pytest.mark.parametrize('pool', ['mean', 'cls'])
-def test_param_counts_match_the_model(data_dir, moe, pool):
-  config = tiny_config(data_dir, **{'model.pool': pool, 'model.activation': 'swiglu'})
+def test_param_counts_match_the_model(image_data_dir, moe, pool):
+  config = tiny_config(image_data_dir, **{'model.pool': pool, 'model.activation': 'swiglu'})
   if moe is None:
     config.model.moe_every = 0
   else:
     config.moe.update(**moe)
-  _, model = train_vit.check_config(config)
+  model = train.check_config(config).model
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1))))
-  counted, _ = train_vit.param_counts(config)
+  counted, _ = vit.param_counts(config)
   assert counted == sum(x.size for x in jax.tree.leaves(variables['params']))
   logits, aux = jax.eval_shape(lambda v: model.apply(v, jnp.ones((3, 8, 8, 1))), variables)
   assert logits.shape == (3, 10) and set(aux['layers']) == ({'block_1'} if moe else set())
 
 
-def test_flops_by_hand(data_dir):
-  config = tiny_config(data_dir, **{'moe.router': 'soft', 'moe.slots_per_expert': 4})
+def test_flops_by_hand(image_data_dir):
+  config = tiny_config(image_data_dir, **{'moe.router': 'soft', 'moe.slots_per_expert': 4})
   d, n, f, e = 32, 16, 64, 4
   attention = 8 * d * d + 4 * n * d
   dense = 2 * d * f * 2  # GELU: 2 matrices
   soft = 2 * d * e * 4 * 3 + e * 4 / n * 2 * d * f * 2  # logits, dispatch, combine; E*S slots
   expected = 2 * 4 * d + 2 * (attention) + dense + soft + 2 * d * 10 / n
-  assert train_vit.model_flops_per_token(config) == pytest.approx(expected)
+  assert vit.model_flops_per_token(config) == pytest.approx(expected)
 
 
-def test_config_errors_name_the_field(data_dir):
+def test_config_errors_name_the_field(image_data_dir):
   with pytest.raises(ValueError, match=r'config\.model\.patch_size=3 .*divide the image size 8x8'):
-    train_vit.check_config(tiny_config(data_dir, **{'model.patch_size': 3}))
+    train.check_config(tiny_config(image_data_dir, **{'model.patch_size': 3}))
   with pytest.raises(ValueError, match=r"config\.model\.pool='max'"):
-    train_vit.check_config(tiny_config(data_dir, **{'model.pool': 'max'}))
+    train.check_config(tiny_config(image_data_dir, **{'model.pool': 'max'}))
 
 
 @pytest.fixture(scope='module')
-def short_run(data_dir, tmp_path_factory):
-  config = tiny_config(data_dir, **{'train.steps': 80, 'train.warmup_steps': 5,
+def short_run(image_data_dir, tmp_path_factory):
+  config = tiny_config(image_data_dir, **{'train.steps': 80, 'train.warmup_steps': 5,
                                     'train.log_every': 10, 'train.eval_every': 40,
                                     'train.checkpoint_every': 40, 'train.learning_rate': 1e-2})
   workdir = tmp_path_factory.mktemp('vit_run')
-  return config, workdir, train_vit.train(config, workdir)
+  return config, workdir, train.train(config, workdir)
 
 
 def test_soft_moe_vit_learns_the_digits(short_run):
@@ -137,9 +132,9 @@ def test_run_directory_reads_like_an_lm_run(short_run):
   assert f"{summary['eval_loss']:.4f}" in table
 
 
-def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-  config = tiny_config(data_dir, **{'moe.router': 'token_choice', 'moe.jitter': 0.1})
-  train_vit.train(config, tmp_path / 'straight')
+def test_kill_and_resume_matches_uninterrupted_run(image_data_dir, tmp_path, monkeypatch):
+  config = tiny_config(image_data_dir, **{'moe.router': 'token_choice', 'moe.jitter': 0.1})
+  train.train(config, tmp_path / 'straight')
   real_batch = image_datasets.train_batch
 
   class Killed(Exception):
@@ -152,9 +147,9 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypat
 
   monkeypatch.setattr(image_datasets, 'train_batch', killed_at_6)
   with pytest.raises(Killed):
-    train_vit.train(config, tmp_path / 'resumed')
+    train.train(config, tmp_path / 'resumed')
   monkeypatch.setattr(image_datasets, 'train_batch', real_batch)
-  summary = train_vit.train(config, tmp_path / 'resumed')
+  summary = train.train(config, tmp_path / 'resumed')
   assert summary['resumed_from_step'] == 4
   read = lambda name: [json.loads(line) for line in
                        (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
@@ -165,18 +160,31 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypat
       np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, err_msg=key)
 
 
-def test_sweep_members_are_sized_to_equal_flops(data_dir):
-  import ml_collections
-  sweep = ml_collections.ConfigDict()
-  sweep.base = tiny_config(data_dir)
-  sweep.size_experts, sweep.flops_tolerance, sweep.flops_match = True, 0.02, 'executed'
-  sweep.members = {'dense': {'model': {'moe_every': 0}}, 'soft': {'moe': {'router': 'soft'}},
-                   'top2': {'moe': {'router': 'token_choice', 'k': 2}},
-                   'ec': {'moe': {'router': 'expert_choice', 'capacity_factor': 2.0}}}
-  members = train_vit.build_members(sweep)
-  budget = train_vit.model_flops_per_token(members['dense'])
-  for name, config in members.items():
-    assert train_vit.model_flops_per_token(config) == pytest.approx(budget, rel=0.02), name
-  sweep.size_experts = False
+def test_run_written_without_a_mesh_section_resumes(tmp_path):
+  """Runs of the ViT (the claims' too) from before config.mesh existed: an absent mesh is 1x1,
+  and the mesh may differ on resume."""
+  config = vit_digits.get_config()
+  before_mesh = ml_collections.ConfigDict(config.to_dict())
+  del before_mesh['mesh']
+  assert run_dir.write_config(before_mesh, tmp_path) is None
+  found = run_dir.write_config(config, tmp_path, may_differ=train.MESH_FIELDS)
+  assert found == run_dir.flatten(before_mesh.to_dict())  # config.json keeps the first call's
+  config.train.steps += 1
+  with pytest.raises(ValueError, match=r'train\.steps: 300 in config\.json, 301 now'):
+    run_dir.write_config(config, tmp_path, may_differ=train.MESH_FIELDS)
+
+
+def test_sweep_members_are_sized_to_equal_flops(image_data_dir):
+  config = ml_collections.ConfigDict()
+  config.base = tiny_config(image_data_dir)
+  config.size_experts, config.flops_tolerance, config.flops_match = True, 0.02, 'executed'
+  config.members = {'dense': {'model': {'moe_every': 0}}, 'soft': {'moe': {'router': 'soft'}},
+                    'top2': {'moe': {'router': 'token_choice', 'k': 2}},
+                    'ec': {'moe': {'router': 'expert_choice', 'capacity_factor': 2.0}}}
+  members = sweep.build_members(config)
+  budget = vit.model_flops_per_token(members['dense'])
+  for name, member in members.items():
+    assert vit.model_flops_per_token(member) == pytest.approx(budget, rel=0.02), name
+  config.size_experts = False
   with pytest.raises(ValueError, match='unequal executed FLOPs'):
-    train_vit.build_members(sweep)
+    sweep.build_members(config)

@@ -1,8 +1,18 @@
-"""Models built from MoE layers: the decoder-only transformer LM and the ViT classifier."""
+"""Models built from MoE layers: the decoder-only transformer LM and the ViT classifier.
+
+Both are a stack of pre-norm blocks whose FFN is dense or MoE (`run_blocks`, `ffn`); a block or
+model module has fields config (num_layers, d_ff, activation, dtype, is_moe(block)), spec (a
+`MoESpec`, or None for a dense FFN), expert_axis and batch_axes (`MoELayer`'s: set by
+`parallel.expert_parallel` to run inside `jax.shard_map`).
+"""
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
+from moe_jax.experts import FeedForward
+from moe_jax.layers import MoELayer
 from moe_jax.spec import MoESpec
 
 
@@ -18,3 +28,35 @@ def describe_ffn(model, spec: MoESpec | None) -> str:
   options = ', '.join(f'{name}={getattr(spec, name)}' for name in fields)
   blocks = [i for i in range(model.num_layers) if model.is_moe(i)]
   return f'{spec.router} ({options}) in blocks {blocks} of {model.num_layers}'
+
+
+def ffn(block, h, *, train: bool):
+  """The FFN of `block` on h [B, N, d], inside its compact __call__: (y, None) from a dense
+  `FeedForward` of width config.d_ff when block.spec is None, else (y, aux) from the `MoELayer`."""
+  cfg, dtype = block.config, jnp.dtype(block.config.dtype)
+  if block.spec is None:
+    return FeedForward(cfg.d_ff, cfg.activation, dtype, name='ffn')(h), None
+  return MoELayer(block.spec, dtype, block.expert_axis, block.batch_axes, name='moe')(
+      h, train=train)
+
+
+def run_blocks(model, block_cls, x, *, train: bool):
+  """x through `model`'s config.num_layers blocks `block_cls` named block_i (the MoE ones with
+  model.spec), inside its compact __call__. Returns (x, aux):
+
+  aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
+         'layers': {block_name: the MoE layer's metrics plus its unweighted
+                    'load_balancing_loss' and 'z_loss'}}.
+  """
+  cfg = model.config
+  aux = {'loss': jnp.zeros((), jnp.float32), 'layers': {}}
+  for i in range(cfg.num_layers):
+    name = f'block_{i}'
+    spec = model.spec if cfg.is_moe(i) else None
+    x, layer_aux = block_cls(cfg, spec, model.expert_axis, model.batch_axes, name=name)(
+        x, train=train)
+    if layer_aux is not None:
+      aux['loss'] = aux['loss'] + layer_aux['loss']
+      aux['layers'][name] = {**layer_aux['metrics'],
+                             **{f'{k}_loss': v for k, v in layer_aux['losses'].items()}}
+  return x, aux

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from moe_jax import causality, flops, reproducibility
 from moe_jax.data import VOCAB_SIZE
-from moe_jax.experts import ACTIVATIONS, FeedForward
-from moe_jax.layers import MoELayer
+from moe_jax.experts import ACTIVATIONS
+from moe_jax.models import ffn, run_blocks
 from moe_jax.spec import MoESpec
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -57,6 +57,10 @@ class TransformerConfig:
 
   def is_moe(self, block: int) -> bool:
     return self.moe_every > 0 and (block + 1) % self.moe_every == 0
+
+  def num_tokens(self, input_shape) -> int:
+    """Tokens per example: a sequence of shape [L] is L tokens."""
+    return input_shape[0]
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'TransformerConfig':
@@ -190,24 +194,17 @@ class Block(nn.Module):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     x = x + Attention(cfg.num_heads, cfg.rope_base, dtype, cfg.attention, name='attention')(
         nn.RMSNorm(dtype=dtype, name='attention_norm')(x))
-    h = nn.RMSNorm(dtype=dtype, name='ffn_norm')(x)
-    if self.spec is None:
-      return x + FeedForward(cfg.d_ff, cfg.activation, dtype, name='ffn')(h), None
-    y, aux = MoELayer(self.spec, dtype, self.expert_axis, self.batch_axes, name='moe')(
-        h, train=train)
+    y, aux = ffn(self, nn.RMSNorm(dtype=dtype, name='ffn_norm')(x), train=train)
     return x + y, aux
 
 
 class Transformer(nn.Module):
   """Byte LM. tokens [B, L] int -> (logits [B, L, V] float32, aux).
 
-  aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
-         'layers': {block_name: the MoE layer's metrics plus its unweighted
-                    'load_balancing_loss' and 'z_loss'}}.
-  Training with a router that has jitter or noise needs the 'router' RNG stream; aux-loss-free
-  balancing needs `mutable=['router_bias']` (see `MoELayer`). expert_axis / batch_axes set (by
-  `parallel.expert_parallel`), the MoE layers run expert-parallel inside `jax.shard_map`; the rest
-  is data-parallel on the local batch (`parallel.shard_module`).
+  aux: as `models.run_blocks`. Training with a router that has jitter or noise needs the 'router'
+  RNG stream; aux-loss-free balancing needs `mutable=['router_bias']` (see `MoELayer`).
+  expert_axis / batch_axes set (by `parallel.expert_parallel`), the MoE layers run expert-parallel
+  inside `jax.shard_map`; the rest is data-parallel on the local batch (`parallel.shard_module`).
 
   Building one whose routing can see later tokens raises ValueError naming the `config.moe`
   field (`causality.require_causal`) unless `config.allow_future_leak`.
@@ -228,15 +225,7 @@ class Transformer(nn.Module):
     if cfg.moe_every and self.spec is None:
       raise ValueError(f'moe_every={cfg.moe_every} needs a MoESpec; pass spec=, or moe_every=0.')
     x = nn.Embed(cfg.vocab_size, cfg.d_model, name='embed')(tokens).astype(dtype)
-    aux = {'loss': jnp.zeros((), jnp.float32), 'layers': {}}
-    for i in range(cfg.num_layers):
-      name = f'block_{i}'
-      spec = self.spec if cfg.is_moe(i) else None
-      x, layer_aux = Block(cfg, spec, self.expert_axis, self.batch_axes, name=name)(x, train=train)
-      if layer_aux is not None:
-        aux['loss'] = aux['loss'] + layer_aux['loss']
-        aux['layers'][name] = {**layer_aux['metrics'],
-                               **{f'{k}_loss': v for k, v in layer_aux['losses'].items()}}
+    x, aux = run_blocks(self, Block, x, train=train)
     x = nn.RMSNorm(dtype=dtype, name='final_norm')(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name='unembed')(x)
     return logits.astype(jnp.float32), aux
@@ -245,6 +234,48 @@ class Transformer(nn.Module):
 def build(config) -> Transformer:
   """The LM described by a full experiment config (`config.model`, `config.moe`)."""
   return Transformer(*from_config(config))
+
+
+def input_spec(config) -> jax.ShapeDtypeStruct:
+  """A batch of the LM's inputs: [batch_size, seq_len] byte ids (`config.data`)."""
+  return jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and parameters of the whole LM (flops.py counts the FFN layers).
+#
+# Per token, forward: attention QKVO projections 4 * 2 * d^2; scores and values 2 * 2 * L * d as
+# executed (the full [L, L] score matrix, causal mask included); the FFN of each block by
+# `layer_flops`; the unembedding 2 * d * V. The embedding lookup, norms, RoPE and softmaxes are
+# O(d) per token and not counted. Parameters: embedding and unembedding V * d each (untied),
+# 4 * d^2 attention and 2 * d norm scales per block, d for the final norm, FFNs by
+# `flops.moe_params`.
+# ---------------------------------------------------------------------------------------------
+
+
+def transformer_flops(spec: MoESpec | None, *, d_model: int, num_layers: int, d_ff: int,
+                      moe_every: int, vocab_size: int, shape: flops.Shape,
+                      activation: str = 'swiglu', convention: str = 'executed') -> float:
+  """Forward FLOPs per token of the transformer LM by `convention` (dense FFNs of width d_ff)."""
+  d = d_model
+  num_moe = flops.moe_blocks(num_layers, moe_every)
+  attention = 8.0 * d * d + 4.0 * shape.seq_len * d
+  dense = flops.layer_flops(None, d, d_ff, shape, activation)
+  moe = flops.layer_flops(spec, d, d_ff, shape, activation, convention) if num_moe else 0.0
+  return (num_layers * attention + (num_layers - num_moe) * dense + num_moe * moe
+          + 2.0 * d * vocab_size)
+
+
+def transformer_params(spec: MoESpec | None, *, d_model: int, num_layers: int, d_ff: int,
+                       moe_every: int, vocab_size: int, shape: flops.Shape,
+                       activation: str = 'swiglu') -> tuple[int, float]:
+  """(total, active per token) parameters of the transformer LM (untied embeddings)."""
+  d = d_model
+  num_moe = flops.moe_blocks(num_layers, moe_every)
+  shared = 2 * vocab_size * d + num_layers * (4 * d * d + 2 * d) + d
+  shared += (num_layers - num_moe) * flops.ffn_matrices(activation) * d * d_ff
+  moe_total, moe_active = flops.moe_params(spec, d, shape) if num_moe else (0, 0.0)
+  return shared + num_moe * moe_total, shared + num_moe * moe_active
 
 
 def _counts(config, count, **kwargs):
@@ -256,10 +287,10 @@ def _counts(config, count, **kwargs):
 
 
 def model_flops_per_token(config, convention: str = 'executed') -> float:
-  """Forward FLOPs per token by `convention` (see `flops.transformer_flops`); training is ~3x."""
-  return _counts(config, flops.transformer_flops, convention=convention)
+  """Forward FLOPs per token by `convention` (see `transformer_flops`); training is ~3x."""
+  return _counts(config, transformer_flops, convention=convention)
 
 
 def param_counts(config) -> tuple[int, float]:
-  """(total, active per token) parameters (see `flops.transformer_params`)."""
-  return _counts(config, flops.transformer_params)
+  """(total, active per token) parameters (see `transformer_params`)."""
+  return _counts(config, transformer_params)

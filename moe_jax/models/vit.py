@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import flops
-from moe_jax.experts import FeedForward
-from moe_jax.layers import MoELayer
+from moe_jax import flops, image_datasets
+from moe_jax.models import ffn, run_blocks
 from moe_jax.models.transformer import _fail, check_block_stack, model_and_spec, section_values
 from moe_jax.spec import MoESpec
 
@@ -75,9 +74,14 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 
 
 class Block(nn.Module):
-  """Pre-norm encoder block. x: [B, N, d] -> ([B, N, d], aux or None for a dense FFN)."""
+  """Pre-norm encoder block. x: [B, N, d] -> ([B, N, d], aux or None for a dense FFN).
+
+  expert_axis, batch_axes: as `MoELayer`.
+  """
   config: ViTConfig
   spec: MoESpec | None = None
+  expert_axis: str | None = None
+  batch_axes: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -85,23 +89,22 @@ class Block(nn.Module):
     h = nn.LayerNorm(dtype=dtype, name='attention_norm')(x)
     x = x + nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=dtype, use_bias=False,
                                             name='attention')(h, h)
-    h = nn.LayerNorm(dtype=dtype, name='ffn_norm')(x)
-    if self.spec is None:
-      return x + FeedForward(cfg.d_ff, cfg.activation, dtype, name='ffn')(h), None
-    y, aux = MoELayer(self.spec, dtype, name='moe')(h, train=train)
+    y, aux = ffn(self, nn.LayerNorm(dtype=dtype, name='ffn_norm')(x), train=train)
     return x + y, aux
 
 
 class ViT(nn.Module):
   """Image classifier. images [B, H, W, C] float -> (logits [B, num_classes] float32, aux).
 
-  aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
-         'layers': {block_name: the MoE layer's metrics plus its unweighted
-                    'load_balancing_loss' and 'z_loss'}}, as `transformer.Transformer`.
+  aux: as `models.run_blocks`. expert_axis / batch_axes set (by `parallel.expert_parallel`), the
+  MoE layers run expert-parallel inside `jax.shard_map`; with `group_by='sequence'` (each image
+  routed alone) that equals one device.
   """
   config: ViTConfig
   num_classes: int
   spec: MoESpec | None = None
+  expert_axis: str | None = None
+  batch_axes: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -115,28 +118,30 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.d_model)).astype(x.dtype), x],
                           axis=1)
     x = x + self.param('position', nn.initializers.normal(0.02), x.shape[1:]).astype(dtype)
-    aux = {'loss': jnp.zeros((), jnp.float32), 'layers': {}}
-    for i in range(cfg.num_layers):
-      name = f'block_{i}'
-      x, layer_aux = Block(cfg, self.spec if cfg.is_moe(i) else None, name=name)(x, train=train)
-      if layer_aux is not None:
-        aux['loss'] = aux['loss'] + layer_aux['loss']
-        aux['layers'][name] = {**layer_aux['metrics'],
-                               **{f'{k}_loss': v for k, v in layer_aux['losses'].items()}}
+    x, aux = run_blocks(self, Block, x, train=train)
     x = nn.LayerNorm(dtype=dtype, name='final_norm')(x)
     pooled = x[:, 0] if cfg.pool == 'cls' else x.mean(axis=1)
     logits = nn.Dense(self.num_classes, dtype=dtype, name='head')(pooled)
     return logits.astype(jnp.float32), aux
 
 
-def build(config, num_classes: int) -> ViT:
-  """The ViT described by a full experiment config (`config.model`, `config.moe`)."""
+def build(config) -> ViT:
+  """The ViT described by a full experiment config (`config.model`, `config.moe`) for the images
+  and classes of `config.data.name`; the patch size must tile the image."""
   model, spec = from_config(config)
+  image_shape, num_classes = image_datasets.image_info(config.data.name)
+  model.num_tokens(image_shape)
   return ViT(model, num_classes, spec)
 
 
+def input_spec(config) -> jax.ShapeDtypeStruct:
+  """A batch of the ViT's inputs: [batch_size, H, W, C] images of `config.data.name`."""
+  image_shape, _ = image_datasets.image_info(config.data.name)
+  return jax.ShapeDtypeStruct((config.data.batch_size, *image_shape), jnp.float32)
+
+
 # ---------------------------------------------------------------------------------------------
-# FLOPs and parameters, per token (patch or class token), forward, as `flops.transformer_flops`:
+# FLOPs and parameters, per token (patch or class token), forward, as `transformer_flops`:
 # patch embedding 2 * p^2 C * d; attention QKVO 4 * 2 * d^2 and scores + values 2 * 2 * N * d;
 # FFNs by `flops.layer_flops`; the head 2 * d * classes once per image (/ N per token). Norms,
 # pooling, softmaxes and biases are O(d) and not counted. Parameters: patch embedding (+ bias),
@@ -173,3 +178,19 @@ def vit_params(spec: MoESpec | None, model: ViTConfig, image_shape, num_classes:
   moe_total, moe_active = (flops.moe_params(spec, d, flops.Shape(batch_size, n)) if num_moe
                            else (0, 0.0))
   return shared + num_moe * moe_total, shared + num_moe * moe_active
+
+
+def _counts(config, count, **kwargs):
+  model, spec = from_config(config)
+  image_shape, num_classes = image_datasets.image_info(config.data.name)
+  return count(spec, model, image_shape, num_classes, config.data.batch_size, **kwargs)
+
+
+def model_flops_per_token(config, convention: str = 'executed') -> float:
+  """Forward FLOPs per token (patch) by `convention` (see `vit_flops`)."""
+  return _counts(config, vit_flops, convention=convention)
+
+
+def param_counts(config) -> tuple[int, float]:
+  """(total, active per token) parameters (see `vit_params`)."""
+  return _counts(config, vit_params)

@@ -1,0 +1,157 @@
+"""What one trainer (`moe_jax.train`) and the sweeps (`moe_jax.sweep`) train: a task is a model
+family with its data and loss.
+
+`LM`: the byte-level transformer (`models.transformer`) on text, next-byte cross-entropy.
+`VIT`: the ViT classifier (`models.vit`) on images, cross-entropy and accuracy.
+`of(config)` is an experiment config's task.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moe_jax import data, flops, image_datasets
+from moe_jax.models import transformer, vit
+
+Batch = Any  # one batch of a task's data: a pytree of [B, ...] host arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A task's data set, loaded: `train_batch(i)` is training batch i, a function of (seed, i)
+  only, so a resumed run continues exactly; `eval_batches` are the held-out batches, whose metrics
+  average with `eval_weights` (None: equally)."""
+  train_batch: Callable[[int], Batch]
+  eval_batches: list[Batch]
+  eval_weights: list[int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A model family and its data, as the trainer and sweeps see them.
+
+  From a full experiment config: from_config -> (model config, MoESpec or None for a dense
+  model); build -> the flax model, validating config.data, config.model and config.moe;
+  input_spec -> a batch of model inputs (for init); flops_per_token(config, convention) and
+  param_counts -> (total, active) count the model (`moe_jax.flops` conventions); load -> `Data`,
+  FileNotFoundError when the data set is missing. Of a batch: inputs -> the model's input;
+  loss(logits, batch) -> (mean loss, {metric: value}), e.g. {'accuracy': ...}.
+  """
+  name: str
+  from_config: Callable
+  build: Callable
+  input_spec: Callable[[Any], jax.ShapeDtypeStruct]
+  flops_per_token: Callable[..., float]
+  param_counts: Callable[[Any], tuple[int, float]]
+  load: Callable[[Any], Data]
+  inputs: Callable[[Batch], jax.Array]
+  loss: Callable[[jax.Array, Batch], tuple[jax.Array, dict]]
+
+  def token_shape(self, config) -> flops.Shape:
+    """A batch as the FFN layers see it: batch_size examples of this many tokens each."""
+    inputs = self.input_spec(config)
+    model, _ = self.from_config(config)
+    return flops.Shape(inputs.shape[0], model.num_tokens(inputs.shape[1:]))
+
+
+def _check_sizes(config, *names: str) -> None:
+  for name in names:
+    value = config.data[name]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'config.data.{name}={value!r} is invalid: use a positive integer.')
+
+
+# --- LM: next-byte prediction on text ----------------------------------------------------------
+
+
+def _build_lm(config) -> transformer.Transformer:
+  model = transformer.build(config)
+  _check_sizes(config, 'seq_len', 'batch_size')
+  return model
+
+
+def _load_text(config) -> Data:
+  """Batches of [batch_size, seq_len + 1] bytes (`moe_jax.data`); held out: the validation split."""
+  splits = data.load_text_splits(config.data.name, data_dir=config.data.data_dir,
+                                 manual_dir=config.data.manual_dir)
+  tokens = data.encode(splits['train'])
+  size, length = config.data.batch_size, config.data.seq_len
+  held_out = data.eval_batches(data.encode(splits['validation']), size, length,
+                               config.train.eval_batches)
+  return Data(lambda i: data.train_batch(tokens, i, size, length, config.seed), list(held_out))
+
+
+def cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:
+  """Mean next-byte cross-entropy. logits: [B, L, V] for inputs batch[:, :-1], batch: [B, L+1]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+
+def _text_loss(logits: jax.Array, batch: jax.Array) -> tuple[jax.Array, dict]:
+  return cross_entropy(logits, batch), {}
+
+
+LM = Task(name='lm', from_config=transformer.from_config, build=_build_lm,
+          input_spec=transformer.input_spec, flops_per_token=transformer.model_flops_per_token,
+          param_counts=transformer.param_counts, load=_load_text,
+          inputs=lambda batch: batch[:, :-1], loss=_text_loss)
+
+
+# --- ViT: image classification -----------------------------------------------------------------
+
+
+def _build_vit(config) -> vit.ViT:
+  _check_sizes(config, 'batch_size')
+  return vit.build(config)
+
+
+def _load_images(config) -> Data:
+  """Batches of (images [B, H, W, C], labels [B]) (`moe_jax.image_datasets`); held out: the whole
+  test split in config.train.eval_batches nearly equal batches, weighted by their sizes."""
+  with data.quiet_tfds():
+    splits = image_datasets.load_image_splits(config.data.name, data_dir=config.data.data_dir,
+                                              manual_dir=config.data.manual_dir)
+  images, labels = splits['train']
+  test_images, test_labels = splits['test']
+  parts = config.train.eval_batches
+  held_out = list(zip(np.array_split(test_images, parts), np.array_split(test_labels, parts)))
+  return Data(lambda i: image_datasets.train_batch(images, labels, i, config.data.batch_size,
+                                                   config.seed),
+              held_out, [len(y) for _, y in held_out])
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy, accuracy). logits [B, classes], labels [B] int."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def _image_loss(logits: jax.Array, batch) -> tuple[jax.Array, dict]:
+  loss, accuracy = classification_loss(logits, batch[1])
+  return loss, {'accuracy': accuracy}
+
+
+VIT = Task(name='vit', from_config=vit.from_config, build=_build_vit, input_spec=vit.input_spec,
+           flops_per_token=vit.model_flops_per_token, param_counts=vit.param_counts,
+           load=_load_images, inputs=lambda batch: batch[0], loss=_image_loss)
+
+
+TASKS = {task.name: task for task in (LM, VIT)}
+
+
+def get(name: str) -> Task:
+  """The task called `name` ('lm' or 'vit'); a ValueError naming config.task otherwise."""
+  if name not in TASKS:
+    raise ValueError(f'config.task={name!r} is invalid: choose one of {sorted(TASKS)}.')
+  return TASKS[name]
+
+
+def of(config) -> Task:
+  """The task of an experiment config: `config.task` where it has one, else 'vit' for an image
+  data set (`image_datasets.IMAGE_BUILDERS`) and 'lm' for text."""
+  default = 'vit' if config.data.name in image_datasets.IMAGE_BUILDERS else 'lm'
+  return get(config.get('task', default))
