@@ -44,19 +44,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moe_jax import flops
 from moe_jax.layers import MoELayer, route
 from moe_jax.spec import MoESpec
+from moe_jax.validate import Section
 
 DATA, EXPERT = 'data', 'expert'
 AXES = (DATA, EXPERT)
 BATCH = P(AXES)  # leading (batch) dim sharded over every device
 EXPERTS_KEY = 'experts'  # the MoELayer's `Experts` submodule: stacked weights [E, ...]
+MESH = Section('mesh')
 
 
 def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'expert') mesh of shape [data, expert] over `devices` (default: all devices)."""
   devices = jax.devices() if devices is None else list(devices)
-  for name, size in (('data', data), ('expert', expert)):
-    if not isinstance(size, int) or size < 1:
-      raise ValueError(f'config.mesh.{name}={size!r} is invalid: use a positive integer.')
+  MESH.positive('data', data)
+  MESH.positive('expert', expert)
   if data * expert != len(devices):
     n = len(devices)
     hint = f'data={n // expert}, expert={expert}' if n % expert == 0 else f'data={n}, expert=1'
@@ -74,9 +75,7 @@ def mesh_from_config(config) -> Mesh:
   count (`make_mesh`).
   """
   sizes = dict(config.mesh.items()) if 'mesh' in config else {}
-  unknown = sorted(set(sizes) - set(AXES))
-  if unknown:
-    raise ValueError(f'config.mesh has unknown field(s) {unknown}; known fields: {list(AXES)}.')
+  MESH.known(sizes, AXES)
   data, expert = sizes.get(DATA, 1), sizes.get(EXPERT, 1)
   return make_mesh(data, expert, jax.local_devices()[:1] if (data, expert) == (1, 1) else None)
 

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from moe_jax import flops
 from moe_jax.experts import FeedForward
 from moe_jax.layers import MoELayer
-from moe_jax.models.transformer import _fail, check_block_stack, model_and_spec, section_values
+from moe_jax.models.transformer import MODEL, check_block_stack, model_and_spec
 from moe_jax.spec import MoESpec
+from moe_jax.validate import section_values
 
 POOLS = ('mean', 'cls')
 
@@ -42,8 +43,7 @@ class ViTConfig:
 
   def __post_init__(self):
     check_block_stack(self, ('patch_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'))
-    if self.pool not in POOLS:
-      _fail('pool', self.pool, f'choose one of {POOLS}')
+    MODEL.one_of('pool', self.pool, POOLS)
 
   def is_moe(self, block: int) -> bool:
     return self.moe_every > 0 and (block + 1) % self.moe_every == 0
@@ -52,7 +52,7 @@ class ViTConfig:
     """Tokens per image: patches (+1 class token). Raises if patch_size does not tile the image."""
     h, w = image_shape[:2]
     if h % self.patch_size or w % self.patch_size:
-      _fail('patch_size', self.patch_size, f'it must divide the image size {h}x{w}')
+      MODEL.fail('patch_size', self.patch_size, f'it must divide the image size {h}x{w}')
     return (h // self.patch_size) * (w // self.patch_size) + int(self.pool == 'cls')
 
   @classmethod
