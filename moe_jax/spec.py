@@ -6,10 +6,12 @@ value raises a ValueError that names the config field (`config.moe.<field>`) and
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
-from moe_jax.validate import Section, section_values
+from moe_jax.validate import Section, log_once, section_values
 
+log = logging.getLogger(__name__)
 MOE = Section('moe')
 ROUTERS = ('token_choice', 'expert_choice', 'soft')
 GROUPINGS = ('sequence', 'position', 'batch')
@@ -95,6 +97,17 @@ class MoESpec:
     for name in ('jitter', 'noise_std', 'load_balancing_coef', 'z_loss_coef'):
       if getattr(self, name) < 0:
         MOE.fail(name, getattr(self, name), 'use a value >= 0')
+    if self.routing_group_by != self.group_by:
+      log_once(log, logging.INFO, f"config.moe.dispatch='ragged' routes one group: "
+               f"group_by={self.group_by!r} runs as 'batch' (outputs are the same, the "
+               'load-balancing loss is taken over the whole batch).')
+
+  @property
+  def routing_group_by(self) -> str:
+    """The grouping routing runs with: `group_by`, but 'batch' for dispatch='ragged', which routes
+    one group (logged once). Harmless: dropless routing is per token, so outputs do not change;
+    only the load-balancing loss is then taken over the whole batch."""
+    return 'batch' if self.dispatch == 'ragged' else self.group_by
 
   @property
   def active_experts(self) -> int:
