@@ -1,6 +1,6 @@
 """A small Vision Transformer classifier with MoE FFNs in every `moe_every`-th block.
 
-images [B, H, W, C] -> non-overlapping p x p patches -> linear patch embedding + learned position
+images [B, h, w, c] -> non-overlapping p x p patches -> linear patch embedding + learned position
 embeddings (+ a class token when pool='cls') -> num_layers pre-norm blocks -> LayerNorm -> mean
 over tokens (pool='mean') or the class token (pool='cls') -> linear head -> logits [B, classes].
 
@@ -67,7 +67,7 @@ def from_config(config) -> tuple[ViTConfig, MoESpec | None]:
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H / p) * (W / p), p * p * C], patches in row-major order."""
+  """[B, h, w, c] -> [B, (h / p) * (w / p), p * p * c], patches in row-major order."""
   b, h, w, c = images.shape
   p = patch_size
   x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -75,7 +75,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 
 
 class Block(nn.Module):
-  """Pre-norm encoder block. x: [B, N, d] -> ([B, N, d], aux or None for a dense FFN)."""
+  """Pre-norm encoder block. x: [B, L, d] -> ([B, L, d], aux or None for a dense FFN)."""
   config: ViTConfig
   spec: MoESpec | None = None
 
@@ -93,7 +93,7 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-  """Image classifier. images [B, H, W, C] float -> (logits [B, num_classes] float32, aux).
+  """Image classifier. images [B, h, w, c] float -> (logits [B, num_classes] float32, aux).
 
   aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
          'layers': {block_name: the MoE layer's metrics plus its unweighted
@@ -137,8 +137,8 @@ def build(config, num_classes: int) -> ViT:
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs and parameters, per token (patch or class token), forward, as `flops.transformer_flops`:
-# patch embedding 2 * p^2 C * d; attention QKVO 4 * 2 * d^2 and scores + values 2 * 2 * N * d;
-# FFNs by `flops.layer_flops`; the head 2 * d * classes once per image (/ N per token). Norms,
+# patch embedding 2 * p^2 c * d; attention QKVO 4 * 2 * d^2 and scores + values 2 * 2 * L * d;
+# FFNs by `flops.layer_flops`; the head 2 * d * classes once per image (/ L per token). Norms,
 # pooling, softmaxes and biases are O(d) and not counted. Parameters: patch embedding (+ bias),
 # position embeddings, class token, 4 d^2 attention and two LayerNorms (2 d each) per block, the
 # final LayerNorm, FFNs by `flops.moe_params`, the head (+ bias).
