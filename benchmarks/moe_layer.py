@@ -33,7 +33,7 @@ from moe_jax.experts import FeedForward  # noqa: E402
 from moe_jax.kernels import grouped_matmul as gm  # noqa: E402
 from moe_jax.spec import MoESpec  # noqa: E402
 
-FAST = fast_dispatch.IMPLEMENTATION
+FAST = 'blocked'
 _START = time.perf_counter()
 
 
@@ -76,7 +76,6 @@ FAMILIES = ('top_k', 'dropless', 'expert_choice', 'soft')
 def family_spec(case: Case, family: str, impl: str) -> MoESpec:
   """The router family at equal useful FLOPs (expert choice: capacity k, soft: k * n / E slots)."""
   base = dict(num_experts=case.experts, d_ff=case.f, group_by='sequence')
-  impl = impl if impl in dispatch_lib.IMPLEMENTATIONS else 'gather'
   if family == 'top_k':
     return MoESpec(k=case.k, capacity_factor=1.25, dispatch=impl, **base)
   if family == 'dropless':
@@ -97,39 +96,13 @@ def family_impls(case: Case, family: str, verify: bool) -> list[str]:
   return ['einsum', 'gather', FAST]
 
 
-def spec_supports(impl: str) -> bool:
-  try:
-    MoESpec(dispatch=impl)
-    return True
-  except ValueError:
-    return False
-
-
 def make_layer(case: Case, family: str, impl: str, dtype, block_rows: int):
-  """(init(key, x) -> params, apply(params, x) -> y). 'blocked' runs MoELayer once registered."""
+  """(init(key, x) -> params, apply(params, x) -> y): the MoELayer (default blocks: block_rows is
+  the kernels' and `overheads`' only)."""
+  del block_rows
   spec = family_spec(case, family, impl)
-  if impl != FAST or spec_supports(FAST):
-    module = layers.MoELayer(spec.replace(dispatch=impl) if impl == FAST else spec, dtype=dtype)
-    return module.init, lambda params, x: module.apply(params, x)[0]
-  module = layers.MoELayer(spec, dtype=dtype)  # same parameters; execution below
-
-  def apply(params, x):
-    p = params['params']
-    groups = layers.to_groups(x, spec.group_by)
-    logits = layers.RouterProjection(
-        spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1),
-        normalize=spec.router == 'soft').apply({'params': p['router']}, groups)
-    if spec.router == 'soft':
-      logits = logits.reshape(*logits.shape[:-1], spec.num_experts, spec.slots_per_expert)
-    plan = jax.vmap(lambda lg: layers.route(spec, lg, None, None))(logits).plan
-    w = p['experts']
-    weights = tuple(w[name].astype(dtype) for name in ('w_in', 'w_out', 'w_gate'))
-    y = fast_dispatch.moe_apply(
-        plan, groups, weights, block_rows=block_rows,
-        max_per_token=spec.k if spec.router == 'token_choice' else None)
-    return layers.from_groups(y, spec.group_by, x.shape).astype(x.dtype)
-
-  return module.init, apply
+  module = layers.MoELayer(spec.replace(dispatch=impl) if impl == FAST else spec, dtype=dtype)
+  return module.init, lambda params, x: module.apply(params, x)[0]
 
 
 def cast_params(params, dtype):
@@ -246,12 +219,8 @@ def overheads(case: Case, dtype, block_rows: int, iters: int) -> dict:
     return plan_of(rp, xs).slot_weight.sum()
 
   def permute(rp, xs, impl):
-    plan = plan_of(rp, xs)
-    if impl == FAST:
-      return fast_dispatch.moe_apply(plan, xs, (jnp.zeros((case.experts, 1, 1), dtype),) * 3,
-                                     max_per_token=spec.k, block_rows=block_rows,
-                                     expert_fn=lambda mm, rows, *w: rows)
-    return jax.vmap(lambda p, g: dispatch_lib.moe_apply(p, g, lambda b: b, impl))(plan, xs)
+    options = dict(block_rows=block_rows) if impl == FAST else {}
+    return dispatch_lib.moe_apply(plan_of(rp, xs), xs, lambda rows, matmul: rows, impl, **options)
 
   out = {}
   out['router_fwd_ms'] = time_ms(jax.jit(route_only), rparams, x, iters=iters)

@@ -1,36 +1,71 @@
-"""Executing a routing plan: dispatch tokens to expert buffers, combine expert outputs.
+"""Executing a routing plan: tokens to expert rows, the expert FFN on them, and back.
 
-Implementations, all computing the same function (tests compare them):
+A dispatcher is a plan of G groups (every leaf with a leading G axis, as `jax.vmap` of a router
+returns it) bound to an executor (`MoESpec.dispatch`):
 
-* 'einsum'  the one-hot reference: dense [T, E, C] dispatch/combine tensors and two einsums.
-* 'gather'  index gather into [E, C, d] buffers and scatter-add back: O(E*C*d), no [T, E, C] tensor.
-* 'ragged'  dropless only: sort assignments by expert, grouped matmul (`jax.lax.ragged_dot`), unsort.
+  rows = d.dispatch(x)                  x: [G, T, d] -> rows in the compute dtype, d's own layout
+  y = feed_forward(d.matmul, rows, *w)  the expert FFN, every product by d.matmul (`Experts`)
+  out = d.combine(y)                    -> [G, T, d]; dropped tokens get zero
 
-A `DroplessPlan` run with 'einsum' or 'gather' goes through its equivalent `SlotPlan` of capacity T;
-a `SoftPlan` is dense by nature and always runs as two einsums.
+`DISPATCHERS` names the dispatcher of each plan type and executor: a new plan type or executor is
+new classes and their rows there. All compute the same function (tests compare them):
 
-The fast path 'blocked' (`MoESpec.dispatch`) lives in `moe_jax.fast_dispatch`: it skips the
-[E, C, d] buffers altogether (expert-sorted rows, grouped matmul kernels) and computes the same
-function.
+* 'einsum'   `OneHot`, the reference: one-hot [T, E, C] dispatch and combine tensors, two einsums.
+* 'gather'   `Gather`: index gather into the [E, C] slots and scatter-add back, no [T, E, C] tensor.
+* 'ragged'   `Ragged`, dropless only: rows sorted by expert, `jax.lax.ragged_dot`, unsorted.
+* 'blocked'  `fast_dispatch.Blocked`: expert-sorted rows in blocks, grouped matmul kernels.
+
+A `DroplessPlan` runs 'einsum' and 'gather' as its `SlotPlan` of capacity T. A `SoftPlan` is dense
+by nature and runs as two einsums (`Soft`) under every executor but 'ragged'. Under expert
+parallelism only capacity buffers travel (`ExpertParallel`): 'ragged' and 'blocked' run as 'gather'.
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from moe_jax import fast_dispatch
 from moe_jax.routing.plan import DroplessPlan, Plan, SlotPlan, SoftPlan
+from moe_jax.validate import log_once
 
-IMPLEMENTATIONS = ('einsum', 'gather', 'ragged')
+log = logging.getLogger(__name__)
 
 
-@struct.dataclass
-class Ragged:
-  """Tokens sorted by expert. rows: [N, d]; group_sizes: [E] int32 (sums to N)."""
-  rows: jax.Array
-  group_sizes: jax.Array
+class Dispatcher(Protocol):
+  """A plan bound to an executor (see the module docstring)."""
+
+  def dispatch(self, x: jax.Array) -> jax.Array: ...
+
+  def matmul(self, rows: jax.Array, w: jax.Array) -> jax.Array: ...
+
+  def combine(self, y: jax.Array) -> jax.Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffers:
+  """Capacity buffers: each group's tokens fill [E, C, d] (`group_dispatch`), and the experts run
+  every group's buffers at once as rows [E, G * C, d], which an all_to_all can split by expert."""
+  plan: Plan
+  dtype: Any
+
+  def dispatch(self, x: jax.Array) -> jax.Array:
+    buffers = jax.vmap(self.group_dispatch)(self.plan, x)
+    g, e, c, d = buffers.shape
+    return buffers.transpose(1, 0, 2, 3).reshape(e, g * c, d).astype(self.dtype)
+
+  def matmul(self, rows: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum('ecd,edf->ecf', rows, w)
+
+  def combine(self, y: jax.Array) -> jax.Array:
+    e, rows, d = y.shape
+    g = jax.tree.leaves(self.plan)[0].shape[0]
+    y = y.reshape(e, g, rows // g, d).transpose(1, 0, 2, 3)
+    return jax.vmap(self.group_combine)(self.plan, y)
 
 
 def _one_hot_slots(plan: SlotPlan, dtype) -> jax.Array:
@@ -39,94 +74,141 @@ def _one_hot_slots(plan: SlotPlan, dtype) -> jax.Array:
   return (plan.slot_token[None] == tokens[:, None, None]).astype(dtype)
 
 
-def _sort_by_expert(plan: DroplessPlan) -> tuple[jax.Array, jax.Array]:
-  """Assignment order sorted by expert ([T*k] indices into the flattened [T, k]) and group sizes."""
-  flat_expert = plan.expert_index.reshape(-1)
-  order = jnp.argsort(flat_expert, stable=True)
-  group_sizes = jnp.bincount(flat_expert, length=plan.num_experts).astype(jnp.int32)
-  return order, group_sizes
+class OneHot(Buffers):
+  """'einsum', the reference: one-hot [T, E, C] dispatch and combine tensors, two einsums."""
 
-
-def dispatch(plan: Plan, x: jax.Array, impl: str = 'gather') -> jax.Array | Ragged:
-  """Moves tokens into expert buffers.
-
-  Args:
-    plan: routing plan for T tokens.
-    x: [T, d] tokens.
-    impl: one of IMPLEMENTATIONS.
-
-  Returns:
-    [E, C, d] buffers (empty slots are zero), or `Ragged` rows for impl='ragged'.
-  """
-  _check_impl(plan, impl)
-  if isinstance(plan, SoftPlan):
-    return jnp.einsum('tes,td->esd', plan.dispatch.astype(x.dtype), x)
-  if isinstance(plan, DroplessPlan):
-    if impl == 'ragged':
-      order, group_sizes = _sort_by_expert(plan)
-      k = plan.expert_index.shape[1]
-      return Ragged(rows=x[order // k], group_sizes=group_sizes)
+  @staticmethod
+  def group_dispatch(plan: SlotPlan | DroplessPlan, x: jax.Array) -> jax.Array:
     plan = plan.to_slot_plan()
-  if impl == 'einsum':
     return jnp.einsum('tec,td->ecd', _one_hot_slots(plan, x.dtype), x)
-  padded = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)  # row T is the empty slot
-  return padded[plan.slot_token]
 
-
-def combine(plan: Plan, y: jax.Array | Ragged, impl: str = 'gather') -> jax.Array:
-  """Weights expert outputs back into token order; dropped tokens get zeros.
-
-  Args:
-    plan: the plan `y` was dispatched with.
-    y: [E, C, d] expert outputs, or `Ragged` for impl='ragged'.
-
-  Returns:
-    [T, d] in y's dtype, accumulated in float32.
-  """
-  _check_impl(plan, impl)
-  if isinstance(plan, SoftPlan):
-    out = jnp.einsum('tes,esd->td', plan.combine, y, preferred_element_type=jnp.float32)
-    return out.astype(y.dtype)
-  if isinstance(plan, DroplessPlan):
-    if impl == 'ragged':
-      order, _ = _sort_by_expert(plan)
-      t, k = plan.expert_index.shape
-      unsorted = jnp.zeros_like(y.rows).at[order].set(y.rows).reshape(t, k, -1)
-      out = jnp.einsum('tk,tkd->td', plan.weight, unsorted, preferred_element_type=jnp.float32)
-      return out.astype(y.rows.dtype)
+  @staticmethod
+  def group_combine(plan: SlotPlan | DroplessPlan, y: jax.Array) -> jax.Array:
     plan = plan.to_slot_plan()
-  if impl == 'einsum':
     weights = _one_hot_slots(plan, jnp.float32) * plan.slot_weight[None]
     out = jnp.einsum('tec,ecd->td', weights, y, preferred_element_type=jnp.float32)
     return out.astype(y.dtype)
-  weighted = plan.slot_weight[..., None] * y.astype(jnp.float32)  # [E, C, d]
-  out = jnp.zeros((plan.num_tokens + 1, y.shape[-1]), jnp.float32)
-  out = out.at[plan.slot_token.reshape(-1)].add(weighted.reshape(-1, y.shape[-1]))
-  return out[:-1].astype(y.dtype)
 
 
-def moe_apply(plan: Plan, x: jax.Array, experts: Callable, impl: str = 'gather',
-              ragged_experts: Callable | None = None) -> jax.Array:
-  """dispatch -> experts -> combine. x: [T, d] -> [T, d].
+class Gather(Buffers):
+  """'gather': index gather into the [E, C] slots and scatter-add back, O(E * C * d)."""
 
-  Args:
-    experts: [E, C, d] -> [E, C, d].
-    ragged_experts: (rows [N, d], group_sizes [E]) -> [N, d]; needed for impl='ragged'.
+  @staticmethod
+  def group_dispatch(plan: SlotPlan | DroplessPlan, x: jax.Array) -> jax.Array:
+    plan = plan.to_slot_plan()
+    padded = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)  # row T is the empty slot
+    return padded[plan.slot_token]
+
+  @staticmethod
+  def group_combine(plan: SlotPlan | DroplessPlan, y: jax.Array) -> jax.Array:
+    plan = plan.to_slot_plan()
+    weighted = plan.slot_weight[..., None] * y.astype(jnp.float32)  # [E, C, d]
+    out = jnp.zeros((plan.num_tokens + 1, y.shape[-1]), jnp.float32)
+    out = out.at[plan.slot_token.reshape(-1)].add(weighted.reshape(-1, y.shape[-1]))
+    return out[:-1].astype(y.dtype)
+
+
+class Soft(Buffers):
+  """Soft MoE: every slot a mix of all tokens, every output a mix of all slots (C = S)."""
+
+  @staticmethod
+  def group_dispatch(plan: SoftPlan, x: jax.Array) -> jax.Array:
+    return jnp.einsum('tes,td->esd', plan.dispatch.astype(x.dtype), x)
+
+  @staticmethod
+  def group_combine(plan: SoftPlan, y: jax.Array) -> jax.Array:
+    out = jnp.einsum('tes,esd->td', plan.combine, y, preferred_element_type=jnp.float32)
+    return out.astype(y.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ragged:
+  """'ragged', dropless only: each of the G * T * k assignments is one row [G * T * k, d], rows
+  sorted by expert, and each expert's product one slice of a grouped matmul (`ragged_dot`)."""
+  plan: DroplessPlan
+  dtype: Any
+
+  @functools.cached_property
+  def _sorted(self) -> tuple[jax.Array, jax.Array]:
+    """(assignments in expert order [G * T * k], rows of each expert [E] int32)."""
+    expert = self.plan.expert_index.reshape(-1)
+    order = jnp.argsort(expert, stable=True)
+    return order, jnp.bincount(expert, length=self.plan.num_experts).astype(jnp.int32)
+
+  def dispatch(self, x: jax.Array) -> jax.Array:
+    k = self.plan.expert_index.shape[-1]
+    return x.reshape(-1, x.shape[-1])[self._sorted[0] // k].astype(self.dtype)
+
+  def matmul(self, rows: jax.Array, w: jax.Array) -> jax.Array:
+    out = jax.lax.ragged_dot(rows, w, self._sorted[1], preferred_element_type=jnp.float32)
+    return out.astype(rows.dtype)
+
+  def combine(self, y: jax.Array) -> jax.Array:
+    g, t, k = self.plan.expert_index.shape
+    unsorted = jnp.zeros_like(y).at[self._sorted[0]].set(y).reshape(g * t, k, -1)
+    out = jnp.einsum('tk,tkd->td', self.plan.weight.reshape(g * t, k), unsorted,
+                     preferred_element_type=jnp.float32)
+    return out.astype(y.dtype).reshape(g, t, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+  """`buffers` over the mesh axis `axis` of m shards (inside shard_map): each expert's rows travel
+  to the shard holding it, which runs its E / m experts on [E / m, m * G * C, d]; the outputs
+  travel back. Any `Buffers` runs so; 'ragged' and 'blocked' rows have no static expert split."""
+  buffers: Buffers
+  axis: str
+
+  def dispatch(self, x: jax.Array) -> jax.Array:
+    return jax.lax.all_to_all(self.buffers.dispatch(x), self.axis, 0, 1, tiled=True)
+
+  def matmul(self, rows: jax.Array, w: jax.Array) -> jax.Array:
+    return self.buffers.matmul(rows, w)
+
+  def combine(self, y: jax.Array) -> jax.Array:
+    return self.buffers.combine(jax.lax.all_to_all(y, self.axis, 1, 0, tiled=True))
+
+
+DISPATCHERS: dict[type, dict[str, type]] = {
+    SlotPlan: {'einsum': OneHot, 'gather': Gather, 'blocked': fast_dispatch.BlockedSlots},
+    DroplessPlan: {'einsum': OneHot, 'gather': Gather, 'ragged': Ragged,
+                   'blocked': fast_dispatch.BlockedDropless},
+    SoftPlan: {'einsum': Soft, 'gather': Soft, 'blocked': Soft},
+}
+EXECUTORS = tuple(dict.fromkeys(name for table in DISPATCHERS.values() for name in table))
+
+
+def dispatcher(plan: Plan, executor: str = 'gather', *, dtype=jnp.float32,
+               expert_axis: str | None = None, **options) -> Dispatcher:
+  """`plan` bound to `executor`, rows in `dtype`.
+
+  With `expert_axis` the buffers are exchanged over that mesh axis (`ExpertParallel`); 'ragged' and
+  'blocked' then run as 'gather', logged once: the user asked for them, but the all_to_all needs
+  capacity buffers (a dropless plan gets capacity T). `options` go to the dispatchers that take
+  them (`fast_dispatch.Blocked`: block_rows, backend, tilings).
   """
-  buffers = dispatch(plan, x, impl)
-  if isinstance(buffers, Ragged):
-    if ragged_experts is None:
-      raise ValueError("impl='ragged' needs ragged_experts.")
-    y = Ragged(rows=ragged_experts(buffers.rows, buffers.group_sizes),
-               group_sizes=buffers.group_sizes)
-  else:
-    y = experts(buffers)
-  return combine(plan, y, impl)
+  if executor not in EXECUTORS:
+    raise ValueError(f'dispatch impl must be one of {EXECUTORS}, got {executor!r}.')
+  table = DISPATCHERS[type(plan)]
+  if executor not in table:
+    raise ValueError(f'dispatch impl={executor!r} does not run a {type(plan).__name__}: use one '
+                     f'of {tuple(table)}.')
+  make = table[executor]
+  if expert_axis is not None and not issubclass(make, Buffers):
+    log_once(log, logging.WARNING, f"config.moe.dispatch={executor!r} runs as 'gather' under "
+             f'expert parallelism (mesh axis {expert_axis!r}): only capacity buffers travel by '
+             'all_to_all.')
+    make = table['gather']
+  takes = {field.name for field in dataclasses.fields(make)}
+  bound = make(plan, dtype, **{name: v for name, v in options.items() if name in takes})
+  return bound if expert_axis is None else ExpertParallel(bound, expert_axis)
 
 
-def _check_impl(plan: Plan, impl: str) -> None:
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'dispatch impl must be one of {IMPLEMENTATIONS}, got {impl!r}.')
-  if impl == 'ragged' and not isinstance(plan, DroplessPlan):
-    raise ValueError(f"dispatch impl='ragged' runs dropless routing only (capacity_factor=None); "
-                     f"this plan is a {type(plan).__name__}: use 'gather' or 'einsum'.")
+def moe_apply(plan: Plan, x: jax.Array, experts: Callable, executor: str = 'gather',
+              **options) -> jax.Array:
+  """dispatch -> experts(rows, matmul) -> combine. x: [G, T, d] -> [G, T, d].
+
+  `options` as `dispatcher`'s; dtype defaults to x's.
+  """
+  d = dispatcher(plan, executor, **{'dtype': x.dtype, **options})
+  return d.combine(experts(d.dispatch(x), d.matmul))

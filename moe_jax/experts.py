@@ -2,7 +2,7 @@
 
 `FeedForward` is the dense FFN (also the shared, always-on experts of DeepSeekMoE: n shared experts
 of width f are exactly one FFN of width n * f). `Experts` holds E expert FFNs as stacked weights
-[E, d, f] and runs them on capacity buffers [E, C, d] or on expert-sorted ragged rows.
+[E, d, f] and runs them on a dispatcher's rows with that dispatcher's matmul (`moe_jax.dispatch`).
 """
 from __future__ import annotations
 
@@ -27,10 +27,6 @@ def feed_forward(matmul: Callable, x, w_in, w_out, w_gate=None):
 
 def _dense(x, w):
   return jnp.einsum('...d,df->...f', x, w)
-
-
-def _batched(x, w):
-  return jnp.einsum('ecd,edf->ecf', x, w)
 
 
 def _check_activation(activation: str) -> None:
@@ -85,12 +81,7 @@ class Experts(nn.Module):
     cast = lambda w: None if w is None else w.astype(self.dtype)
     return cast(self.w_in), cast(self.w_out), cast(self.w_gate)
 
-  def __call__(self, buffers: jax.Array) -> jax.Array:
-    """buffers: [E, C, d] -> [E, C, d]."""
-    return feed_forward(_batched, buffers.astype(self.dtype), *self.weights())
-
-  def ragged(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """rows: [N, d] sorted by expert, group_sizes: [E] -> [N, d] (grouped matmul)."""
-    matmul = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes,
-                                             preferred_element_type=jnp.float32).astype(x.dtype)
-    return feed_forward(matmul, rows.astype(self.dtype), *self.weights())
+  def __call__(self, rows: jax.Array, matmul: Callable) -> jax.Array:
+    """Each expert's FFN on its rows (in the compute dtype), every product `matmul(rows, w)` with w
+    [E, d, f] or [E, f, d]: a dispatcher's, which knows the rows' layout."""
+    return feed_forward(matmul, rows, *self.weights())

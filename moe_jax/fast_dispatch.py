@@ -10,25 +10,24 @@ elsewhere). Padding is under one block per expert, and blocks beyond the used on
 
 Routing is unchanged: a `SlotPlan` (token choice with capacity, expert choice) keeps exactly the
 tokens its slots hold, a `DroplessPlan` keeps all, so results equal 'einsum' up to rounding.
-Permutations are gathers in both directions when each token sits in at most `max_per_token` slots
-(token choice: k); otherwise (expert choice) the combine is a scatter-add. A `SoftPlan` is dense and
-runs as 'einsum'.
+Permutations are gathers in both directions when each token sits in at most
+`SlotPlan.max_per_token` slots (token choice: k); otherwise (expert choice) the combine is a
+scatter-add. A `SoftPlan` is dense and runs as two einsums (`dispatch.Soft`).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moe_jax import dispatch as dispatch_lib
-from moe_jax.experts import feed_forward
 from moe_jax.kernels import grouped_matmul as gm
-from moe_jax.routing.plan import DroplessPlan, Plan, SlotPlan, SoftPlan
+from moe_jax.routing.plan import DroplessPlan, SlotPlan
 
-IMPLEMENTATION = 'blocked'
 # jnp.searchsorted's default 'scan' is a while loop, which XLA's GPU backend steps from the host;
 # unrolled, its ~log2(n) steps are plain kernels of one executable.
 SEARCH = 'scan_unrolled'
@@ -36,20 +35,23 @@ SEARCH = 'scan_unrolled'
 
 @struct.dataclass
 class RowPlan:
-  """Where each kept assignment of T tokens lives in the expert-sorted buffer of M rows.
+  """Where each kept assignment of G * T tokens lives in the expert-sorted buffer of M rows.
 
   Attributes:
     layout: which expert owns each block of rows.
-    row_token: [M] int32 token of each row, T for padding and idle rows.
+    row_token: [M] int32 token of each row, G * T for padding and idle rows.
     row_weight: [M] float32 combine weight of each row, 0 for padding.
-    dest: [T, K] int32 rows of each token's assignments (M = none), or None: combine by scatter-add.
-    weight: [T, K] float32 combine weight of each entry of dest (None with dest).
+    dest: [G * T, k] int32 rows of each token's assignments (M = none), or None: combine by
+      scatter-add. k: the most rows one token has (`SlotPlan.max_per_token`).
+    weight: [G * T, k] float32 combine weight of each entry of dest (None with dest).
+    groups: (G, T) (static).
   """
   layout: gm.BlockLayout
   row_token: jax.Array
   row_weight: jax.Array
   dest: jax.Array | None
   weight: jax.Array | None
+  groups: tuple[int, int] = struct.field(pytree_node=False)
 
 
 def num_rows(assignments: int, num_experts: int, block_rows: int) -> int:
@@ -72,7 +74,7 @@ def _layout(counts: jax.Array, total_rows: int, block_rows: int):
 
 
 def _rank_in_group(keys: jax.Array, num_groups: int) -> jax.Array:
-  """Stable rank of each entry among entries with the same key. keys: [N] in [0, num_groups]."""
+  """Stable rank of each entry among entries with the same key. keys: 1-D in [0, num_groups]."""
   order = jnp.argsort(keys, stable=True)
   first = jnp.searchsorted(keys[order], jnp.arange(num_groups + 1), side='left', method=SEARCH)
   rank_sorted = jnp.arange(keys.shape[0]) - first[keys[order]]
@@ -80,7 +82,7 @@ def _rank_in_group(keys: jax.Array, num_groups: int) -> jax.Array:
 
 
 def _token_major(token, row, weight, num_tokens: int, width: int, num_rows_: int):
-  """[T, width] rows and weights of each token's entries (row M / weight 0 where none)."""
+  """[num_tokens, width] rows and weights of each token's entries (row M / weight 0 where none)."""
   rank = _rank_in_group(token, num_tokens)
   dest = jnp.full((num_tokens + 1, width), num_rows_, jnp.int32)
   dest = dest.at[token, rank].set(row, mode='drop')
@@ -88,55 +90,63 @@ def _token_major(token, row, weight, num_tokens: int, width: int, num_rows_: int
   return dest[:-1], w[:-1]
 
 
-def row_plan(plan: Plan, *, max_per_token: int | None = None, block_rows: int = 128) -> RowPlan:
-  """Builds the row buffer plan of a group-batched sparse plan.
+def slot_rows(plan: SlotPlan, block_rows: int | None = None) -> RowPlan:
+  """The row plan of a group-batched `SlotPlan` (slot_token [G, E, C]): one row a kept slot.
 
-  Args:
-    plan: `SlotPlan` with slot_token [G, E, C] (token indices per group of n tokens), or
-      `DroplessPlan` with expert_index [G, n, k]. Token t of group g is global token g * n + t.
-    max_per_token: for a SlotPlan, the most slots one token can hold (token choice: k); None
-      combines by scatter-add (expert choice).
-    block_rows: rows per block (a multiple of the kernels' row tile).
+  Token t of group g is token g * T + t of all G * T. With `plan.max_per_token` the combine
+  gathers each token's rows (`RowPlan.dest`), else it scatter-adds. block_rows: rows per block (a
+  multiple of the kernels' row tile), default `default_block_rows`.
   """
-  if isinstance(plan, DroplessPlan):
-    g, n, k = plan.expert_index.shape
-    num_experts, t = plan.num_experts, g * n
-    expert = plan.expert_index.reshape(-1)
-    total = num_rows(t * k, num_experts, block_rows)
-    counts = jnp.zeros(num_experts, jnp.int32).at[expert].add(1)
-    layout, start = _layout(counts, total, block_rows)
-    row = start[expert] + _rank_in_group(expert, num_experts)
-    token = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
-    weight = plan.weight.reshape(-1)
-    dest, w = row.reshape(t, k), plan.weight.reshape(t, k)
-  elif isinstance(plan, SlotPlan):
-    g, num_experts, c = plan.slot_token.shape
-    n, t = plan.num_tokens, g * plan.num_tokens
-    occupied = plan.slot_token < n  # [G, E, C]
-    bound = g * num_experts * c
-    if max_per_token is not None:
-      bound = min(bound, t * max_per_token)
-    total = num_rows(bound, num_experts, block_rows)
-    counts_ge = occupied.sum(-1).astype(jnp.int32)  # [G, E]
-    layout, start = _layout(counts_ge.sum(0), total, block_rows)
-    offset = jnp.cumsum(counts_ge, axis=0) - counts_ge  # rows of earlier groups, per expert
-    rank = jnp.cumsum(occupied, axis=-1) - 1
-    row = jnp.where(occupied, start[None, :, None] + offset[..., None] + rank, total).reshape(-1)
-    group_base = (jnp.arange(g, dtype=jnp.int32) * n)[:, None, None]
-    token = jnp.where(occupied, plan.slot_token + group_base, t).reshape(-1)
-    weight = jnp.where(occupied, plan.slot_weight, 0.0).reshape(-1)
-    dest = w = None
-    if max_per_token is not None:
-      dest, w = _token_major(token, row, weight, t, max_per_token, total)
-  else:
-    raise TypeError(f'row_plan takes a SlotPlan or DroplessPlan, got {type(plan).__name__}.')
+  g, num_experts, c = plan.slot_token.shape
+  n, t = plan.num_tokens, g * plan.num_tokens
+  occupied = plan.slot_token < n  # [G, E, C]
+  bound = g * num_experts * c
+  if plan.max_per_token is not None:
+    bound = min(bound, t * plan.max_per_token)
+  block_rows = default_block_rows(bound, num_experts) if block_rows is None else block_rows
+  total = num_rows(bound, num_experts, block_rows)
+  counts_ge = occupied.sum(-1).astype(jnp.int32)  # [G, E]
+  layout, start = _layout(counts_ge.sum(0), total, block_rows)
+  offset = jnp.cumsum(counts_ge, axis=0) - counts_ge  # rows of earlier groups, per expert
+  rank = jnp.cumsum(occupied, axis=-1) - 1
+  row = jnp.where(occupied, start[None, :, None] + offset[..., None] + rank, total).reshape(-1)
+  group_base = (jnp.arange(g, dtype=jnp.int32) * n)[:, None, None]
+  token = jnp.where(occupied, plan.slot_token + group_base, t).reshape(-1)
+  weight = jnp.where(occupied, plan.slot_weight, 0.0).reshape(-1)
+  dest = w = None
+  if plan.max_per_token is not None:
+    dest, w = _token_major(token, row, weight, t, plan.max_per_token, total)
+  return _row_plan(layout, (g, n), token, row, weight, dest, w)
+
+
+def dropless_rows(plan: DroplessPlan, block_rows: int | None = None) -> RowPlan:
+  """The row plan of a group-batched `DroplessPlan` (expert_index [G, T, k]): one row an
+  assignment. Token order and block_rows as `slot_rows`."""
+  g, n, k = plan.expert_index.shape
+  num_experts, t = plan.num_experts, g * n
+  block_rows = default_block_rows(t * k, num_experts) if block_rows is None else block_rows
+  expert = plan.expert_index.reshape(-1)
+  total = num_rows(t * k, num_experts, block_rows)
+  counts = jnp.zeros(num_experts, jnp.int32).at[expert].add(1)
+  layout, start = _layout(counts, total, block_rows)
+  row = start[expert] + _rank_in_group(expert, num_experts)
+  token = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
+  weight = plan.weight.reshape(-1)
+  dest, w = row.reshape(t, k), plan.weight.reshape(t, k)
+  return _row_plan(layout, (g, n), token, row, weight, dest, w)
+
+
+def _row_plan(layout, groups, token, row, weight, dest, w) -> RowPlan:
+  """The `RowPlan` of the kept assignments' token, row and weight (1-D each) of G * T tokens."""
+  total, t = layout.num_rows, groups[0] * groups[1]
   row_token = jnp.full((total,), t, jnp.int32).at[row].set(token, mode='drop')
   row_weight = jnp.zeros((total,), weight.dtype).at[row].set(weight, mode='drop')
-  return RowPlan(layout=layout, row_token=row_token, row_weight=row_weight, dest=dest, weight=w)
+  return RowPlan(layout=layout, row_token=row_token, row_weight=row_weight, dest=dest, weight=w,
+                 groups=groups)
 
 
 def _gather_rows(x, index):
-  """x[index] with zeros where index is out of range. x: [N, d], index: [...]."""
+  """x[index] (rows of x), zero where index is out of range."""
   return jnp.take(x, index, axis=0, mode='fill', fill_value=0)
 
 
@@ -188,14 +198,14 @@ _unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
 def permute(rows_plan: RowPlan, x: jax.Array) -> jax.Array:
-  """x: [T, d] -> [M, d] expert-sorted rows (zero padding)."""
+  """x: [G * T, d] -> [M, d] expert-sorted rows (zero padding)."""
   if rows_plan.dest is None:
     return _gather_rows(x, rows_plan.row_token)
   return _permute(x, rows_plan.row_token, rows_plan.dest)
 
 
 def unpermute(rows_plan: RowPlan, rows: jax.Array, num_tokens: int) -> jax.Array:
-  """Weighted sum of each token's rows: [M, d] -> [T, d] in rows' dtype."""
+  """Weighted sum of each token's rows: [M, d] -> [num_tokens, d] in rows' dtype."""
   if rows_plan.dest is None:
     weighted = rows_plan.row_weight[:, None] * rows.astype(jnp.float32)
     out = jnp.zeros((num_tokens + 1, rows.shape[-1]), jnp.float32)
@@ -209,39 +219,40 @@ def default_block_rows(assignments: int, num_experts: int) -> int:
   return 128 if assignments >= 1024 * num_experts else 64
 
 
-def moe_apply(plan: Plan, x: jax.Array, weights: tuple, *, max_per_token: int | None = None,
-              block_rows: int | None = None, backend: str | None = None,
-              tilings: tuple = (None,) * 3,
-              expert_fn: Callable = feed_forward) -> jax.Array:
-  """Routes groups of tokens through the experts. x: [G, n, d] -> [G, n, d].
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+  """'blocked' (a `dispatch.Dispatcher`): rows [M, d] sorted by expert in blocks of `block_rows`,
+  the expert products grouped matmuls over the used blocks (`grouped_matmul`: kernels on Hopper,
+  XLA elsewhere, or `backend`; optional (forward, d lhs, d rhs) kernel `tilings`).
 
-  Args:
-    plan: group-batched plan (leading axis G), as `jax.vmap` of a router returns it.
-    weights: (w_in [E, d, f], w_out [E, f, d], w_gate [E, d, f] or None), in the compute dtype.
-    max_per_token: see `row_plan` (token choice: k).
-    block_rows: rows per block; default `default_block_rows` of the routed assignments.
-    backend, tilings: grouped matmul backend (default: kernels on Hopper, XLA elsewhere) and
-      optional (forward, d lhs, d rhs) kernel tilings.
-    expert_fn: (matmul, x, w_in, w_out, w_gate) -> out, the expert FFN core.
+  Tokens are cast to `dtype` before they are permuted (the permutation's gradient rounds to it).
   """
-  g, n, d = x.shape
-  dtype = weights[0].dtype
-  if isinstance(plan, SoftPlan):
-    buffers = jax.vmap(lambda p, xg: dispatch_lib.dispatch(p, xg, 'einsum'))(plan, x)
-    e, s = buffers.shape[1:3]
-    flat = buffers.transpose(1, 0, 2, 3).reshape(e, g * s, d).astype(dtype)
-    y = expert_fn(lambda a, w: jnp.einsum('ecd,edf->ecf', a, w), flat, *weights)
-    y = y.reshape(e, g, s, d).transpose(1, 0, 2, 3)
-    return jax.vmap(lambda p, yg: dispatch_lib.combine(p, yg, 'einsum'))(plan, y)
-  if block_rows is None:
-    if isinstance(plan, DroplessPlan):
-      assignments = plan.expert_index.size
-    else:
-      slots = plan.slot_token.size
-      assignments = slots if max_per_token is None else min(slots, g * n * max_per_token)
-    block_rows = default_block_rows(assignments, weights[0].shape[0])
-  rows_plan = row_plan(plan, max_per_token=max_per_token, block_rows=block_rows)
-  rows = permute(rows_plan, x.reshape(g * n, d).astype(dtype))
-  matmul = lambda a, w: gm.grouped_matmul(a, w, rows_plan.layout, backend, tilings)
-  y = expert_fn(matmul, rows, *weights)
-  return unpermute(rows_plan, y, g * n).reshape(g, n, d)
+  plan: SlotPlan | DroplessPlan
+  dtype: Any
+  block_rows: int | None = None
+  backend: str | None = None
+  tilings: tuple = (None,) * 3
+  build: ClassVar[Callable[..., RowPlan]]  # the plan type's row plan
+
+  @functools.cached_property
+  def rows_plan(self) -> RowPlan:
+    return self.build(self.plan, self.block_rows)
+
+  def dispatch(self, x: jax.Array) -> jax.Array:
+    g, t, d = x.shape
+    return permute(self.rows_plan, x.reshape(g * t, d).astype(self.dtype))
+
+  def matmul(self, rows: jax.Array, w: jax.Array) -> jax.Array:
+    return gm.grouped_matmul(rows, w, self.rows_plan.layout, self.backend, self.tilings)
+
+  def combine(self, y: jax.Array) -> jax.Array:
+    g, t = self.rows_plan.groups
+    return unpermute(self.rows_plan, y, g * t).reshape(g, t, -1)
+
+
+class BlockedSlots(Blocked):
+  build = staticmethod(slot_rows)
+
+
+class BlockedDropless(Blocked):
+  build = staticmethod(dropless_rows)

@@ -14,7 +14,7 @@ local files and read back with `as_data_source()`, like `moe_jax.datasets` does 
 `find_manual_dir(name)` looks for the files in `manual_dir`, else `$MOE_JAX_DATA_DIR/<name>/`, else
 `../shared/data/<name>/` (then, for digits, scikit-learn's copy); when none of the default places
 holds them, fashion_mnist falls back to stock TFDS, which needs the network.
-`load_image_splits(name)` returns {split: (images [N, H, W, C] float32 in [0, 1], labels [N]
+`load_image_splits(name)` returns {split: (images [N, h, w, c] float32 in [0, 1], labels [N]
 int32)}; `train_batch` draws a batch as a function of (seed, step) only, so training resumes
 exactly.
 """
@@ -262,7 +262,7 @@ def load_image_splits(
     data_dir: str | os.PathLike | None = None,
     manual_dir: str | os.PathLike | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{split: (images [N, H, W, C] float32 in [0, 1], labels [N] int32)}, in the prepared (fixed) order.
+  """{split: (images [N, h, w, c] float32 in [0, 1], labels [N] int32)}, in the prepared (fixed) order.
 
   The data set is prepared into `data_dir` (TFDS default if None) as array_record once, from
   `find_manual_dir(name, manual_dir)`; later calls reuse the prepared files. When the files are
@@ -311,14 +311,14 @@ def _stock_sources(stock: str, data_dir, missing: FileNotFoundError):
 
 
 def image_info(name: str) -> tuple[tuple[int, int, int], int]:
-  """(image shape (H, W, C), number of classes) of data set `name`, without preparing it."""
+  """(image shape (h, w, c), number of classes) of data set `name`, without preparing it."""
   cls = builder_class(name)
   return tuple(cls.IMAGE_SHAPE), cls.NUM_CLASSES
 
 
 def train_batch(images: np.ndarray, labels: np.ndarray, step: int, batch_size: int,
                 seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(images [batch_size, H, W, C], labels [batch_size]) drawn with replacement, a function of
+  """(images [B, h, w, c], labels [B]) drawn with replacement, a function of
   (seed, step) only."""
   index = np.random.default_rng([seed, step]).integers(0, len(labels), batch_size)
   return images[index], labels[index]

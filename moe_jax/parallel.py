@@ -7,10 +7,10 @@ shard_map).
   * expert weights (leaves under a module named 'experts', leading dim E): sharded over 'expert'
     (E / expert experts per device), replicated over 'data'.
   * everything else (router, shared experts, the aux-free bias, scalars): replicated.
-Inside `shard_map` each device routes its own token groups and dispatches them to [G, E, C, d];
-`MoELayer(expert_axis='expert')` trades expert blocks for token blocks with an all_to_all, runs its
-E / expert local experts and trades back (see `moe_jax.layers`). Gradients of replicated params are
-summed over the devices that share them by `shard_map` itself.
+Inside `shard_map` each device routes its own token groups and dispatches them to capacity buffers
+[E, G * C, d]; `MoELayer(expert_axis='expert')` trades expert blocks for token blocks with an
+all_to_all (`dispatch.ExpertParallel`), runs its E / expert local experts and trades back.
+Gradients of replicated params are summed over the devices that share them by `shard_map` itself.
 
 Exactness. Routing is per token group (`MoESpec.group_by`), and a shard routes only its own tokens.
 Let s = 0..N-1, N = data * expert, index the shards data-major (the order of `BATCH`).
@@ -27,8 +27,9 @@ Let s = 0..N-1, N = data * expert, index the shards data-major (the order of `BA
   * router jitter / noise: each shard folds its index into the 'router' key, so random draws differ
     from an unsharded run.
 
-Dropless under expert parallelism runs through capacity slots of size = tokens per group
-(`DroplessPlan.to_slot_plan`) and the same all_to_all: exact and never drops, but the expert stage
+Under expert parallelism 'ragged' and 'blocked' run as 'gather' (logged once): dropless routing
+then runs through capacity slots of size T (`DroplessPlan.to_slot_plan`) and the same
+all_to_all: exact and never drops, but the expert stage
 costs E / k times the FLOPs and buffer memory of the 'ragged' grouped matmul. The ragged exchange
 (`jax.lax.ragged_all_to_all`) is GPU/TPU only (XLA:CPU cannot run it, so it could not be tested here);
 at scale prefer token choice with a generous capacity_factor.
@@ -44,19 +45,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moe_jax import flops
 from moe_jax.layers import MoELayer, route
 from moe_jax.spec import MoESpec
+from moe_jax.validate import Section
 
 DATA, EXPERT = 'data', 'expert'
 AXES = (DATA, EXPERT)
 BATCH = P(AXES)  # leading (batch) dim sharded over every device
 EXPERTS_KEY = 'experts'  # the MoELayer's `Experts` submodule: stacked weights [E, ...]
+MESH = Section('mesh')
 
 
 def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'expert') mesh of shape [data, expert] over `devices` (default: all devices)."""
   devices = jax.devices() if devices is None else list(devices)
-  for name, size in (('data', data), ('expert', expert)):
-    if not isinstance(size, int) or size < 1:
-      raise ValueError(f'config.mesh.{name}={size!r} is invalid: use a positive integer.')
+  MESH.positive('data', data)
+  MESH.positive('expert', expert)
   if data * expert != len(devices):
     n = len(devices)
     hint = f'data={n // expert}, expert={expert}' if n % expert == 0 else f'data={n}, expert=1'
@@ -74,9 +76,7 @@ def mesh_from_config(config) -> Mesh:
   count (`make_mesh`).
   """
   sizes = dict(config.mesh.items()) if 'mesh' in config else {}
-  unknown = sorted(set(sizes) - set(AXES))
-  if unknown:
-    raise ValueError(f'config.mesh has unknown field(s) {unknown}; known fields: {list(AXES)}.')
+  MESH.known(sizes, AXES)
   data, expert = sizes.get(DATA, 1), sizes.get(EXPERT, 1)
   return make_mesh(data, expert, jax.local_devices()[:1] if (data, expert) == (1, 1) else None)
 
@@ -105,7 +105,7 @@ def check_mesh(spec: MoESpec | None, mesh: Mesh, batch_size: int,
         f'multiple of {shards}.')
   if spec is None or seq_len is None:
     return
-  group_by = 'batch' if spec.dispatch == 'ragged' else spec.group_by
+  group_by = spec.routing_group_by
   n = flops.Shape(batch_size // shards, seq_len).group_size(group_by)
   shape = (n, spec.num_experts) + ((spec.slots_per_expert,) if spec.router == 'soft' else ())
   try:

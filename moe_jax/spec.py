@@ -6,12 +6,18 @@ value raises a ValueError that names the config field (`config.moe.<field>`) and
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
+from moe_jax.validate import Section, log_once, section_values
+
+log = logging.getLogger(__name__)
+MOE = Section('moe')
 ROUTERS = ('token_choice', 'expert_choice', 'soft')
 GROUPINGS = ('sequence', 'position', 'batch')
 SCORES = ('softmax', 'sigmoid')
 PRIORITIES = ('choice', 'token', 'batch')
+DISPATCHES = ('gather', 'einsum', 'ragged', 'blocked')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,36 +66,48 @@ class MoESpec:
   activation: str = 'swiglu'
 
   def __post_init__(self):
-    _one_of('router', self.router, ROUTERS)
-    _one_of('group_by', self.group_by, GROUPINGS)
-    _one_of('score', self.score, SCORES)
-    _one_of('priority', self.priority, PRIORITIES)
-    _one_of('dispatch', self.dispatch, ('gather', 'einsum', 'ragged', 'blocked'))
-    _one_of('activation', self.activation, ('swiglu', 'gelu'))
-    _positive('num_experts', self.num_experts)
-    _positive('d_ff', self.d_ff)
-    _positive('slots_per_expert', self.slots_per_expert)
+    MOE.one_of('router', self.router, ROUTERS)
+    MOE.one_of('group_by', self.group_by, GROUPINGS)
+    MOE.one_of('score', self.score, SCORES)
+    MOE.one_of('priority', self.priority, PRIORITIES)
+    MOE.one_of('dispatch', self.dispatch, DISPATCHES)
+    MOE.one_of('activation', self.activation, ('swiglu', 'gelu'))
+    MOE.positive('num_experts', self.num_experts)
+    MOE.positive('d_ff', self.d_ff)
+    MOE.positive('slots_per_expert', self.slots_per_expert)
     if self.num_shared_experts < 0:
-      _fail('num_shared_experts', self.num_shared_experts, 'use 0 or more shared experts')
+      MOE.fail('num_shared_experts', self.num_shared_experts, 'use 0 or more shared experts')
     if self.router == 'token_choice' and not 1 <= self.k <= self.num_experts:
-      _fail('k', self.k, f'choose 1 <= k <= num_experts={self.num_experts}')
+      MOE.fail('k', self.k, f'choose 1 <= k <= num_experts={self.num_experts}')
     if self.capacity_factor is None:
       if self.router != 'token_choice':
-        _fail('capacity_factor', None, f'dropless routing is token choice only; give the '
-              f'{self.router} router a positive capacity_factor')
+        MOE.fail('capacity_factor', None, f'dropless routing is token choice only; give the '
+                 f'{self.router} router a positive capacity_factor')
     elif self.capacity_factor <= 0:
-      _fail('capacity_factor', self.capacity_factor, 'use a positive factor, or None for dropless')
+      MOE.fail('capacity_factor', self.capacity_factor,
+               'use a positive factor, or None for dropless')
     if self.dispatch == 'ragged' and self.capacity_factor is not None:
-      _fail('dispatch', 'ragged', "ragged dispatch runs dropless routing: set capacity_factor=None "
-            "or use dispatch='gather'")
+      MOE.fail('dispatch', 'ragged', 'ragged dispatch runs dropless routing: set '
+               "capacity_factor=None or use dispatch='gather'")
     if self.bias_update_rate < 0:
-      _fail('bias_update_rate', self.bias_update_rate, 'use 0 (off) or a positive rate')
+      MOE.fail('bias_update_rate', self.bias_update_rate, 'use 0 (off) or a positive rate')
     if self.bias_update_rate > 0 and (self.router != 'token_choice' or self.score != 'sigmoid'):
-      _fail('bias_update_rate', self.bias_update_rate, "auxiliary-loss-free balancing needs "
-            "router='token_choice' and score='sigmoid'")
+      MOE.fail('bias_update_rate', self.bias_update_rate, 'auxiliary-loss-free balancing needs '
+               "router='token_choice' and score='sigmoid'")
     for name in ('jitter', 'noise_std', 'load_balancing_coef', 'z_loss_coef'):
       if getattr(self, name) < 0:
-        _fail(name, getattr(self, name), 'use a value >= 0')
+        MOE.fail(name, getattr(self, name), 'use a value >= 0')
+    if self.routing_group_by != self.group_by:
+      log_once(log, logging.INFO, f"config.moe.dispatch='ragged' routes one group: "
+               f"group_by={self.group_by!r} runs as 'batch' (outputs are the same, the "
+               'load-balancing loss is taken over the whole batch).')
+
+  @property
+  def routing_group_by(self) -> str:
+    """The grouping routing runs with: `group_by`, but 'batch' for dispatch='ragged', which routes
+    one group (logged once). Harmless: dropless routing is per token, so outputs do not change;
+    only the load-balancing loss is then taken over the whole batch."""
+    return 'batch' if self.dispatch == 'ragged' else self.group_by
 
   @property
   def active_experts(self) -> int:
@@ -99,12 +117,7 @@ class MoESpec:
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'MoESpec':
     """Builds a spec from a dict / ml_collections ConfigDict, rejecting unknown fields."""
-    values = dict(config.items())
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f'config.moe has unknown field(s) {unknown}; known fields: {sorted(known)}.')
-    return cls(**values)
+    return cls(**section_values(cls, 'moe', config))
 
   def replace(self, **changes) -> 'MoESpec':
     return dataclasses.replace(self, **changes)
@@ -121,9 +134,7 @@ def moe_config(**overrides):
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
 
   values = {f.name: f.default for f in dataclasses.fields(MoESpec)}
-  unknown = sorted(set(overrides) - set(values))
-  if unknown:
-    raise ValueError(f'moe_config got unknown MoESpec field(s) {unknown}.')
+  MOE.known(overrides, values)
   values.update(overrides)
   config = ml_collections.ConfigDict()
   for name, value in values.items():
@@ -131,17 +142,3 @@ def moe_config(**overrides):
     config[name] = value if field_type is None else config_dict.FieldReference(
         value, field_type=field_type)
   return config
-
-
-def _fail(field: str, value, fix: str):
-  raise ValueError(f'config.moe.{field}={value!r} is invalid: {fix}.')
-
-
-def _one_of(field: str, value, allowed):
-  if value not in allowed:
-    _fail(field, value, f'choose one of {allowed}')
-
-
-def _positive(field: str, value):
-  if not isinstance(value, int) or value < 1:
-    _fail(field, value, 'use a positive integer')

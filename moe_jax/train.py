@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 
 from moe_jax import flops, parallel, reproducibility, run_dir, tasks
 from moe_jax.models import describe_ffn, transformer
+from moe_jax.validate import Section, section_values
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +60,24 @@ class TrainConfig:
 
   def __post_init__(self):
     for name in ('steps', 'log_every', 'eval_batches', 'keep_checkpoints'):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        _fail(name, getattr(self, name), 'use a positive integer')
+      TRAIN.positive(name, getattr(self, name))
     for name in ('eval_every', 'checkpoint_every'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-        _fail(name, getattr(self, name), 'use 0 (final step only) or a positive integer')
+        TRAIN.fail(name, getattr(self, name), 'use 0 (final step only) or a positive integer')
     if not 0 <= self.warmup_steps < self.steps:
-      _fail('warmup_steps', self.warmup_steps, f'use 0 <= warmup_steps < steps={self.steps}')
+      TRAIN.fail('warmup_steps', self.warmup_steps, f'use 0 <= warmup_steps < steps={self.steps}')
     if self.learning_rate <= 0:
-      _fail('learning_rate', self.learning_rate, 'use a positive rate')
+      TRAIN.fail('learning_rate', self.learning_rate, 'use a positive rate')
     for name in ('end_lr_fraction', 'weight_decay', 'clip_norm'):
       if getattr(self, name) < 0:
-        _fail(name, getattr(self, name), 'use a value >= 0 (clip_norm=0: no clipping)')
+        TRAIN.fail(name, getattr(self, name), 'use a value >= 0 (clip_norm=0: no clipping)')
 
   @classmethod
   def from_config(cls, config) -> 'TrainConfig':
-    return cls(**transformer.section_values(cls, 'train', config))
+    return cls(**section_values(cls, 'train', config))
 
 
-def _fail(field: str, value, fix: str):
-  raise ValueError(f'config.train.{field}={value!r} is invalid: {fix}.')
+TRAIN = Section('train')
 
 
 class Setup(NamedTuple):

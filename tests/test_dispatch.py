@@ -1,10 +1,12 @@
 """Dispatch/combine implementations compute the same function as the plain reference."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch, routing
+from moe_jax import dispatch, routing, spec, validate
 from moe_jax.experts import Experts
 from tests import reference
 
@@ -13,7 +15,7 @@ T, E, D, F = 12, 4, 8, 16
 
 def make_experts(seed=0):
   module = Experts(num_experts=E, d_model=D, d_ff=F)
-  params = module.init(jax.random.key(seed), jnp.zeros((E, 1, D)))
+  params = module.init(jax.random.key(seed), jnp.zeros((E, 1, D)), jnp.matmul)
   return module, params
 
 
@@ -25,9 +27,13 @@ def expert_fns(params):
           for e in range(E)]
 
 
+def one_group(tree):
+  """A leading group axis G = 1 on every leaf."""
+  return jax.tree.map(lambda leaf: leaf[None], tree)
+
+
 def run(plan, x, module, params, impl):
-  bound = module.bind(params)
-  return dispatch.moe_apply(plan, x, bound, impl, ragged_experts=bound.ragged)
+  return dispatch.moe_apply(one_group(plan), x[None], module.bind(params), impl)[0]
 
 
 ROUTERS = {  # name: (router, its NumPy reference)
@@ -95,8 +101,31 @@ def test_gradients_agree_across_implementations(name):
 
 
 def test_bad_impl_is_named():
-  plan = routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=1.0).plan
-  with pytest.raises(ValueError, match="impl='ragged' runs dropless"):
-    dispatch.dispatch(plan, jnp.zeros((4, 3)), 'ragged')
+  plan = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=1.0).plan)
+  with pytest.raises(ValueError, match="impl='ragged' does not run a SlotPlan"):
+    dispatch.dispatcher(plan, 'ragged')
   with pytest.raises(ValueError, match='dispatch impl must be one of'):
-    dispatch.dispatch(plan, jnp.zeros((4, 3)), 'magic')
+    dispatch.dispatcher(plan, 'magic')
+
+
+def test_every_configurable_dispatch_has_dispatchers():
+  assert set(dispatch.EXECUTORS) == set(spec.DISPATCHES)
+  for table in dispatch.DISPATCHERS.values():
+    assert 'gather' in table  # the expert-parallel fallback
+
+
+def test_remaps_are_logged_once(caplog):
+  """'ragged' routes one group, and expert parallelism runs 'ragged' / 'blocked' as 'gather'."""
+  validate.log_once.cache_clear()
+  caplog.set_level(logging.INFO)
+  for _ in range(2):
+    spec.MoESpec(capacity_factor=None, dispatch='ragged', group_by='position')
+    plan = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=None).plan)
+    parallel = dispatch.dispatcher(plan, 'ragged', expert_axis='expert')
+    assert isinstance(parallel.buffers, dispatch.Gather)
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages == [
+      "config.moe.dispatch='ragged' routes one group: group_by='position' runs as 'batch' "
+      '(outputs are the same, the load-balancing loss is taken over the whole batch).',
+      "config.moe.dispatch='ragged' runs as 'gather' under expert parallelism (mesh axis "
+      "'expert'): only capacity buffers travel by all_to_all."]

@@ -6,19 +6,28 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moe_jax import dispatch as dispatch_lib
-from moe_jax import fast_dispatch, routing
+from moe_jax import dispatch, fast_dispatch, routing
 from moe_jax.experts import feed_forward
 from moe_jax.kernels import grouped_matmul as gm
 
 G, N, D, F, E, K = 2, 16, 8, 12, 4, 2
+
+
+def scatter_combine(router):
+  """`router` with its plan's max_per_token dropped: the blocked combine then scatter-adds."""
+  def routed(logits):
+    out = router(logits)
+    return out.replace(plan=out.plan.replace(max_per_token=None))
+  return routed
+
+
 ROUTERS = {
-    'top_k': (functools.partial(routing.token_choice, k=K, capacity_factor=1.0), K),
-    'top_k_scatter_combine': (functools.partial(routing.token_choice, k=K, capacity_factor=1.0),
-                              None),
-    'dropless': (functools.partial(routing.token_choice, k=K, capacity_factor=None), None),
-    'expert_choice': (functools.partial(routing.expert_choice, capacity_factor=2.0), None),
-    'soft': (routing.soft_routing, None),
+    'top_k': functools.partial(routing.token_choice, k=K, capacity_factor=1.0),
+    'top_k_scatter_combine': scatter_combine(
+        functools.partial(routing.token_choice, k=K, capacity_factor=1.0)),
+    'dropless': functools.partial(routing.token_choice, k=K, capacity_factor=None),
+    'expert_choice': functools.partial(routing.expert_choice, capacity_factor=2.0),
+    'soft': routing.soft_routing,
 }
 
 
@@ -32,17 +41,18 @@ def problem(seed, soft=False):
   return logits, x, weights, jax.random.normal(ks[5], (G, N, D))
 
 
+def layer(router, logits, x, weights, executor, **options):
+  plan = jax.vmap(router)(logits).plan
+  experts = lambda rows, matmul: feed_forward(matmul, rows, *weights)
+  return dispatch.moe_apply(plan, x, experts, executor, **options)
+
+
 def einsum_layer(router, logits, x, weights):
-  plan = jax.vmap(router)(logits).plan
-  buffers = jax.vmap(lambda p, g: dispatch_lib.dispatch(p, g, 'einsum'))(plan, x)
-  y = feed_forward(lambda a, w: jnp.einsum('gecd,edf->gecf', a, w), buffers, *weights)
-  return jax.vmap(lambda p, g: dispatch_lib.combine(p, g, 'einsum'))(plan, y)
+  return layer(router, logits, x, weights, 'einsum')
 
 
-def blocked_layer(router, max_per_token, logits, x, weights, block_rows=8, backend='xla'):
-  plan = jax.vmap(router)(logits).plan
-  return fast_dispatch.moe_apply(plan, x, weights, max_per_token=max_per_token,
-                                 block_rows=block_rows, backend=backend)
+def blocked_layer(router, logits, x, weights):
+  return layer(router, logits, x, weights, 'blocked', block_rows=8, backend='xla')
 
 
 def value_and_grads(layer, logits, x, weights, ct):
@@ -52,22 +62,21 @@ def value_and_grads(layer, logits, x, weights, ct):
 
 @pytest.mark.parametrize('name', list(ROUTERS))
 def test_blocked_matches_einsum(name):
-  router, max_per_token = ROUTERS[name]
+  router = ROUTERS[name]
   logits, x, weights, ct = problem(0, soft=name == 'soft')
   ref = jax.jit(functools.partial(value_and_grads, functools.partial(einsum_layer, router)))(
       logits, x, weights, ct)
-  fast = jax.jit(functools.partial(value_and_grads, functools.partial(
-      blocked_layer, router, max_per_token)))(logits, x, weights, ct)
+  fast = jax.jit(functools.partial(value_and_grads, functools.partial(blocked_layer, router)))(
+      logits, x, weights, ct)
   for got, want in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(fast[1][0]).max()) > 0  # the router gets a gradient
 
 
 def test_row_plan_layout():
-  router, max_per_token = ROUTERS['top_k']
   logits, _, _, _ = problem(1)
-  plan = jax.vmap(router)(logits).plan
-  rows = fast_dispatch.row_plan(plan, max_per_token=max_per_token, block_rows=8)
+  plan = jax.vmap(ROUTERS['top_k'])(logits).plan
+  rows = fast_dispatch.slot_rows(plan, block_rows=8)
   layout = rows.layout
   group = np.asarray(layout.block_group)
   used = group[group >= 0]

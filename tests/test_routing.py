@@ -29,8 +29,7 @@ def random_logits(seed, t, e, scale=2.0):
 
 def dense_combine(plan) -> np.ndarray:
   """[T, E] combine weights of a SlotPlan or DroplessPlan."""
-  if not isinstance(plan, SlotPlan):
-    plan = plan.to_slot_plan()
+  plan = plan.to_slot_plan()
   out = np.zeros((plan.num_tokens + 1, plan.num_experts))
   token, weight = np.asarray(plan.slot_token), np.asarray(plan.slot_weight)
   for e in range(plan.num_experts):
@@ -65,6 +64,7 @@ def test_token_choice_matches_reference(seed, t, e, k, cf, priority):
   logits = random_logits(seed, t, e)
   out = jitted(routing.token_choice, k=k, capacity_factor=cf, priority=priority)(logits)
   check_slot_plan_invariants(out.plan, max_per_token=k)
+  assert out.plan.max_per_token == k  # the bound the 'blocked' combine gathers by
   expected = reference.token_choice(logits, k, cf, priority)
   np.testing.assert_allclose(dense_combine(out.plan), expected, atol=1e-6)
   kept = (expected > 0).sum(1)
@@ -132,6 +132,7 @@ def test_expert_choice_matches_reference_and_is_balanced(seed, t, e, cf):
   logits = random_logits(seed, t, e)
   out = jitted(routing.expert_choice, capacity_factor=cf)(logits)
   check_slot_plan_invariants(out.plan, max_per_token=e)
+  assert out.plan.max_per_token is None  # a token may sit in every expert
   np.testing.assert_allclose(dense_combine(out.plan), reference.expert_choice(logits, cf),
                              atol=1e-6)
   np.testing.assert_array_equal(out.plan.expert_load(), np.full(e, cap))  # exactly balanced

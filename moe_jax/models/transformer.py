@@ -21,9 +21,11 @@ from moe_jax.data import VOCAB_SIZE
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.models import ffn, run_blocks
 from moe_jax.spec import MoESpec
+from moe_jax.validate import Section, section_values
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+MODEL = Section('model')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +46,11 @@ class TransformerConfig:
   def __post_init__(self):
     check_block_stack(self, ('d_model', 'num_layers', 'num_heads', 'd_ff'))
     if self.head_dim % 2:
-      _fail('num_heads', self.num_heads, f'RoPE needs an even head size, and d_model / num_heads '
-            f'= {self.head_dim}; pick num_heads so that d_model / num_heads is even')
+      MODEL.fail('num_heads', self.num_heads, 'RoPE needs an even head size, and d_model / '
+                 f'num_heads = {self.head_dim}; pick num_heads so that d_model / num_heads is even')
     if self.rope_base <= 0:
-      _fail('rope_base', self.rope_base, 'use a positive base (10000 is standard)')
-    if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      _fail('attention', self.attention, f'choose one of {ATTENTION_IMPLEMENTATIONS}')
+      MODEL.fail('rope_base', self.rope_base, 'use a positive base (10000 is standard)')
+    MODEL.one_of('attention', self.attention, ATTENTION_IMPLEMENTATIONS)
 
   @property
   def head_dim(self) -> int:
@@ -68,40 +69,21 @@ class TransformerConfig:
     return cls(**section_values(cls, 'model', config))
 
 
-def section_values(cls, section: str, config: Mapping[str, Any]) -> dict[str, Any]:
-  """`config.<section>` as a dict for dataclass `cls`, rejecting fields `cls` does not have."""
-  values = dict(config.items())
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f'config.{section} has unknown field(s) {unknown}; known fields: '
-                     f'{sorted(known)}.')
-  return values
-
-
 def check_block_stack(cfg, positive: tuple[str, ...]) -> None:
   """The checks every model config (LM, ViT) shares, naming the bad `config.model` field: the
     `positive` fields are positive ints, num_heads divides d_model, moe_every is 0 or at most
     num_layers, and activation and dtype are known."""
   for name in positive:
-    value = getattr(cfg, name)
-    if not isinstance(value, int) or value < 1:
-      _fail(name, value, 'use a positive integer')
+    MODEL.positive(name, getattr(cfg, name))
   if cfg.d_model % cfg.num_heads:
-    _fail('num_heads', cfg.num_heads, f'it must divide d_model={cfg.d_model}')
+    MODEL.fail('num_heads', cfg.num_heads, f'it must divide d_model={cfg.d_model}')
   if not isinstance(cfg.moe_every, int) or cfg.moe_every < 0:
-    _fail('moe_every', cfg.moe_every, 'use 0 (dense) or a positive integer')
+    MODEL.fail('moe_every', cfg.moe_every, 'use 0 (dense) or a positive integer')
   if cfg.moe_every > cfg.num_layers:
-    _fail('moe_every', cfg.moe_every, f'with num_layers={cfg.num_layers} no block would be '
-          'MoE; use moe_every <= num_layers, or 0 for a dense model')
-  if cfg.activation not in ACTIVATIONS:
-    _fail('activation', cfg.activation, f'choose one of {ACTIVATIONS}')
-  if cfg.dtype not in DTYPES:
-    _fail('dtype', cfg.dtype, f'choose one of {DTYPES}')
-
-
-def _fail(field: str, value, fix: str):
-  raise ValueError(f'config.model.{field}={value!r} is invalid: {fix}.')
+    MODEL.fail('moe_every', cfg.moe_every, f'with num_layers={cfg.num_layers} no block would '
+               'be MoE; use moe_every <= num_layers, or 0 for a dense model')
+  MODEL.one_of('activation', cfg.activation, ACTIVATIONS)
+  MODEL.one_of('dtype', cfg.dtype, DTYPES)
 
 
 def model_and_spec(model_cls, config):

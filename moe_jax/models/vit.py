@@ -1,6 +1,6 @@
 """A small Vision Transformer classifier with MoE FFNs in every `moe_every`-th block.
 
-images [B, H, W, C] -> non-overlapping p x p patches -> linear patch embedding + learned position
+images [B, h, w, c] -> non-overlapping p x p patches -> linear patch embedding + learned position
 embeddings (+ a class token when pool='cls') -> num_layers pre-norm blocks -> LayerNorm -> mean
 over tokens (pool='mean') or the class token (pool='cls') -> linear head -> logits [B, classes].
 
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 
 from moe_jax import flops, image_datasets
 from moe_jax.models import ffn, run_blocks
-from moe_jax.models.transformer import _fail, check_block_stack, model_and_spec, section_values
+from moe_jax.models.transformer import MODEL, check_block_stack, model_and_spec
 from moe_jax.spec import MoESpec
+from moe_jax.validate import section_values
 
 POOLS = ('mean', 'cls')
 
@@ -41,8 +42,7 @@ class ViTConfig:
 
   def __post_init__(self):
     check_block_stack(self, ('patch_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'))
-    if self.pool not in POOLS:
-      _fail('pool', self.pool, f'choose one of {POOLS}')
+    MODEL.one_of('pool', self.pool, POOLS)
 
   def is_moe(self, block: int) -> bool:
     return self.moe_every > 0 and (block + 1) % self.moe_every == 0
@@ -51,7 +51,7 @@ class ViTConfig:
     """Tokens per image: patches (+1 class token). Raises if patch_size does not tile the image."""
     h, w = image_shape[:2]
     if h % self.patch_size or w % self.patch_size:
-      _fail('patch_size', self.patch_size, f'it must divide the image size {h}x{w}')
+      MODEL.fail('patch_size', self.patch_size, f'it must divide the image size {h}x{w}')
     return (h // self.patch_size) * (w // self.patch_size) + int(self.pool == 'cls')
 
   @classmethod
@@ -66,7 +66,7 @@ def from_config(config) -> tuple[ViTConfig, MoESpec | None]:
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H / p) * (W / p), p * p * C], patches in row-major order."""
+  """[B, h, w, c] -> [B, (h / p) * (w / p), p * p * c], patches in row-major order."""
   b, h, w, c = images.shape
   p = patch_size
   x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -74,7 +74,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 
 
 class Block(nn.Module):
-  """Pre-norm encoder block. x: [B, N, d] -> ([B, N, d], aux or None for a dense FFN).
+  """Pre-norm encoder block. x: [B, L, d] -> ([B, L, d], aux or None for a dense FFN).
 
   expert_axis, batch_axes: as `MoELayer`.
   """
@@ -94,7 +94,7 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-  """Image classifier. images [B, H, W, C] float -> (logits [B, num_classes] float32, aux).
+  """Image classifier. images [B, h, w, c] float -> (logits [B, num_classes] float32, aux).
 
   aux: as `models.run_blocks`. expert_axis / batch_axes set (by `parallel.expert_parallel`), the
   MoE layers run expert-parallel inside `jax.shard_map`; with `group_by='sequence'` (each image
@@ -142,8 +142,8 @@ def input_spec(config) -> jax.ShapeDtypeStruct:
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs and parameters, per token (patch or class token), forward, as `transformer_flops`:
-# patch embedding 2 * p^2 C * d; attention QKVO 4 * 2 * d^2 and scores + values 2 * 2 * N * d;
-# FFNs by `flops.layer_flops`; the head 2 * d * classes once per image (/ N per token). Norms,
+# patch embedding 2 * p^2 c * d; attention QKVO 4 * 2 * d^2 and scores + values 2 * 2 * L * d;
+# FFNs by `flops.layer_flops`; the head 2 * d * classes once per image (/ L per token). Norms,
 # pooling, softmaxes and biases are O(d) and not counted. Parameters: patch embedding (+ bias),
 # position embeddings, class token, 4 d^2 attention and two LayerNorms (2 d each) per block, the
 # final LayerNorm, FFNs by `flops.moe_params`, the head (+ bias).

@@ -26,11 +26,14 @@ class SlotPlan:
   Attributes:
     slot_token: [E, C] int32 token index held by each slot; `num_tokens` marks an empty slot.
     slot_weight: [E, C] float32 combine weight of each slot (0 for empty slots).
-    num_tokens: T, the number of tokens routed (static).
+    num_tokens: T (static).
+    max_per_token: the most slots one token can hold (static): k for token choice, None for
+      expert choice (up to E).
   """
   slot_token: jax.Array
   slot_weight: jax.Array
   num_tokens: int = struct.field(pytree_node=False)
+  max_per_token: int | None = struct.field(pytree_node=False, default=None)
 
   @property
   def num_experts(self) -> int:
@@ -52,6 +55,9 @@ class SlotPlan:
     """[T] float32 number of expert slots holding each token (0 = dropped)."""
     ones = self.occupied().astype(jnp.float32).reshape(-1)
     return jnp.zeros(self.num_tokens + 1).at[self.slot_token.reshape(-1)].add(ones)[:-1]
+
+  def to_slot_plan(self) -> SlotPlan:
+    return self
 
 
 @struct.dataclass
@@ -145,4 +151,4 @@ def scatter_to_slots(expert_index, position, weight, num_experts: int, capacity:
   slot_token = slot_token.at[expert_index, position].set(token, mode='drop')
   slot_weight = jnp.zeros((num_experts, capacity), jnp.float32)
   slot_weight = slot_weight.at[expert_index, position].set(weight, mode='drop')
-  return SlotPlan(slot_token=slot_token, slot_weight=slot_weight, num_tokens=t)
+  return SlotPlan(slot_token=slot_token, slot_weight=slot_weight, num_tokens=t, max_per_token=k)
