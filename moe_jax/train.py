@@ -396,7 +396,7 @@ def _log_mesh_change(old: dict, config, spec) -> None:
     return
   log.info('resuming on mesh (data, expert) = %s a run started on %s', new_mesh, old_mesh)
   if spec is not None and math.prod(old_mesh) != math.prod(new_mesh) and (
-      spec.group_by != 'sequence' or spec.dispatch == 'ragged' or spec.jitter or spec.noise_std):
+      spec.routing_group_by != 'sequence' or spec.jitter or spec.noise_std):
     log.warning('the number of shards changes from %d to %d: with group_by=%r, dispatch=%r, '
                 'jitter=%r, noise_std=%r routing is per shard, so the resumed run trains a '
                 'different model (docs/parallelism.md)', math.prod(old_mesh), math.prod(new_mesh),
