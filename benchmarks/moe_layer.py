@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe_jax import dispatch as dispatch_lib  # noqa: E402
+from moe_jax import families as router_families  # noqa: E402
 from moe_jax import fast_dispatch, layers  # noqa: E402
 from moe_jax.experts import FeedForward  # noqa: E402
 from moe_jax.kernels import grouped_matmul as gm  # noqa: E402
@@ -213,7 +214,8 @@ def overheads(case: Case, dtype, block_rows: int, iters: int) -> dict:
   rparams = router.init(jax.random.key(0), x)
 
   def plan_of(rp, xs):
-    return jax.vmap(lambda lg: layers.route(spec, lg, None, None))(router.apply(rp, xs)).plan
+    return jax.vmap(lambda lg: router_families.route(spec, router_families.Group(lg)))(
+        router.apply(rp, xs)).plan
 
   def route_only(rp, xs):
     return plan_of(rp, xs).slot_weight.sum()

@@ -14,8 +14,10 @@ when no routing decision for a token depends on a token at a later position:
   earlier token's second choice out; `'batch'` orders by router score, so any later token can
   displace an earlier one. `group_by='batch'` lets position 100 of one sequence displace position
   0 of the next. Not causal.
-* expert choice and Soft MoE: every decision looks at the whole group, so only
-  `group_by='position'` is causal.
+* hash routing: a token's expert is a function of its own id; with a capacity, as token choice.
+* expert choice, Soft MoE, Sinkhorn and BASE (balanced assignment): every decision looks at the
+  whole group (Sinkhorn and BASE in training; they route each token alone in evaluation), so only
+  `group_by='position'` is causal (`Family.couples_group`).
 
 `group_by='position'` couples the sequences of a batch at one position: causal, provided the rows of
 a batch are different text (not one row's continuation); `moe_jax.data` lays out batches so.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from moe_jax import families
 from moe_jax.spec import MoESpec
 
 
@@ -46,8 +49,9 @@ def _token_choice_leak(spec: MoESpec) -> Leak | None:
   if spec.priority == 'batch':
     return Leak('priority', 'batch-prioritized routing orders tokens by router score, so a later '
                 'token can take an earlier token\'s expert slot', fix)
-  if spec.priority == 'choice' and spec.k > 1:
-    return Leak('priority', f"with k={spec.k}, priority='choice' fills every first choice before "
+  k = families.family(spec).per_token(spec)
+  if spec.priority == 'choice' and k > 1:
+    return Leak('priority', f"with k={k}, priority='choice' fills every first choice before "
                 'any second choice, so a later token can push an earlier token\'s second choice '
                 'out of capacity', fix)
   return None
@@ -65,9 +69,9 @@ def future_leak(spec: MoESpec | None) -> Leak | None:
   """How `spec`'s routing can let a token see a later one in a decoder LM, or None if it cannot."""
   if spec is None:
     return None
-  if spec.router == 'token_choice':
-    return _token_choice_leak(spec)
-  return _group_leak(spec)
+  if families.family(spec).couples_group:
+    return _group_leak(spec)
+  return _token_choice_leak(spec)
 
 
 def require_causal(spec: MoESpec | None, allow_future_leak: bool = False) -> None:

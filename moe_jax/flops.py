@@ -9,7 +9,8 @@ Forward FLOPs per token, a multiply-add counts 2. Routed experts count by one of
 * 'executed' (hardware cost): a capacity-bounded layer runs E * C slots per group of n tokens
   whether they are full or not, so capacity padding counts (k * capacity_factor per token).
 
-Counted: router logits, Soft MoE's dispatch/combine products, expert and
+Counted: router logits (linear, or cosine's two projections; hash routing has none), Soft MoE's
+dispatch/combine products, expert and
 shared-expert FFNs. Not counted (O(d) per token, equal across routers): softmax/top-k, the combine
 weighting, norms and residuals. The one-hot 'einsum' dispatch reference does extra work that is an
 implementation choice, not part of the model, and is not counted either.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from moe_jax.routing.capacity import expert_capacity
+from moe_jax import families
 from moe_jax.spec import MoESpec
 
 
@@ -57,24 +58,35 @@ def check_convention(convention: str, field: str = 'config.flops_match') -> str:
 
 
 def expert_slots_per_token(spec: MoESpec, shape: Shape, convention: str = 'executed') -> float:
-  """Routed-expert FFN evaluations per token by `convention` (see the module docstring)."""
-  if spec.router == 'token_choice' and (spec.capacity_factor is None or convention == 'active'):
-    return float(spec.k)
+  """Routed-expert FFN evaluations per token by `convention` (see the module docstring): k (the
+  family's `per_token`) when dropless or by the 'active' convention, else E * C / n for groups of
+  n tokens with C slots per expert (`Family.slots`)."""
+  family = families.family(spec)
+  k = family.per_token(spec)
   n = shape.group_size(spec.group_by)
-  if spec.router == 'soft':
-    slots = spec.slots_per_expert
-  else:
-    k = spec.k if spec.router == 'token_choice' else 1
-    slots = expert_capacity(n, spec.num_experts, spec.capacity_factor, k)
+  slots = family.slots(spec, n)
+  if slots is None or (k is not None and convention == 'active'):
+    return float(k)
   return spec.num_experts * slots / n
+
+
+def router_matrices(spec: MoESpec, d_model: int) -> tuple[tuple[int, int], ...]:
+  """The (in, out) weight matrices that make a token's router logits: [d, E] (linear), [d, dim] and
+  [dim, E] (cosine), [d, E * S] (Soft MoE), none (hash routing)."""
+  kind = families.family(spec).logits
+  if kind == 'none':
+    return ()
+  if kind == 'slots':
+    return ((d_model, spec.num_experts * spec.slots_per_expert),)
+  if spec.router_logits == 'cosine':
+    return ((d_model, spec.cosine_dim), (spec.cosine_dim, spec.num_experts))
+  return ((d_model, spec.num_experts),)
 
 
 def router_flops(spec: MoESpec, d_model: int) -> float:
   """Router logits, plus Soft MoE's dispatch and combine products, per token."""
-  if spec.router == 'soft':
-    slots = spec.num_experts * spec.slots_per_expert
-    return 2.0 * d_model * slots * 3  # logits, dispatch, combine
-  return 2.0 * d_model * spec.num_experts
+  logits = sum(2.0 * a * b for a, b in router_matrices(spec, d_model))
+  return logits * 3 if families.family(spec).logits == 'slots' else logits  # + dispatch, combine
 
 
 def moe_flops(spec: MoESpec, d_model: int, shape: Shape, convention: str = 'executed') -> float:
@@ -96,8 +108,9 @@ def moe_params(spec: MoESpec, d_model: int, shape: Shape) -> tuple[int, float]:
   """(total, active per token) parameters of an MoE layer; active counts the routed experts of the
   'active' convention (k for token choice: the papers' activated parameters)."""
   per_expert = ffn_matrices(spec.activation) * d_model * spec.d_ff
-  router = d_model * spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1)
-  router += int(spec.router == 'soft')  # learnable scale
+  matrices = router_matrices(spec, d_model)
+  router = sum(a * b for a, b in matrices) + int(spec.router_logits == 'cosine' or  # a learned
+                                                   families.family(spec).logits == 'slots')  # scale
   shared = spec.num_shared_experts * per_expert
   total = router + shared + spec.num_experts * per_expert
   routed = min(expert_slots_per_token(spec, shape, 'active'), spec.num_experts)

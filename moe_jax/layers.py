@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import dispatch, routing
+from moe_jax import dispatch, families, routing
 from moe_jax.experts import Experts, FeedForward
 from moe_jax.spec import MoESpec
 
@@ -33,19 +33,6 @@ def from_groups(y: jax.Array, group_by: str, shape) -> jax.Array:
   return y.reshape(shape)
 
 
-def route(spec: MoESpec, logits: jax.Array, bias: jax.Array | None,
-          rng: jax.Array | None) -> routing.RouterOutput:
-  """Applies the spec's router family to one group's logits ([T, E], or [T, E, S] for soft)."""
-  if spec.router == 'soft':
-    return routing.soft_routing(logits)
-  if spec.router == 'expert_choice':
-    return routing.expert_choice(logits, capacity_factor=spec.capacity_factor)
-  return routing.token_choice(
-      logits, k=spec.k, capacity_factor=spec.capacity_factor, score=spec.score,
-      renormalize=spec.renormalize, priority=spec.priority, selection_bias=bias,
-      noise_std=spec.noise_std if rng is not None else 0.0, rng=rng)
-
-
 class RouterProjection(nn.Module):
   """Router logits in float32. x: [..., d] -> [..., num_outputs].
 
@@ -64,6 +51,40 @@ class RouterProjection(nn.Module):
       x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
       kernel = scale * kernel * jax.lax.rsqrt(jnp.sum(kernel * kernel, axis=0) + 1e-6)
     return x @ kernel
+
+
+class CosineProjection(nn.Module):
+  """Cosine router logits (X-MoE, Chi et al. 2022; Tutel's cosine_top). x: [..., d] -> [..., E].
+
+  logits = cos(x W, e_i) * t: x is projected to `dim` dimensions, compared by cosine with E learned
+  expert embeddings, and scaled by a learned temperature t = exp(min(s, log 100)), s initialized to
+  log(1 / 0.5) (Tutel's init_t=0.5 and clamp at 1 / 0.01).
+  """
+  num_outputs: int
+  dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    project = self.param('project', nn.initializers.lecun_normal(), (x.shape[-1], self.dim))
+    experts = self.param('experts', nn.initializers.normal(0.01), (self.dim, self.num_outputs))
+    log_scale = self.param('log_scale', nn.initializers.constant(jnp.log(2.0)), ())
+    h = x @ project
+    h = h * jax.lax.rsqrt(jnp.sum(h * h, axis=-1, keepdims=True) + 1e-6)
+    experts = experts * jax.lax.rsqrt(jnp.sum(experts * experts, axis=0) + 1e-6)
+    return (h @ experts) * jnp.exp(jnp.minimum(log_scale, jnp.log(100.0)))
+
+
+def router_projection(spec: MoESpec) -> nn.Module | None:
+  """The module that makes `spec`'s router logits (named 'router'), None when its family has none."""
+  kind = families.family(spec).logits
+  if kind == 'none':
+    return None
+  if kind == 'slots':
+    return RouterProjection(spec.num_experts * spec.slots_per_expert, normalize=True, name='router')
+  if spec.router_logits == 'cosine':
+    return CosineProjection(spec.num_experts, spec.cosine_dim, name='router')
+  return RouterProjection(spec.num_experts, name='router')
 
 
 class MoELayer(nn.Module):
@@ -89,7 +110,8 @@ class MoELayer(nn.Module):
   batch_axes: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool = False, token_ids: jax.Array | None = None):
+    """x: [B, L, d]; token_ids: [B, L] int, the LM's input ids (needed by hash routing)."""
     spec = self.spec
     groups = to_groups(x, spec.routing_group_by)  # [G, T, d]
     logits = self._router_logits(groups, train)
@@ -98,7 +120,9 @@ class MoELayer(nn.Module):
     selection_bias = None if bias is None else bias.value
     rngs = (jax.random.split(self._router_key(), groups.shape[0])
             if train and spec.noise_std > 0 else None)
-    out = jax.vmap(lambda lg, rng: route(spec, lg, selection_bias, rng))(logits, rngs)
+    ids = self._grouped_ids(token_ids)
+    out = jax.vmap(lambda lg, rng, tid: families.route(
+        spec, families.Group(lg, selection_bias, rng, train, tid)))(logits, rngs, ids)
 
     experts = Experts(self._num_local_experts(), x.shape[-1], spec.d_ff, spec.activation,
                       self.dtype, name='experts')
@@ -108,23 +132,35 @@ class MoELayer(nn.Module):
       y = y + FeedForward(spec.num_shared_experts * spec.d_ff, spec.activation, self.dtype,
                           name='shared_experts')(groups)
 
-    aux = layer_aux(spec, out, self.batch_axes)
+    aux = layer_aux(spec, out, self.batch_axes, x.shape[:2])
     if bias is not None and train and self.is_mutable_collection('router_bias'):
       bias.value = routing.update_bias(selection_bias, aux['metrics']['tokens_per_expert'],
                                        spec.bias_update_rate)
     return from_groups(y, spec.routing_group_by, x.shape).astype(x.dtype), aux
 
-  def _router_logits(self, groups: jax.Array, train: bool) -> jax.Array:
-    """[G, T, E] float32 logits ([G, T, E, S] for Soft MoE), of jittered tokens in training."""
+  def _router_logits(self, groups: jax.Array, train: bool) -> jax.Array | None:
+    """[G, T, E] float32 logits ([G, T, E, S] for Soft MoE; None for hash routing), of jittered
+    tokens in training."""
     spec = self.spec
+    projection = router_projection(spec)
+    if projection is None:
+      return None
     if train and spec.jitter > 0:
       groups = groups * jax.random.uniform(self._router_key(), groups.shape,
                                            minval=1 - spec.jitter, maxval=1 + spec.jitter)
-    if spec.router != 'soft':
-      return RouterProjection(spec.num_experts, name='router')(groups)
-    logits = RouterProjection(spec.num_experts * spec.slots_per_expert, normalize=True,
-                              name='router')(groups)
-    return logits.reshape(*logits.shape[:-1], spec.num_experts, spec.slots_per_expert)
+    logits = projection(groups)
+    if families.family(spec).logits == 'slots':
+      logits = logits.reshape(*logits.shape[:-1], spec.num_experts, spec.slots_per_expert)
+    return logits
+
+  def _grouped_ids(self, token_ids: jax.Array | None) -> jax.Array | None:
+    """[G, T] token ids of the routing groups, when the router reads them (hash routing)."""
+    if families.family(self.spec).logits != 'none':
+      return None
+    if token_ids is None:
+      raise ValueError(f"config.moe.router={self.spec.router!r} routes by token id, and this "
+                       'model passes none (only the LM has token ids): choose another router.')
+    return to_groups(token_ids[..., None], self.spec.routing_group_by)[..., 0]
 
   def _router_key(self) -> jax.Array:
     """The 'router' rng; sharded, each shard folds in its index to draw its own noise."""
@@ -143,10 +179,14 @@ class MoELayer(nn.Module):
     return self.spec.num_experts // size
 
 
-def layer_aux(spec: MoESpec, out: routing.RouterOutput, batch_axes: tuple[str, ...]) -> dict:
+def layer_aux(spec: MoESpec, out: routing.RouterOutput, batch_axes: tuple[str, ...],
+              batch_shape: tuple[int, int]) -> dict:
   """The layer's aux of G groups' router outputs: losses and metrics averaged over the groups and
-  the `batch_axes` shards, tokens_per_expert summed, and the weighted loss."""
+  the `batch_axes` shards, tokens_per_expert summed, and the weighted loss. The load-balancing
+  loss is taken over `spec.balance_over` (`balance_loss`). batch_shape: the local (B, L)."""
   losses = jax.tree.map(jnp.mean, dict(out.losses))
+  if spec.balance_over != 'group':
+    losses['load_balancing'] = balance_loss(spec, out.balance, batch_axes, batch_shape)
   metrics = jax.tree.map(lambda value: value.mean(0), dict(out.metrics))
   load = out.metrics['tokens_per_expert'].sum(0)
   if batch_axes:  # every shard reports the global value
@@ -156,3 +196,22 @@ def layer_aux(spec: MoESpec, out: routing.RouterOutput, batch_axes: tuple[str, .
   metrics['max_over_mean_load'] = routing.load_imbalance(load)
   loss = spec.load_balancing_coef * losses['load_balancing'] + spec.z_loss_coef * losses['z']
   return {'loss': loss, 'losses': losses, 'metrics': metrics}
+
+
+def balance_loss(spec: MoESpec, balance: routing.Balance, batch_axes: tuple[str, ...],
+                 batch_shape: tuple[int, int]) -> jax.Array:
+  """The Switch load-balancing loss over each sequence ('sequence', DeepSeek-V3's sequence-wise
+  loss) or over the global batch ('global': f and P averaged over every token of every shard of
+  `batch_axes` before their product, as Megatron-LM's and Qwen's global-batch balancing).
+
+  balance: [G, T, E] per-token terms of the routing groups; batch_shape: the local (B, L).
+  """
+  b, l = batch_shape
+  probs, choices = (from_groups(term, spec.routing_group_by, (b, l, term.shape[-1]))
+                    for term in (balance.probs, balance.choices))  # [B, L, E]
+  if spec.balance_over == 'sequence':
+    return jnp.mean(jax.vmap(routing.balance_loss)(probs, choices))
+  mean_probs, mean_choices = probs.mean(axis=(0, 1)), choices.mean(axis=(0, 1))
+  if batch_axes:
+    mean_probs, mean_choices = jax.lax.pmean((mean_probs, mean_choices), batch_axes)
+  return routing.balance_loss(mean_probs, mean_choices)

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moe_jax import flops
-from moe_jax.layers import MoELayer, route
+from moe_jax import families, flops
+from moe_jax.layers import MoELayer
 from moe_jax.spec import MoESpec
 from moe_jax.validate import Section
 
@@ -107,10 +107,8 @@ def check_mesh(spec: MoESpec | None, mesh: Mesh, batch_size: int,
     return
   group_by = spec.routing_group_by
   n = flops.Shape(batch_size // shards, seq_len).group_size(group_by)
-  shape = (n, spec.num_experts) + ((spec.slots_per_expert,) if spec.router == 'soft' else ())
   try:
-    jax.eval_shape(lambda logits: route(spec, logits, None, None), jax.ShapeDtypeStruct(shape,
-                                                                                        jnp.float32))
+    families.route_shapes(spec, n)
   except ValueError as e:
     raise ValueError(
         f'Under config.mesh.data={data}, config.mesh.expert={expert} each device routes '

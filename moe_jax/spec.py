@@ -9,15 +9,18 @@ import dataclasses
 import logging
 from typing import Any, Mapping
 
+from moe_jax import families
 from moe_jax.validate import Section, log_once, section_values
 
 log = logging.getLogger(__name__)
 MOE = Section('moe')
-ROUTERS = ('token_choice', 'expert_choice', 'soft')
+ROUTERS = tuple(families.FAMILIES)
 GROUPINGS = ('sequence', 'position', 'batch')
 SCORES = ('softmax', 'sigmoid')
 PRIORITIES = ('choice', 'token', 'batch')
 DISPATCHES = ('gather', 'einsum', 'ragged', 'blocked')
+ROUTER_LOGITS = ('linear', 'cosine')
+BALANCE_SCOPES = ('group', 'sequence', 'global')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +28,13 @@ class MoESpec:
   """An MoE FFN layer.
 
   Attributes:
-    router: 'token_choice' (Switch k=1, GShard/Mixtral k=2, DeepSeek with score='sigmoid'),
-      'expert_choice' or 'soft'.
+    router: a family of `families.FAMILIES`: 'token_choice' (Switch k=1, GShard/Mixtral k=2,
+      DeepSeek with score='sigmoid'), 'expert_choice', 'soft', 'sinkhorn' (Megatron-LM),
+      'base' (BASE layers' balanced assignment) or 'hash' (Hash layers; LM only: routes by token id).
     num_experts: E routed experts (fine-grained experts: more, narrower ones; see flops.py).
     d_ff: hidden width of each routed expert (and of each shared expert).
     k: experts per token (token choice).
-    capacity_factor: slot multiplier; None = dropless (token choice only).
+    capacity_factor: slot multiplier; None = dropless (token choice, sinkhorn, hash); 1.0 for base.
     slots_per_expert: S (Soft MoE).
     num_shared_experts: always-on experts of width d_ff (DeepSeekMoE), run as one dense FFN.
     score: 'softmax' or 'sigmoid' token-choice affinities.
@@ -40,6 +44,17 @@ class MoESpec:
     jitter: multiplicative jitter eps on the router input in training (Switch).
     noise_std: Gaussian noise on router logits in training (noisy top-k).
     load_balancing_coef, z_loss_coef: auxiliary loss weights.
+    balance_over: the tokens the load-balancing loss is taken over: 'group' (each routing group),
+      'sequence' (each sequence: DeepSeek-V3's sequence-wise loss) or 'global' (the whole global
+      batch, across data-parallel shards: Megatron-LM's and Qwen's global-batch balancing).
+    num_expert_groups, groups_per_token: group-limited routing (DeepSeek-V3's node-limited
+      routing): experts in num_expert_groups equal groups, each token's k experts from its
+      groups_per_token best groups (token choice; 1, 1 = off).
+    router_logits: 'linear' (x @ W) or 'cosine' (X-MoE / Tutel cosine_top: cosine of a
+      cosine_dim-dimensional projection of x and learned expert embeddings, times a learned
+      temperature).
+    cosine_dim: the projection width of router_logits='cosine'.
+    hash_seed: picks the fixed token-id -> expert map of router='hash'.
     group_by: token groups routed together: 'sequence' (each sequence), 'position' (the same
       position across the batch: causal for expert choice and Soft MoE), 'batch' (all tokens).
     dispatch: 'gather', 'einsum', 'ragged' (see dispatch.py) or 'blocked' (fast_dispatch.py:
@@ -61,6 +76,12 @@ class MoESpec:
   noise_std: float = 0.0
   load_balancing_coef: float = 0.01
   z_loss_coef: float = 1e-3
+  balance_over: str = 'group'
+  num_expert_groups: int = 1
+  groups_per_token: int = 1
+  router_logits: str = 'linear'
+  cosine_dim: int = 16
+  hash_seed: int = 0
   group_by: str = 'sequence'
   dispatch: str = 'gather'
   activation: str = 'swiglu'
@@ -72,20 +93,23 @@ class MoESpec:
     MOE.one_of('priority', self.priority, PRIORITIES)
     MOE.one_of('dispatch', self.dispatch, DISPATCHES)
     MOE.one_of('activation', self.activation, ('swiglu', 'gelu'))
-    MOE.positive('num_experts', self.num_experts)
-    MOE.positive('d_ff', self.d_ff)
-    MOE.positive('slots_per_expert', self.slots_per_expert)
+    MOE.one_of('router_logits', self.router_logits, ROUTER_LOGITS)
+    MOE.one_of('balance_over', self.balance_over, BALANCE_SCOPES)
+    for name in ('num_experts', 'd_ff', 'slots_per_expert', 'num_expert_groups',
+                 'groups_per_token', 'cosine_dim'):
+      MOE.positive(name, getattr(self, name))
     if self.num_shared_experts < 0:
       MOE.fail('num_shared_experts', self.num_shared_experts, 'use 0 or more shared experts')
-    if self.router == 'token_choice' and not 1 <= self.k <= self.num_experts:
-      MOE.fail('k', self.k, f'choose 1 <= k <= num_experts={self.num_experts}')
+    family = families.FAMILIES[self.router]
+    family.check(self)
     if self.capacity_factor is None:
-      if self.router != 'token_choice':
-        MOE.fail('capacity_factor', None, f'dropless routing is token choice only; give the '
-                 f'{self.router} router a positive capacity_factor')
+      if not family.dropless:
+        MOE.fail('capacity_factor', None, f'{self.router} routing needs a capacity; give it a '
+                 'positive capacity_factor (dropless routers: token_choice, sinkhorn, hash)')
     elif self.capacity_factor <= 0:
       MOE.fail('capacity_factor', self.capacity_factor,
                'use a positive factor, or None for dropless')
+    self._check_router_options(family)
     if self.dispatch == 'ragged' and self.capacity_factor is not None:
       MOE.fail('dispatch', 'ragged', 'ragged dispatch runs dropless routing: set '
                "capacity_factor=None or use dispatch='gather'")
@@ -102,17 +126,35 @@ class MoESpec:
                f"group_by={self.group_by!r} runs as 'batch' (outputs are the same, the "
                'load-balancing loss is taken over the whole batch).')
 
+  def _check_router_options(self, family: families.Family) -> None:
+    """Options that only some families read: refused where they would be ignored."""
+    if self.num_expert_groups > 1 or self.groups_per_token > 1:
+      if self.router != 'token_choice':
+        MOE.fail('num_expert_groups', self.num_expert_groups, 'group-limited routing is token '
+                 "choice only: use router='token_choice' or num_expert_groups=1")
+      if self.num_experts % self.num_expert_groups:
+        MOE.fail('num_expert_groups', self.num_expert_groups,
+                 f'use a divisor of num_experts={self.num_experts}')
+      if self.groups_per_token > self.num_expert_groups:
+        MOE.fail('groups_per_token', self.groups_per_token,
+                 f'choose 1 <= groups_per_token <= num_expert_groups={self.num_expert_groups}')
+      reachable = self.groups_per_token * self.num_experts // self.num_expert_groups
+      if self.k > reachable:
+        MOE.fail('groups_per_token', self.groups_per_token, f'its groups hold {reachable} experts, '
+                 f'fewer than k={self.k}: keep more groups per token')
+    if self.router_logits == 'cosine' and family.logits != 'experts':
+      MOE.fail('router_logits', 'cosine', f'{self.router} routing has no [T, E] router logits to '
+               "make cosine: use router_logits='linear'")
+    if self.balance_over != 'group' and self.router not in ('token_choice', 'sinkhorn', 'base'):
+      MOE.fail('balance_over', self.balance_over, f'{self.router} routing has no load-balancing '
+               "loss to take over other tokens: use balance_over='group'")
+
   @property
   def routing_group_by(self) -> str:
     """The grouping routing runs with: `group_by`, but 'batch' for dispatch='ragged', which routes
     one group (logged once). Harmless: dropless routing is per token, so outputs do not change;
     only the load-balancing loss is then taken over the whole batch."""
     return 'batch' if self.dispatch == 'ragged' else self.group_by
-
-  @property
-  def active_experts(self) -> int:
-    """Routed experts per token as FLOPs see them (k for token choice, capacity for the others)."""
-    return self.k if self.router == 'token_choice' else 1
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'MoESpec':

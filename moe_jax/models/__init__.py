@@ -30,19 +30,21 @@ def describe_ffn(model, spec: MoESpec | None) -> str:
   return f'{spec.router} ({options}) in blocks {blocks} of {model.num_layers}'
 
 
-def ffn(block, h, *, train: bool):
+def ffn(block, h, *, train: bool, token_ids=None):
   """The FFN of `block` on h [B, N, d], inside its compact __call__: (y, None) from a dense
-  `FeedForward` of width config.d_ff when block.spec is None, else (y, aux) from the `MoELayer`."""
+  `FeedForward` of width config.d_ff when block.spec is None, else (y, aux) from the `MoELayer`
+  (token_ids [B, N]: the LM's input ids, for hash routing)."""
   cfg, dtype = block.config, jnp.dtype(block.config.dtype)
   if block.spec is None:
     return FeedForward(cfg.d_ff, cfg.activation, dtype, name='ffn')(h), None
   return MoELayer(block.spec, dtype, block.expert_axis, block.batch_axes, name='moe')(
-      h, train=train)
+      h, train=train, token_ids=token_ids)
 
 
-def run_blocks(model, block_cls, x, *, train: bool):
+def run_blocks(model, block_cls, x, *, train: bool, **block_inputs):
   """x through `model`'s config.num_layers blocks `block_cls` named block_i (the MoE ones with
-  model.spec), inside its compact __call__. Returns (x, aux):
+  model.spec), inside its compact __call__; `block_inputs` go to every block (the LM: token_ids).
+  Returns (x, aux):
 
   aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
          'layers': {block_name: the MoE layer's metrics plus its unweighted
@@ -54,7 +56,7 @@ def run_blocks(model, block_cls, x, *, train: bool):
     name = f'block_{i}'
     spec = model.spec if cfg.is_moe(i) else None
     x, layer_aux = block_cls(cfg, spec, model.expert_axis, model.batch_axes, name=name)(
-        x, train=train)
+        x, train=train, **block_inputs)
     if layer_aux is not None:
       aux['loss'] = aux['loss'] + layer_aux['loss']
       aux['layers'][name] = {**layer_aux['metrics'],

@@ -172,11 +172,12 @@ class Block(nn.Module):
   batch_axes: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, token_ids=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     x = x + Attention(cfg.num_heads, cfg.rope_base, dtype, cfg.attention, name='attention')(
         nn.RMSNorm(dtype=dtype, name='attention_norm')(x))
-    y, aux = ffn(self, nn.RMSNorm(dtype=dtype, name='ffn_norm')(x), train=train)
+    y, aux = ffn(self, nn.RMSNorm(dtype=dtype, name='ffn_norm')(x), train=train,
+                 token_ids=token_ids)
     return x + y, aux
 
 
@@ -207,7 +208,7 @@ class Transformer(nn.Module):
     if cfg.moe_every and self.spec is None:
       raise ValueError(f'moe_every={cfg.moe_every} needs a MoESpec; pass spec=, or moe_every=0.')
     x = nn.Embed(cfg.vocab_size, cfg.d_model, name='embed')(tokens).astype(dtype)
-    x, aux = run_blocks(self, Block, x, train=train)
+    x, aux = run_blocks(self, Block, x, train=train, token_ids=tokens)
     x = nn.RMSNorm(dtype=dtype, name='final_norm')(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name='unembed')(x)
     return logits.astype(jnp.float32), aux

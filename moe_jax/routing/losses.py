@@ -12,9 +12,19 @@ def load_balancing_loss(probs: jax.Array, expert_index: jax.Array) -> jax.Array:
     probs: [T, E] router probabilities (rows sum to 1).
     expert_index: [T, k] experts chosen per token; f_e counts all k choices, normalized by T * k.
   """
+  return balance_loss(probs, jax.nn.one_hot(expert_index, probs.shape[-1]).mean(axis=1))
+
+
+def balance_loss(probs: jax.Array, choices: jax.Array) -> jax.Array:
+  """The same loss over any set of tokens: E * sum_e mean(choices[..., e]) * mean(probs[..., e]).
+
+  Args:
+    probs: [..., E] router probabilities.
+    choices: [..., E] each token's share of its k choices per expert (rows sum to 1).
+  """
   num_experts = probs.shape[-1]
-  fraction = jax.nn.one_hot(expert_index, num_experts).mean(axis=(0, 1))  # [E]
-  mean_prob = probs.mean(axis=0)  # [E]
+  fraction = choices.reshape(-1, num_experts).mean(axis=0)
+  mean_prob = probs.reshape(-1, num_experts).mean(axis=0)
   return num_experts * jnp.sum(fraction * mean_prob)
 
 

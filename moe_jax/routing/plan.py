@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moe_jax.routing import losses
+
 
 @struct.dataclass
 class SlotPlan:
@@ -130,11 +132,30 @@ Plan = SlotPlan | DroplessPlan | SoftPlan
 
 
 @struct.dataclass
+class Balance:
+  """Per-token terms of the Switch load-balancing loss, so that it can be taken over any tokens:
+  one group (the router's own loss), a sequence, or the global batch (`MoESpec.balance_over`).
+
+  Attributes:
+    probs: [T, E] router probabilities (rows sum to 1).
+    choices: [T, E] each token's share of its k choices per expert (rows sum to 1).
+  """
+  probs: jax.Array
+  choices: jax.Array
+
+  def loss(self) -> jax.Array:
+    """E * sum_e f_e * P_e over every token held (1 when perfectly balanced)."""
+    return losses.balance_loss(self.probs, self.choices)
+
+
+@struct.dataclass
 class RouterOutput:
-  """A routing plan with its auxiliary losses (scalars, unweighted) and metrics."""
+  """A routing plan with its auxiliary losses (scalars, unweighted) and metrics; top-k families
+  also give their per-token `Balance` terms."""
   plan: Plan
   losses: Mapping[str, jax.Array]
   metrics: Mapping[str, jax.Array]
+  balance: Balance | None = None
 
 
 def scatter_to_slots(expert_index, position, weight, num_experts: int, capacity: int) -> SlotPlan:

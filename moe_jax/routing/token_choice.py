@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from moe_jax.routing import losses
 from moe_jax.routing.capacity import expert_capacity
 from moe_jax.routing.metrics import routing_metrics
-from moe_jax.routing.plan import DroplessPlan, RouterOutput, scatter_to_slots
+from moe_jax.routing.plan import Balance, DroplessPlan, RouterOutput, scatter_to_slots
 
 Priority = Literal['choice', 'token', 'batch']
 
@@ -60,6 +60,27 @@ def slot_positions(expert_index: jax.Array, num_experts: int, priority: Priority
   return jnp.zeros_like(position).at[order].set(position)
 
 
+def limit_to_groups(choose_by: jax.Array, num_groups: int, groups_per_token: int) -> jax.Array:
+  """Group-limited (node-limited) routing, DeepSeek-V3 style: experts are split into `num_groups`
+  equal groups; each token keeps its `groups_per_token` best groups, scored by the sum of the group's
+  top-2 affinities (top-1 for groups of one expert), and the other experts get -inf.
+
+  Args:
+    choose_by: [T, E] selection scores (bias included).
+
+  Returns:
+    [T, E] choose_by with the experts outside each token's kept groups at -inf.
+  """
+  if num_groups == 1:
+    return choose_by
+  t, num_experts = choose_by.shape
+  grouped = choose_by.reshape(t, num_groups, num_experts // num_groups)
+  best, _ = jax.lax.top_k(grouped, min(2, grouped.shape[-1]))
+  _, kept = jax.lax.top_k(best.sum(-1), groups_per_token)  # [T, groups_per_token]
+  mask = jax.nn.one_hot(kept, num_groups, dtype=jnp.bool_).any(axis=1)  # [T, groups]
+  return jnp.where(mask[:, :, None], grouped, -jnp.inf).reshape(t, num_experts)
+
+
 def token_choice(
     logits: jax.Array,
     *,
@@ -71,6 +92,8 @@ def token_choice(
     selection_bias: jax.Array | None = None,
     noise_std: float = 0.0,
     rng: jax.Array | None = None,
+    num_groups: int = 1,
+    groups_per_token: int = 1,
 ) -> RouterOutput:
   """Routes each token to its top-k experts.
 
@@ -87,13 +110,14 @@ def token_choice(
       (auxiliary-loss-free balancing).
     noise_std: Gaussian noise added to the logits (noisy top-k, Shazeer et al. 2017); needs rng.
     rng: PRNG key for the noise.
+    num_groups, groups_per_token: group-limited routing (`limit_to_groups`); 1, 1 = off.
 
   Returns:
     RouterOutput with a SlotPlan (or a DroplessPlan when capacity_factor is None); losses
     'load_balancing' and 'z'.
   """
   logits = logits.astype(jnp.float32)
-  t, num_experts = logits.shape
+  num_experts = logits.shape[-1]
   if not 1 <= k <= num_experts:
     raise ValueError(f'k must be in [1, num_experts={num_experts}], got k={k}.')
   if noise_std > 0:
@@ -102,23 +126,57 @@ def token_choice(
     logits = logits + noise_std * jax.random.normal(rng, logits.shape)
   scores = router_scores(logits, score)
   choose_by = scores if selection_bias is None else scores + selection_bias
+  choose_by = limit_to_groups(choose_by, num_groups, groups_per_token)
   _, expert_index = jax.lax.top_k(choose_by, k)  # [T, k]
   weight = jnp.take_along_axis(scores, expert_index, axis=-1)
   if renormalize is None:
     renormalize = k > 1 or score == 'sigmoid'
   if renormalize:
     weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
+  probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  return place(expert_index, weight, probs, logits, priority=priority,
+               capacity=capacity_for(logits.shape[0], num_experts, capacity_factor, k),
+               priority_score=jnp.max(scores, axis=-1))
 
+
+def capacity_for(num_tokens: int, num_experts: int, capacity_factor: float | None,
+                 k: int) -> int | None:
+  """Slots per expert of a group (`expert_capacity`), or None when dropless."""
   if capacity_factor is None:
+    return None
+  return expert_capacity(num_tokens, num_experts, capacity_factor, k)
+
+
+def place(expert_index: jax.Array, weight: jax.Array, probs: jax.Array, logits: jax.Array | None,
+          *, capacity: int | None, priority: Priority = 'token',
+          priority_score: jax.Array | None = None) -> RouterOutput:
+  """The RouterOutput of top-k choices: their plan, losses and metrics (every top-k family).
+
+  Args:
+    expert_index: [T, k] chosen experts, distinct within a row.
+    weight: [T, k] combine weights.
+    probs: [T, E] router probabilities (rows sum to 1), for the balance loss and the entropy.
+    logits: [T, E] router logits for the z-loss, or None (no learned router: z = 0).
+    capacity: slots per expert, claimed in `priority` order (`slot_positions`); None: dropless.
+    priority_score: [T] the order of priority='batch' (default: the top probability).
+
+  Returns:
+    RouterOutput with a SlotPlan (DroplessPlan when dropless), losses 'load_balancing' (Switch) and
+    'z', metrics, and the per-token `Balance` terms.
+  """
+  t, k = expert_index.shape
+  num_experts = probs.shape[-1]
+  if capacity is None:
     plan = DroplessPlan(expert_index=expert_index, weight=weight, num_experts=num_experts)
   else:
-    capacity = expert_capacity(t, num_experts, capacity_factor, k)
-    position = slot_positions(expert_index, num_experts, priority, priority_score=jnp.max(scores, axis=-1))
+    if priority_score is None:
+      priority_score = jnp.max(probs, axis=-1)
+    position = slot_positions(expert_index, num_experts, priority, priority_score)
     plan = scatter_to_slots(expert_index, position, weight, num_experts, capacity)
-
-  probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  balance = Balance(probs=probs, choices=jax.nn.one_hot(expert_index, num_experts).mean(axis=1))
+  z = jnp.zeros((), jnp.float32) if logits is None else losses.z_loss(logits)
   return RouterOutput(
       plan=plan,
-      losses={'load_balancing': losses.load_balancing_loss(probs, expert_index),
-              'z': losses.z_loss(logits)},
-      metrics=routing_metrics(plan, probs, num_assignments=k))
+      losses={'load_balancing': balance.loss(), 'z': z},
+      metrics=routing_metrics(plan, probs, num_assignments=k),
+      balance=balance)
