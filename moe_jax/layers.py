@@ -57,7 +57,7 @@ class CosineProjection(nn.Module):
   """Cosine router logits (X-MoE, Chi et al. 2022; Tutel's cosine_top). x: [..., d] -> [..., E].
 
   logits = cos(x W, e_i) * t: x is projected to `dim` dimensions, compared by cosine with E learned
-  expert embeddings, and scaled by a learned temperature t = exp(min(s, log 100)), s initialized to
+  expert embeddings (`centroids`; not named experts, which would shard them), and scaled by a learned temperature t = exp(min(s, log 100)), s initialized to
   log(1 / 0.5) (Tutel's init_t=0.5 and clamp at 1 / 0.01).
   """
   num_outputs: int
@@ -67,12 +67,11 @@ class CosineProjection(nn.Module):
   def __call__(self, x):
     x = x.astype(jnp.float32)
     project = self.param('project', nn.initializers.lecun_normal(), (x.shape[-1], self.dim))
-    experts = self.param('experts', nn.initializers.normal(0.01), (self.dim, self.num_outputs))
+    centroids = self.param('centroids', nn.initializers.normal(0.01), (self.dim, self.num_outputs))
     log_scale = self.param('log_scale', nn.initializers.constant(jnp.log(2.0)), ())
-    h = x @ project
-    h = h * jax.lax.rsqrt(jnp.sum(h * h, axis=-1, keepdims=True) + 1e-6)
-    experts = experts * jax.lax.rsqrt(jnp.sum(experts * experts, axis=0) + 1e-6)
-    return (h @ experts) * jnp.exp(jnp.minimum(log_scale, jnp.log(100.0)))
+    unit = lambda v, axis: v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis, keepdims=True), 1e-12))
+    cosine = unit(x @ project, -1) @ unit(centroids, 0)
+    return cosine * jnp.exp(jnp.minimum(log_scale, jnp.log(100.0)))
 
 
 def router_projection(spec: MoESpec) -> nn.Module | None:

@@ -73,3 +73,63 @@ def soft_moe_output(x, logits, expert_fns):
   slot_in = np.einsum('tes,td->esd', dispatch, x)
   slot_out = np.stack([[expert_fns[i](slot_in[i, j]) for j in range(s)] for i in range(e)])
   return np.einsum('tes,esd->td', combine, slot_out)
+
+
+def sinkhorn_plan(logits, tol=1e-4, max_iters=100):
+  """Megatron-LM's loop, in the probability domain: rows of exp(logits) to 1/T, columns to 1/E."""
+  cost = np.exp(np.asarray(logits, np.float64))
+  t, e = cost.shape
+  d0, d1 = np.ones(t), np.ones(e)
+  for _ in range(max_iters):
+    d0 = 1 / t / (cost @ d1)
+    new = 1 / e / (d0 @ cost)
+    change = np.mean(np.abs(new - d1))
+    d1 = new
+    if change <= tol:
+      break
+  return d0[:, None] * cost * d1[None, :]
+
+
+def top_k_combine(choose_by, weights, k):
+  """Dense combine [T, E]: each token's top-k of `choose_by`, weighted by `weights`; no capacity."""
+  combine = np.zeros_like(np.asarray(weights, np.float64))
+  for i, row in enumerate(np.asarray(choose_by)):
+    top = np.argsort(-row, kind='stable')[:k]
+    combine[i, top] = weights[i, top]
+  return combine
+
+
+def best_balanced_total(scores):
+  """The largest sum_t scores[t, expert_t] with at most ceil(T / E) tokens per expert (Hungarian
+  algorithm on experts repeated ceil(T / E) times)."""
+  from scipy.optimize import linear_sum_assignment  # pylint: disable=g-import-not-at-top
+  t, e = scores.shape
+  slots = np.repeat(np.asarray(scores, np.float64), -(-t // e), axis=1)
+  rows, cols = linear_sum_assignment(slots, maximize=True)
+  return slots[rows, cols].sum()
+
+
+def murmur_expert(token_ids, num_experts, seed=0):
+  """murmur3's 32-bit finalizer of id + seed, mod E, with Python integers."""
+  out = []
+  for token in np.asarray(token_ids).reshape(-1):
+    x = (int(token) + seed) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    out.append((x ^ (x >> 16)) % num_experts)
+  return np.array(out).reshape(np.shape(token_ids))
+
+
+def group_limited_experts(choose_by, k, num_groups, groups_per_token):
+  """Per token: score each group by the sum of its top-2 affinities, keep the best
+  groups_per_token groups, then the top-k experts inside them. [T, E] -> list of expert sets."""
+  t, e = choose_by.shape
+  size = e // num_groups
+  chosen = []
+  for row in np.asarray(choose_by, np.float64):
+    groups = row.reshape(num_groups, size)
+    group_score = np.sort(groups, axis=1)[:, ::-1][:, :min(2, size)].sum(1)
+    keep = np.argsort(-group_score, kind='stable')[:groups_per_token]
+    allowed = [g * size + j for g in sorted(keep) for j in range(size)]
+    chosen.append(set(sorted(allowed, key=lambda x: -row[x])[:k]))
+  return chosen

@@ -1,6 +1,7 @@
 """Expert + data parallelism on 8 simulated CPU devices: sharded == unsharded.
 
-Every router family runs on the 2x4 (data, expert) mesh; switch, dropless and aux-free also on 1x8
+Every router family runs on the 2x4 (data, expert) mesh (hash routing, which needs token ids, in
+tests/test_parallel_train.py); switch, dropless, aux-free and the global-batch balance loss also on 1x8
 (one expert per device), top-2 and expert choice also on 8x1 (pure data parallelism). Each case
 checks the forward output, aux losses and metrics, and gradients w.r.t. params and inputs, against
 the single-device layer: on the whole batch for group_by='sequence', and on each device's sub-batch
@@ -33,9 +34,18 @@ CASES = {  # name: (spec, compared against the whole batch?)
                        activation='gelu'), True),
     'aux_free': (MoESpec(k=2, capacity_factor=1.25, score='sigmoid', bias_update_rate=0.01,
                          **BASE), True),
+    'sinkhorn': (MoESpec(router='sinkhorn', k=2, capacity_factor=1.5, group_by='position',
+                         **BASE), False),
+    'base': (MoESpec(router='base', capacity_factor=1.0, group_by='position', **BASE), False),
+    # the load-balancing loss over the global batch equals the one-device loss over all of it
+    'global_balance': (MoESpec(k=2, capacity_factor=1.25, balance_over='global',
+                               load_balancing_coef=1.0, **BASE), True),
+    'cosine_group_limited': (MoESpec(k=2, capacity_factor=1.25, router_logits='cosine',
+                                     num_expert_groups=4, groups_per_token=2, score='sigmoid',
+                                     bias_update_rate=0.01, **BASE), True),
 }
 MESHES = [((2, 4), name) for name in CASES] + [
-    ((1, 8), 'switch'), ((1, 8), 'dropless'), ((1, 8), 'aux_free'),
+    ((1, 8), 'switch'), ((1, 8), 'dropless'), ((1, 8), 'aux_free'), ((1, 8), 'global_balance'),
     ((8, 1), 'top2'), ((8, 1), 'expert_choice')]
 
 

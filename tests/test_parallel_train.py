@@ -1,8 +1,8 @@
 """Training on a mesh of 8 simulated CPU devices (config.mesh): sharded == one device.
 
 (a) Three train steps of the LM on the 2x4 and 8x1 (data x expert) meshes equal the one-device
-steps (losses, metrics, params, optimizer state, router bias) for token choice by sequence and for
-an aux-free router, whose bias is identical on every shard; (b) a checkpoint written on 2x4 resumes
+steps (losses, metrics, params, optimizer state, router bias) for token choice by sequence, for
+an aux-free router, whose bias is identical on every shard, and for hash routing (by token id); (b) a checkpoint written on 2x4 resumes
 on 4x2 and the run continues as the uninterrupted one; (c) a bad mesh config fails before any work;
 (d) `moe-jax train` trains the ViT (each image routed alone) on 2x4 as on one device.
 """
@@ -22,6 +22,7 @@ from tests.test_train import read_metrics, tiny_config
 ROUTERS = {
     'token_choice': {'moe.group_by': 'sequence'},
     'aux_free': {'moe.k': 2, 'moe.score': 'sigmoid', 'moe.bias_update_rate': 0.05},
+    'hash': {'moe.router': 'hash', 'moe.capacity_factor': None},  # routes by the token ids
 }
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 

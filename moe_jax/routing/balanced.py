@@ -51,7 +51,8 @@ def _auction_round(state, scores, capacity: int, eps: jax.Array):
 
 def _fill_free_slots(owner: jax.Array, num_experts: int, capacity: int) -> jax.Array:
   """Gives each still unassigned token (owner -1) a free expert slot, in token order. [T] -> [T]."""
-  count = jnp.zeros(num_experts, jnp.int32).at[owner].add(1, mode='drop')  # -1 is dropped
+  assigned = jnp.where(owner < 0, num_experts, owner)  # out of bounds: not counted
+  count = jnp.zeros(num_experts, jnp.int32).at[assigned].add(1, mode='drop')
   slot = jnp.arange(num_experts * capacity)
   free = slot % capacity >= count[slot // capacity]
   free_slots = jnp.argsort(~free, stable=True)  # free slots first, in order
@@ -81,7 +82,9 @@ def balanced_assignment(scores: jax.Array, *, max_rounds: int = 100,
     return jnp.zeros(t, jnp.int32)
   if eps is None:
     eps = 1e-3 * (jnp.max(scores) - jnp.min(scores)) + 1e-12
-  init = (jnp.zeros(e), jnp.full(t, -1, jnp.int32), jnp.zeros(t), 0)
+  # initial values derived from `scores`, so that they vary over a mesh exactly as it does
+  init = (jnp.zeros_like(scores[0]), jnp.full_like(scores[:, 0], -1, jnp.int32),
+          jnp.zeros_like(scores[:, 0]), 0)
   _, owner, _, _ = jax.lax.while_loop(
       lambda s: jnp.any(s[1] < 0) & (s[3] < max_rounds),
       lambda s: _auction_round(s, scores, capacity, eps), init)

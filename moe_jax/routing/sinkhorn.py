@@ -42,7 +42,9 @@ def sinkhorn(logits: jax.Array, *, tol: float = 1e-4, max_iters: int = 100) -> j
     change = jnp.mean(jnp.abs(jnp.exp(new_v) - jnp.exp(log_v)))
     return log_u, new_v, i + 1, change
 
-  init = (jnp.zeros(t), jnp.zeros(e), 0, jnp.inf)
+  # initial values derived from `logits`, so that they vary over a mesh exactly as it does
+  init = (jnp.zeros_like(logits[:, 0]), jnp.zeros_like(logits[0]), 0,
+          jnp.full_like(logits[0, 0], jnp.inf))
   log_u, log_v, _, _ = jax.lax.while_loop(
       lambda s: (s[3] > tol) & (s[2] < max_iters), step, init)
   return logits + log_u[:, None] + log_v[None, :]
