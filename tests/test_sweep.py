@@ -6,8 +6,8 @@ import pathlib
 import matplotlib.image
 import pytest
 
-from configs import compare_routers
-from moe_jax import cli, flops, report, sweep
+from configs import compare_routers, router_zoo
+from moe_jax import cli, families, flops, report, sweep
 from moe_jax.models import transformer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -115,3 +115,42 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path, capsys):
 def test_report_needs_finished_runs(tmp_path):
   with pytest.raises(FileNotFoundError, match='no finished runs'):
     report.write_report(tmp_path)
+
+
+def test_router_zoo_has_every_family_at_equal_flops():
+  for scale in ('cpu', 'gpu'):
+    config = router_zoo.get_config(f'scale={scale}')
+    members = sweep.build_members(config)
+    routers = {m.moe.router for m in members.values() if m.model.moe_every}
+    assert routers == set(families.FAMILIES), scale
+    budget = transformer.model_flops_per_token(members['dense'], 'active')
+    for name, member in members.items():
+      assert abs(transformer.model_flops_per_token(member, 'active') / budget - 1) <= 0.02, name
+  assert router_zoo.get_config().base.data.name == 'english_mix'  # the GPU run's data
+
+
+ZOO_NEW = ('dense', 'sinkhorn_top1', 'base_layers', 'hash', 'cosine_top2', 'deepseek_v3')
+
+
+def test_router_zoo_trains_on_cpu(tmp_path, capsys):
+  """The zoo's members of the newer families (the others train in the main job's test; every
+  member's LM runs in tests/test_causality.py), at CPU scale made tiny: 2 steps, then the table."""
+  workdir = tmp_path / 'zoo'
+  args = ['moe-jax', 'sweep', '--config', str(ROOT / 'configs' / 'router_zoo.py') + ':scale=cpu',
+          '--workdir', str(workdir), '--config.base.data.data_dir', str(tmp_path / 'tfds'),
+          '--only', ','.join(ZOO_NEW), '--config.base.data.seq_len=16',
+          '--config.base.data.batch_size=8', '--config.base.model.d_model=32',
+          '--config.base.model.num_heads=2', '--config.base.model.d_ff=64',
+          '--config.base.model.num_layers=1', '--config.base.model.moe_every=1',
+          '--config.base.train.steps=2',
+          '--config.base.train.warmup_steps=1', '--config.base.train.log_every=1',
+          '--config.base.train.eval_every=2', '--config.base.train.eval_batches=1']
+  assert cli.main(args) == 0
+  with open(workdir / 'results.csv') as f:
+    rows = {r['run']: r for r in csv.DictReader(f)}
+  assert set(rows) == set(ZOO_NEW)
+  for name, row in rows.items():
+    assert 0 < float(row['eval_loss']) < 10, name
+  assert float(rows['base_layers']['dropped'].rstrip('%')) == 0.0  # balanced: nobody dropped
+  assert 'hash dropless' in rows['hash']['ffn'] and 'groups=2/4' in rows['deepseek_v3']['ffn']
+  capsys.readouterr()
