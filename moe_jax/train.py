@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
-from moe_jax import flops, parallel, reproducibility, run_dir, tasks
+from moe_jax import flops, parallel, reproducibility, run_dir, tasks, upcycling
 from moe_jax.models import describe_ffn, transformer
 from moe_jax.validate import Section, section_values
 
@@ -421,6 +421,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   call_start = time.perf_counter()
   reproducibility.configure_from(config)  # before JAX starts its backends
   task, cfg, model, mesh = check_config(config)
+  dense_run = upcycling.check(config)
   workdir = run_dir.run_directory(workdir)
   data = task.load(config)
   _check_held_out(data, mesh)
@@ -448,6 +449,12 @@ def train(config, workdir: str | os.PathLike) -> dict:
              workdir / 'checkpoints', dict(mesh.shape))
   else:
     state = init_state(model, cfg, init_key, inputs, mesh)
+    if dense_run is not None:  # sparse upcycling: start from the dense run's weights
+      params = upcycling.upcycle_params(state['params'], upcycling.dense_params(dense_run),
+                                        init_key, config.upcycle.noise_std)
+      state['params'] = jax.device_put(params, parallel.param_shardings(params, mesh))
+      log.info('upcycled the dense run %s (step %d) into %s', dense_run,
+               upcycling.latest_step(dense_run), workdir)
 
   def step_fn(state, i):
     return train_step(state, place(data.train_batch(i)), jax.random.fold_in(train_key, i),
