@@ -101,12 +101,17 @@ def _report(fv: flags.FlagValues) -> None:
 
 
 def _show_config(fv: flags.FlagValues) -> None:
-  from moe_jax import spec
+  from moe_jax import families, spec
 
   print(fv.config)
-  print(f'Router families (config.moe.router): {", ".join(spec.ROUTERS)}; group_by: '
-        f'{", ".join(spec.GROUPINGS)}; score: {", ".join(spec.SCORES)}; priority: '
-        f'{", ".join(spec.PRIORITIES)}.\nconfig.moe fields (moe_jax/spec.py, MoESpec):')
+  print('Router families (config.moe.router; moe_jax/families.py):')
+  for name, family in families.FAMILIES.items():
+    options = ', '.join(family.options) or 'none'
+    print(f'  {name:14s}{family.cite}. Options: {options}.')
+  print(f'group_by: {", ".join(spec.GROUPINGS)}; score: {", ".join(spec.SCORES)}; priority: '
+        f'{", ".join(spec.PRIORITIES)}; router_logits: {", ".join(spec.ROUTER_LOGITS)}; '
+        f'balance_over: {", ".join(spec.BALANCE_SCOPES)}.\n'
+        'config.moe fields (moe_jax/spec.py, MoESpec):')
   attributes = spec.MoESpec.__doc__.split('Attributes:\n', 1)[1]
   print(textwrap.indent(textwrap.dedent(attributes).rstrip(), '  '))
 

@@ -130,7 +130,7 @@ FAMILIES: dict[str, Family] = {
         route=lambda spec, g: routing.base_routing(g.logits, train=g.train),
         slots=lambda spec, n: balanced_capacity(n, spec.num_experts), per_token=lambda spec: 1,
         couples_group=True, check=_check_base, options=(),
-        cite='BASE layers, Lewis et al. 2021'),
+        cite='BASE layers, Lewis et al. 2021 (capacity_factor=1.0)'),
     'hash': Family(
         route=lambda spec, g: routing.hash_routing(
             g.token_ids, spec.num_experts, capacity_factor=spec.capacity_factor,
