@@ -70,17 +70,18 @@ def expert_slots_per_token(spec: MoESpec, shape: Shape, convention: str = 'execu
   return spec.num_experts * slots / n
 
 
+ROUTER_MATRICES = {  # (the family's logits, spec.router_logits) -> (in, out) weight matrices
+    ('experts', 'linear'): lambda spec, d: ((d, spec.num_experts),),
+    ('experts', 'cosine'): lambda spec, d: ((d, spec.cosine_dim), (spec.cosine_dim, spec.num_experts)),
+    ('slots', 'linear'): lambda spec, d: ((d, spec.num_experts * spec.slots_per_expert),),
+    ('none', 'linear'): lambda spec, d: (),  # hash routing
+}
+
+
 def router_matrices(spec: MoESpec, d_model: int) -> tuple[tuple[int, int], ...]:
   """The (in, out) weight matrices that make a token's router logits: [d, E] (linear), [d, dim] and
   [dim, E] (cosine), [d, E * S] (Soft MoE), none (hash routing)."""
-  kind = families.family(spec).logits
-  if kind == 'none':
-    return ()
-  if kind == 'slots':
-    return ((d_model, spec.num_experts * spec.slots_per_expert),)
-  if spec.router_logits == 'cosine':
-    return ((d_model, spec.cosine_dim), (spec.cosine_dim, spec.num_experts))
-  return ((d_model, spec.num_experts),)
+  return ROUTER_MATRICES[families.family(spec).logits, spec.router_logits](spec, d_model)
 
 
 def router_flops(spec: MoESpec, d_model: int) -> float:

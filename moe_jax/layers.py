@@ -57,7 +57,8 @@ class CosineProjection(nn.Module):
   """Cosine router logits (X-MoE, Chi et al. 2022; Tutel's cosine_top). x: [..., d] -> [..., E].
 
   logits = cos(x W, e_i) * t: x is projected to `dim` dimensions, compared by cosine with E learned
-  expert embeddings (`centroids`; not named experts, which would shard them), and scaled by a learned temperature t = exp(min(s, log 100)), s initialized to
+  expert embeddings (`centroids`: a name other than 'experts', which would shard them over the
+  expert axis), and scaled by a learned temperature t = exp(min(s, log 100)), s initialized to
   log(1 / 0.5) (Tutel's init_t=0.5 and clamp at 1 / 0.01).
   """
   num_outputs: int
@@ -74,16 +75,19 @@ class CosineProjection(nn.Module):
     return cosine * jnp.exp(jnp.minimum(log_scale, jnp.log(100.0)))
 
 
+PROJECTIONS = {  # (the family's logits, spec.router_logits) -> the module that makes them
+    ('experts', 'linear'): lambda spec: RouterProjection(spec.num_experts, name='router'),
+    ('experts', 'cosine'): lambda spec: CosineProjection(spec.num_experts, spec.cosine_dim,
+                                                         name='router'),
+    ('slots', 'linear'): lambda spec: RouterProjection(spec.num_experts * spec.slots_per_expert,
+                                                       normalize=True, name='router'),
+    ('none', 'linear'): lambda spec: None,  # hash routing: no learned router
+}
+
+
 def router_projection(spec: MoESpec) -> nn.Module | None:
   """The module that makes `spec`'s router logits (named 'router'), None when its family has none."""
-  kind = families.family(spec).logits
-  if kind == 'none':
-    return None
-  if kind == 'slots':
-    return RouterProjection(spec.num_experts * spec.slots_per_expert, normalize=True, name='router')
-  if spec.router_logits == 'cosine':
-    return CosineProjection(spec.num_experts, spec.cosine_dim, name='router')
-  return RouterProjection(spec.num_experts, name='router')
+  return PROJECTIONS[families.family(spec).logits, spec.router_logits](spec)
 
 
 class MoELayer(nn.Module):
