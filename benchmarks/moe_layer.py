@@ -44,6 +44,7 @@ from moe_jax.spec import MoESpec  # noqa: E402
 
 FAST = 'blocked'
 TOKAMAX_AUTOTUNE = False  # --tokamax-autotune
+OVERHEADS = True  # --no-overheads: skip the router / permutation timings
 UNFUSED = 'blocked_unfused'  # FAST with gate and up as two grouped matmuls (before issue #14)
 PEERS = ('ragged', 'tokamax')  # dropless only: jax.lax.ragged_dot, tokamax.ragged_dot
 LABELS = {'ragged': 'jax.lax.ragged_dot', 'tokamax': 'tokamax.ragged_dot', UNFUSED: UNFUSED}
@@ -348,7 +349,7 @@ def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_f
           + (f"fwd {rec['fwd_ms']:.3f} ms ({rec['ratio_fwd']:.2f})  "
              f"fwd+bwd {rec['fwdbwd_ms']:.3f} ms ({rec['ratio_fwdbwd']:.2f})"
              if 'error' not in rec else rec['error']))
-  over = overheads(case, dtype, block_rows, iters)
+  over = overheads(case, dtype, block_rows, iters) if OVERHEADS else {}
   log(f'[{case.name}] overheads ' + ', '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
                                              for k, v in over.items()))
   return dict(case=dataclasses.asdict(case), dense_fwd_ms=dense_fwd, dense_fwdbwd_ms=dense_fb,
@@ -493,12 +494,14 @@ def main(argv=None):
                       help="gmm's tile visiting order (grouped_matmul.ROW_ORDER)")
   parser.add_argument('--candidates', type=int, default=4,
                       help='--tune times the first N fitting tilings of each kernel shape')
+  parser.add_argument('--no-overheads', action='store_true',
+                      help='skip the router and permutation timings')
   parser.add_argument('--tokamax-autotune', action='store_true',
                       help="run tokamax's autotuner on the 'tokamax' layer before timing it")
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
-  global TOKAMAX_AUTOTUNE
-  TOKAMAX_AUTOTUNE = args.tokamax_autotune
+  global TOKAMAX_AUTOTUNE, OVERHEADS
+  TOKAMAX_AUTOTUNE, OVERHEADS = args.tokamax_autotune, not args.no_overheads
 
   gm.ROW_ORDER = args.row_order
   dtype = jnp.float32 if args.small else jnp.bfloat16

@@ -138,7 +138,8 @@ GATE_UP_TILINGS = (Tiling(128, 64, stages=4), Tiling(64, 128, stages=4, split='m
                    Tiling(128, 64, stages=3), Tiling(64, 64, stages=4))
 GATE_UP_T_TILINGS = (Tiling(128, 128, tile_k=32, stages=4),
                      Tiling(64, 256, tile_k=32, stages=4, split='m'),
-                     Tiling(128, 128, tile_k=64, stages=2), Tiling(64, 128, tile_k=32, stages=4))
+                     Tiling(128, 128, tile_k=64, stages=2), Tiling(64, 128, tile_k=32, stages=4),
+                     Tiling(64, 64, tile_k=32, stages=4))
 TGMM_GATE_UP_TILINGS = (Tiling(128, 64, stages=4), Tiling(128, 64, stages=3),
                         Tiling(64, 64, stages=4))
 # gmm's tile order: 'expert_bands' (`expert_band_order`) or 'snake' (fixed bands over all rows, the
