@@ -12,7 +12,7 @@ Peers, in the same process: what a user would pick instead of 'blocked' for the 
 the same layer with the expert products on `jax.lax.ragged_dot` ('ragged') or on
 `tokamax.ragged_dot` ('tokamax', an optional dependency: skipped when it is not installed; its
 default implementation choice and configs, or its own autotuner with --tokamax-autotune).
-'blocked_unfused' is 'blocked' with gate and up as two grouped matmuls (the path before issue #14),
+'blocked_unfused' (dropless) is 'blocked' with gate and up as two grouped matmuls (before issue #14),
 for the A/B of the fused gate+up kernels.
 
   python benchmarks/moe_layer.py --out moe_layer.json     # GPU: the issue's cases and a small one
@@ -121,11 +121,9 @@ def family_impls(case: Case, family: str, verify: bool) -> list[str]:
     return ['einsum', FAST]
   if family == 'dropless':  # einsum / gather run dropless through capacity = group size: small only
     # FAST before the peers: XLA's ragged_dot can take minutes to compile, or run out of memory.
-    peers = ['ragged'] + (['tokamax'] if tokamax_available() else [])
+    peers = (['tokamax'] if tokamax_available() else []) + ['ragged']
     return (['einsum', 'gather'] if verify or case.name in ('small', 'smoke') else []) + [
         FAST, UNFUSED] + peers
-  if family == 'top_k':
-    return ['einsum', 'gather', FAST, UNFUSED]
   return ['einsum', 'gather', FAST]
 
 
@@ -134,8 +132,8 @@ class TokamaxRagged(dispatch_lib.Ragged):
 
   def matmul(self, rows, w):
     import tokamax  # pylint: disable=g-import-not-at-top
-    out = tokamax.ragged_dot(rows, w, self._sorted[1], preferred_element_type=jnp.float32)
-    return out.astype(rows.dtype)
+    # In the rows' dtype: tokamax's VJP needs the cotangent in the operands' dtype.
+    return tokamax.ragged_dot(rows, w, self._sorted[1])
 
 
 @contextlib.contextmanager
@@ -239,8 +237,10 @@ def rel_err(a, b) -> float:
   return float(_rel_err(a, b))
 
 
-def verify(case: Case, dtype, block_rows: int, families, tol: float) -> list[dict]:
-  """Each family x implementation against 'einsum': output and gradients (params, input)."""
+def verify(case: Case, dtype, block_rows: int, families, tol: float,
+           impls_filter=()) -> list[dict]:
+  """Each family x implementation (those in impls_filter, if given) against 'einsum': output and
+  gradients (params, input)."""
   x, ct = inputs(case, dtype, seed=1)
   records = []
   for family in families:
@@ -249,7 +249,7 @@ def verify(case: Case, dtype, block_rows: int, families, tol: float) -> list[dic
     ref_fwd, ref_grad = fwd_and_grad(ref_apply)
     ref = (ref_fwd(params, x), ref_grad(params, x, ct))
     for impl in family_impls(case, family, verify=True):
-      if impl == 'einsum':
+      if impl == 'einsum' or (impls_filter and impl not in impls_filter):
         continue
       rec = dict(case=case.name, family=family, impl=impl)
       try:
@@ -517,11 +517,11 @@ def main(argv=None):
   print(json.dumps(meta), flush=True)
   results = dict(meta=meta, verify=[], cases=[])
   families = [f for f in args.families.split(',') if f]
+  impls = [i for i in args.impls.split(',') if i]
   if not args.no_verify:
     vcase = SMOKE if args.small else VERIFY
     results['verify'] = verify(vcase, dtype, block_rows, families,
-                               tol=1e-4 if args.small else 3e-2)
-  impls = [i for i in args.impls.split(',') if i]
+                               tol=1e-4 if args.small else 3e-2, impls_filter=impls)
   results['kernels'] = []
   for case in cases:
     if args.tune:
