@@ -12,7 +12,8 @@ Peers, in the same process: what a user would pick instead of 'blocked' for the 
 the same layer with the expert products on `jax.lax.ragged_dot` ('ragged') or on
 `tokamax.ragged_dot` ('tokamax', an optional dependency: skipped when it is not installed; its
 default implementation choice and configs, or its own autotuner with --tokamax-autotune).
-'blocked_unfused' (dropless) is 'blocked' with gate and up as two grouped matmuls (before issue #14),
+'blocked_unfused' / 'blocked_fused' (dropless) are 'blocked' with gate and up as two grouped
+matmuls (before issue #14) / always fused (`fast_dispatch.FUSE_GATE_UP`; 'blocked' fuses by shape),
 for the A/B of the fused gate+up kernels.
 
   python benchmarks/moe_layer.py --out moe_layer.json     # GPU: the issue's cases and a small one
@@ -46,8 +47,9 @@ FAST = 'blocked'
 TOKAMAX_AUTOTUNE = False  # --tokamax-autotune
 OVERHEADS = True  # --no-overheads: skip the router / permutation timings
 UNFUSED = 'blocked_unfused'  # FAST with gate and up as two grouped matmuls (before issue #14)
+FUSED = 'blocked_fused'  # FAST with gate and up always fused (the default fuses by shape)
 PEERS = ('ragged', 'tokamax')  # dropless only: jax.lax.ragged_dot, tokamax.ragged_dot
-LABELS = {'ragged': 'jax.lax.ragged_dot', 'tokamax': 'tokamax.ragged_dot', UNFUSED: UNFUSED}
+LABELS = {'ragged': 'jax.lax.ragged_dot', 'tokamax': 'tokamax.ragged_dot'}
 _START = time.perf_counter()
 
 
@@ -123,7 +125,7 @@ def family_impls(case: Case, family: str, verify: bool) -> list[str]:
     # FAST before the peers: XLA's ragged_dot can take minutes to compile, or run out of memory.
     peers = (['tokamax'] if tokamax_available() else []) + ['ragged']
     return (['einsum', 'gather'] if verify or case.name in ('small', 'smoke') else []) + [
-        FAST, UNFUSED] + peers
+        FAST, UNFUSED, FUSED] + peers
   return ['einsum', 'gather', FAST]
 
 
@@ -148,9 +150,9 @@ def _tokamax_dispatch():
 
 
 @contextlib.contextmanager
-def _unfused():
-  """Traces 'blocked' with gate and up as two grouped matmuls."""
-  saved, fast_dispatch.FUSE_GATE_UP = fast_dispatch.FUSE_GATE_UP, False
+def _fuse(value):
+  """Traces 'blocked' with fast_dispatch.FUSE_GATE_UP = value."""
+  saved, fast_dispatch.FUSE_GATE_UP = fast_dispatch.FUSE_GATE_UP, value
   try:
     yield
   finally:
@@ -158,7 +160,9 @@ def _unfused():
 
 
 # impl -> (MoESpec.dispatch, context the layer is traced in)
-IMPLS = {UNFUSED: (FAST, _unfused), 'tokamax': ('ragged', _tokamax_dispatch)}
+IMPLS = {UNFUSED: (FAST, functools.partial(_fuse, False)),
+         FUSED: (FAST, functools.partial(_fuse, True)),
+         'tokamax': ('ragged', _tokamax_dispatch)}
 
 
 def make_layer(case: Case, family: str, impl: str, dtype, block_rows: int):
@@ -459,7 +463,7 @@ def table(results: list[dict]) -> str:
 
 def peer_table(results: list[dict]) -> str:
   """The issue-#14 view: fwd+bwd ratio to the dense FFN of each dispatch and peer, per case."""
-  cols = [('dropless', FAST), ('top_k', FAST), ('dropless', UNFUSED), ('top_k', UNFUSED),
+  cols = [('dropless', FAST), ('top_k', FAST), ('dropless', UNFUSED), ('dropless', FUSED),
           ('dropless', 'ragged'), ('dropless', 'tokamax')]
   names = {'dropless': 'dropless', 'top_k': 'cf 1.25'}
   lines = ['| case | dense fwd+bwd ms | ' + ' | '.join(
@@ -528,6 +532,7 @@ def main(argv=None):
       results['kernels'] += tune_kernels(case, dtype, iters, block_rows, args.candidates)
     results['cases'].append(bench_case(case, dtype, block_rows, iters, families, impls))
     if args.out:  # keep partial results if a later case dies
+      results['peer_table'] = peer_table(results['cases'])
       _write(args.out, results)
   text = table(results['cases'])
   results['table'] = text

@@ -300,7 +300,7 @@ def main() -> None:
   else:
     cases = []
     for shape in [s.strip() for s in args.shapes.split(',') if s.strip()]:
-      base = dict(num_layers=args.layers, d_ff=args.d_ff, seq_len=2048, **SHAPES[shape])
+      base = {**dict(num_layers=args.layers, d_ff=args.d_ff, seq_len=2048), **SHAPES[shape]}
       prefix = '' if shape == 'base' else f'{shape}-'
       cases += [Case(f'{prefix}{d}-{a}-b{args.batch}', batch_size=args.batch, dispatch=d,
                      attention=a, **base) for a in attentions for d in dispatches]

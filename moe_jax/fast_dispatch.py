@@ -28,9 +28,20 @@ from flax import struct
 from moe_jax.kernels import grouped_matmul as gm
 from moe_jax.routing.plan import DroplessPlan, SlotPlan
 
-# SwiGLU's gate and up as one fused kernel on Hopper (`grouped_matmul.swiglu`); False: two grouped
-# matmuls, the path before issue #14 (benchmarks/moe_layer.py's 'blocked_unfused' A/B).
-FUSE_GATE_UP = True
+# SwiGLU's gate and up as one fused kernel on Hopper (`grouped_matmul.swiglu`): True, False (two
+# grouped matmuls, the path before issue #14; benchmarks/moe_layer.py's 'blocked_unfused' A/B) or
+# 'auto': fused only where it measured faster (session 5, H200, fwd+bwd): when f is not a multiple
+# of 256, so the unfused gate / up kernels cannot use 256-wide CTA tiles (fine64, f=1408: 9.87 vs
+# 10.11 ms). Where they can, the fused kernels' 64-wide wgmma tiles lose (mixtral 28.73 vs
+# 28.16 ms, switch64 12.39 vs 11.66 ms). docs/performance.md, session 5.
+FUSE_GATE_UP: bool | str = 'auto'
+
+
+def fuse_gate_up(d_ff: int) -> bool:
+  """Whether `GroupedMatmul.swiglu` runs the fused kernels for expert width d_ff."""
+  if FUSE_GATE_UP == 'auto':
+    return d_ff % 256 != 0
+  return bool(FUSE_GATE_UP)
 
 # jnp.searchsorted's default 'scan' is a while loop, which XLA's GPU backend steps from the host;
 # unrolled, its ~log2(n) steps are plain kernels of one executable.
@@ -236,7 +247,7 @@ class GroupedMatmul:
     return gm.grouped_matmul(rows, w, self.layout, self.backend, self.tilings)
 
   def swiglu(self, rows: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
-    if not FUSE_GATE_UP:  # exactly experts.feed_forward's unfused arithmetic
+    if not fuse_gate_up(w_gate.shape[-1]):  # exactly experts.feed_forward's unfused arithmetic
       return self(rows, w_up) * jax.nn.silu(self(rows, w_gate))
     # Unmasked idle rows: h feeds the down projection's grouped matmul only, which skips them.
     return gm.swiglu(rows, w_gate, w_up, self.layout, self.backend, mask=False)

@@ -240,3 +240,12 @@ def test_gate_up_backward_interpret():
   _close(got[2], want[2])
   _close(got[3], want[3])
   assert float(jnp.abs(got[2][1]).max()) == 0  # expert 1 holds no rows: zero gradient
+
+
+def test_fuse_gate_up_policy(monkeypatch):
+  """'auto' fuses where it measured faster: f not a multiple of 256 (fine64's 1408)."""
+  assert fast_dispatch.fuse_gate_up(1408) and not fast_dispatch.fuse_gate_up(14336)
+  monkeypatch.setattr(fast_dispatch, 'FUSE_GATE_UP', True)
+  assert fast_dispatch.fuse_gate_up(14336)
+  monkeypatch.setattr(fast_dispatch, 'FUSE_GATE_UP', False)
+  assert not fast_dispatch.fuse_gate_up(1408)
