@@ -8,12 +8,21 @@ tokens: equal *useful* active FLOPs (T * k * 6 * d * f forward). ratio = dense t
 Router and permutation costs are timed alone too. Every implementation is first checked against
 the one-hot 'einsum' reference at a small size (output and gradients).
 
+Peers, in the same process: what a user would pick instead of 'blocked' for the dropless family,
+the same layer with the expert products on `jax.lax.ragged_dot` ('ragged') or on
+`tokamax.ragged_dot` ('tokamax', an optional dependency: skipped when it is not installed; its
+default implementation choice and configs, or its own autotuner with --tokamax-autotune).
+'blocked_unfused' / 'blocked_fused' (dropless) are 'blocked' with gate and up as two grouped
+matmuls (before issue #14) / always fused (`fast_dispatch.FUSE_GATE_UP`; 'blocked' fuses by shape),
+for the A/B of the fused gate+up kernels.
+
   python benchmarks/moe_layer.py --out moe_layer.json     # GPU: the issue's cases and a small one
   python benchmarks/moe_layer.py --small                  # CPU smoke run, seconds
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,9 +41,16 @@ from moe_jax import families as router_families  # noqa: E402
 from moe_jax import fast_dispatch, layers  # noqa: E402
 from moe_jax.experts import FeedForward  # noqa: E402
 from moe_jax.kernels import grouped_matmul as gm  # noqa: E402
+from moe_jax.routing.plan import DroplessPlan  # noqa: E402
 from moe_jax.spec import MoESpec  # noqa: E402
 
 FAST = 'blocked'
+TOKAMAX_AUTOTUNE = False  # --tokamax-autotune
+OVERHEADS = True  # --no-overheads: skip the router / permutation timings
+UNFUSED = 'blocked_unfused'  # FAST with gate and up as two grouped matmuls (before issue #14)
+FUSED = 'blocked_fused'  # FAST with gate and up always fused (the default fuses by shape)
+PEERS = ('ragged', 'tokamax')  # dropless only: jax.lax.ragged_dot, tokamax.ragged_dot
+LABELS = {'ragged': 'jax.lax.ragged_dot', 'tokamax': 'tokamax.ragged_dot'}
 _START = time.perf_counter()
 
 
@@ -87,23 +103,82 @@ def family_spec(case: Case, family: str, impl: str) -> MoESpec:
   return MoESpec(router='soft', slots_per_expert=slots, dispatch='einsum', **base)
 
 
+def _tokamax_version() -> str | None:
+  try:
+    import tokamax  # pylint: disable=g-import-not-at-top
+    return tokamax.__version__
+  except ImportError:
+    return None
+
+
+def tokamax_available() -> bool:
+  try:
+    import tokamax  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    return False
+
+
 def family_impls(case: Case, family: str, verify: bool) -> list[str]:
   if family == 'soft':
     return ['einsum', FAST]
   if family == 'dropless':  # einsum / gather run dropless through capacity = group size: small only
-    # FAST before 'ragged': XLA's ragged_dot can take minutes to compile, or run out of memory.
+    # FAST before the peers: XLA's ragged_dot can take minutes to compile, or run out of memory.
+    peers = (['tokamax'] if tokamax_available() else []) + ['ragged']
     return (['einsum', 'gather'] if verify or case.name in ('small', 'smoke') else []) + [
-        FAST, 'ragged']
+        FAST, UNFUSED, FUSED] + peers
   return ['einsum', 'gather', FAST]
+
+
+class TokamaxRagged(dispatch_lib.Ragged):
+  """'ragged' with its grouped products on `tokamax.ragged_dot` (tokamax picks the kernel)."""
+
+  def matmul(self, rows, w):
+    import tokamax  # pylint: disable=g-import-not-at-top
+    # In the rows' dtype: tokamax's VJP needs the cotangent in the operands' dtype.
+    return tokamax.ragged_dot(rows, w, self._sorted[1])
+
+
+@contextlib.contextmanager
+def _tokamax_dispatch():
+  """Traces 'ragged' layers with `TokamaxRagged` (the dispatcher table is read at trace time)."""
+  table = dispatch_lib.DISPATCHERS[DroplessPlan]
+  saved, table['ragged'] = table['ragged'], TokamaxRagged
+  try:
+    yield
+  finally:
+    table['ragged'] = saved
+
+
+@contextlib.contextmanager
+def _fuse(value):
+  """Traces 'blocked' with fast_dispatch.FUSE_GATE_UP = value."""
+  saved, fast_dispatch.FUSE_GATE_UP = fast_dispatch.FUSE_GATE_UP, value
+  try:
+    yield
+  finally:
+    fast_dispatch.FUSE_GATE_UP = saved
+
+
+# impl -> (MoESpec.dispatch, context the layer is traced in)
+IMPLS = {UNFUSED: (FAST, functools.partial(_fuse, False)),
+         FUSED: (FAST, functools.partial(_fuse, True)),
+         'tokamax': ('ragged', _tokamax_dispatch)}
 
 
 def make_layer(case: Case, family: str, impl: str, dtype, block_rows: int):
   """(init(key, x) -> params, apply(params, x) -> y): the MoELayer (default blocks: block_rows is
-  the kernels' and `overheads`' only)."""
+  the kernels' and `overheads`' only). Benchmark-only impls (`IMPLS`) run a library dispatch traced
+  in their context (the forward pass picks the kernels; the backward follows the forward's)."""
   del block_rows
-  spec = family_spec(case, family, impl)
-  module = layers.MoELayer(spec.replace(dispatch=impl) if impl == FAST else spec, dtype=dtype)
-  return module.init, lambda params, x: module.apply(params, x)[0]
+  dispatch, context = IMPLS.get(impl, (impl, contextlib.nullcontext))
+  spec = family_spec(case, family, dispatch)
+  module = layers.MoELayer(spec.replace(dispatch=dispatch), dtype=dtype)
+
+  def apply(params, x):
+    with context():
+      return module.apply(params, x)[0]
+  return module.init, apply
 
 
 def cast_params(params, dtype):
@@ -167,8 +242,10 @@ def rel_err(a, b) -> float:
   return float(_rel_err(a, b))
 
 
-def verify(case: Case, dtype, block_rows: int, families, tol: float) -> list[dict]:
-  """Each family x implementation against 'einsum': output and gradients (params, input)."""
+def verify(case: Case, dtype, block_rows: int, families, tol: float,
+           impls_filter=()) -> list[dict]:
+  """Each family x implementation (those in impls_filter, if given) against 'einsum': output and
+  gradients (params, input)."""
   x, ct = inputs(case, dtype, seed=1)
   records = []
   for family in families:
@@ -177,7 +254,7 @@ def verify(case: Case, dtype, block_rows: int, families, tol: float) -> list[dic
     ref_fwd, ref_grad = fwd_and_grad(ref_apply)
     ref = (ref_fwd(params, x), ref_grad(params, x, ct))
     for impl in family_impls(case, family, verify=True):
-      if impl == 'einsum':
+      if impl == 'einsum' or (impls_filter and impl not in impls_filter):
         continue
       rec = dict(case=case.name, family=family, impl=impl)
       try:
@@ -256,8 +333,16 @@ def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_f
         if init is None:
           init = cast_params(init_fn(jax.random.key(0), x), dtype)
         fwd, grad = fwd_and_grad(apply)
-        rec['fwd_ms'] = time_ms(fwd, init, x, iters=iters)
-        rec['fwdbwd_ms'] = time_ms(grad, init, x, ct, iters=iters)
+        tuned = contextlib.nullcontext()
+        if impl == 'tokamax' and TOKAMAX_AUTOTUNE:  # tokamax's own autotuner, on the fwd+bwd ops
+          import tokamax  # pylint: disable=g-import-not-at-top
+          start = elapsed()
+          tuned = tokamax.autotune(grad.lower(init, x, ct))
+          rec['tokamax_autotune_s'] = elapsed() - start
+          fwd, grad = fwd_and_grad(apply)  # traced afresh, inside `tuned`
+        with tuned:
+          rec['fwd_ms'] = time_ms(fwd, init, x, iters=iters)
+          rec['fwdbwd_ms'] = time_ms(grad, init, x, ct, iters=iters)
         rec['ratio_fwd'] = dense_fwd / rec['fwd_ms']
         rec['ratio_fwdbwd'] = dense_fb / rec['fwdbwd_ms']
         rec['useful_tflops_fwdbwd'] = 3 * case.useful_flops / rec['fwdbwd_ms'] / 1e9
@@ -270,7 +355,7 @@ def bench_case(case: Case, dtype, block_rows: int, iters: int, families, impls_f
           + (f"fwd {rec['fwd_ms']:.3f} ms ({rec['ratio_fwd']:.2f})  "
              f"fwd+bwd {rec['fwdbwd_ms']:.3f} ms ({rec['ratio_fwdbwd']:.2f})"
              if 'error' not in rec else rec['error']))
-  over = overheads(case, dtype, block_rows, iters)
+  over = overheads(case, dtype, block_rows, iters) if OVERHEADS else {}
   log(f'[{case.name}] overheads ' + ', '.join(f'{k}={v:.3f}' if isinstance(v, float) else f'{k}={v}'
                                              for k, v in over.items()))
   return dict(case=dataclasses.asdict(case), dense_fwd_ms=dense_fwd, dense_fwdbwd_ms=dense_fb,
@@ -378,6 +463,27 @@ def table(results: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def peer_table(results: list[dict]) -> str:
+  """The issue-#14 view: fwd+bwd ratio to the dense FFN of each dispatch and peer, per case."""
+  cols = [('dropless', FAST), ('top_k', FAST), ('dropless', UNFUSED), ('dropless', FUSED),
+          ('dropless', 'ragged'), ('dropless', 'tokamax')]
+  names = {'dropless': 'dropless', 'top_k': 'cf 1.25'}
+  lines = ['| case | dense fwd+bwd ms | ' + ' | '.join(
+      f'{LABELS.get(impl, impl)} {names[fam]}' for fam, impl in cols) + ' |',
+           '| --- | ---: |' + ' ---: |' * len(cols)]
+  for res in results:
+    c = res['case']
+    by = {(r['family'], r['impl']): r for r in res['rows']}
+    cells = []
+    for key in cols:
+      r = by.get(key)
+      cells.append('-' if r is None else 'error' if 'error' in r else
+                   f"{r['ratio_fwdbwd']:.2f} ({r['fwdbwd_ms']:.2f} ms)")
+    lines.append(f"| {c['name']} T={c['tokens']} d={c['d']} f={c['f']} E={c['experts']} "
+                 f"k={c['k']} | {res['dense_fwdbwd_ms']:.2f} | " + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--small', action='store_true', help='tiny CPU smoke run (float32)')
@@ -394,8 +500,14 @@ def main(argv=None):
                       help="gmm's tile visiting order (grouped_matmul.ROW_ORDER)")
   parser.add_argument('--candidates', type=int, default=4,
                       help='--tune times the first N fitting tilings of each kernel shape')
+  parser.add_argument('--no-overheads', action='store_true',
+                      help='skip the router and permutation timings')
+  parser.add_argument('--tokamax-autotune', action='store_true',
+                      help="run tokamax's autotuner on the 'tokamax' layer before timing it")
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
+  global TOKAMAX_AUTOTUNE, OVERHEADS
+  TOKAMAX_AUTOTUNE, OVERHEADS = args.tokamax_autotune, not args.no_overheads
 
   gm.ROW_ORDER = args.row_order
   dtype = jnp.float32 if args.small else jnp.bfloat16
@@ -406,26 +518,30 @@ def main(argv=None):
   meta = dict(jax=jax.__version__, device=str(getattr(device, 'device_kind', device.platform)),
               platform=device.platform, grouped_matmul_backend=gm.default_backend(),
               dtype=jnp.dtype(dtype).name, block_rows=block_rows, iters=iters,
-              row_order=gm.ROW_ORDER,
-              command=' '.join(sys.argv))
+              row_order=gm.ROW_ORDER, fuse_gate_up=fast_dispatch.FUSE_GATE_UP,
+              tokamax=_tokamax_version(), command=' '.join(sys.argv))
   print(json.dumps(meta), flush=True)
   results = dict(meta=meta, verify=[], cases=[])
   families = [f for f in args.families.split(',') if f]
+  impls = [i for i in args.impls.split(',') if i]
   if not args.no_verify:
     vcase = SMOKE if args.small else VERIFY
     results['verify'] = verify(vcase, dtype, block_rows, families,
-                               tol=1e-4 if args.small else 3e-2)
-  impls = [i for i in args.impls.split(',') if i]
+                               tol=1e-4 if args.small else 3e-2, impls_filter=impls)
   results['kernels'] = []
   for case in cases:
     if args.tune:
       results['kernels'] += tune_kernels(case, dtype, iters, block_rows, args.candidates)
     results['cases'].append(bench_case(case, dtype, block_rows, iters, families, impls))
     if args.out:  # keep partial results if a later case dies
+      results['peer_table'] = peer_table(results['cases'])
       _write(args.out, results)
   text = table(results['cases'])
   results['table'] = text
+  results['peer_table'] = peer_table(results['cases'])
   print(text)
+  print()
+  print(results['peer_table'])
   if args.out:
     _write(args.out, results)
   bad = [v for v in results['verify'] if not v['ok']]

@@ -11,9 +11,11 @@ x tokens, forward FLOPs per token from `transformer.transformer_flops`:
     padding included; attention scores over the full [L, L] matrix), the repo's convention;
   * 'useful': only the k * T routed expert slots count (the same function with dropless routing),
     and only the causal half of the attention scores (what a kernel that skips masked blocks runs).
-Peak: H100 SXM dense bf16, 989 TFLOP/s (the datasheet figure without sparsity).
+Peak: H100 / H200 SXM dense bf16, 989 TFLOP/s (the datasheet figure without sparsity; the H200 has
+the H100's matrix units). `--shapes` adds a Mixtral-like and a DeepSeek-like model (`SHAPES`).
 
   python benchmarks/train_step.py --out train_step.json    # GPU: ~1B model, gather and blocked
+  python benchmarks/train_step.py --shapes mixtral,deepseek --dispatch blocked --big-batch 0
   python benchmarks/train_step.py --small                  # CPU smoke run, seconds
   python benchmarks/train_step.py --deterministic ...      # the same with XLA's deterministic ops
 """
@@ -46,7 +48,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe_layer import elapsed, log  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (no sparsity)
-PEAK_NAME = 'H100 SXM dense bf16 989 TFLOP/s'
+PEAK_NAME = 'H100/H200 SXM dense bf16 989 TFLOP/s'
+
+# Model shapes (`--shapes`). 'base': the ~1B model of sessions 1-4 (its width, depth and expert
+# width follow --d-ff / --layers). 'mixtral': Mixtral-8x7B's block (d 4096, 32 heads, 8 experts of
+# f 14336, top-2) at 2 blocks, so that float32 parameters and AdamW state (~46 GB) fit one GPU.
+# 'deepseek': DeepSeekMoE-16B's block (d 2048, 16 heads, 64 experts of f 1408, top-6, 2 shared
+# experts) at 4 blocks (2.3B parameters). Both route with capacity factor 1.25 like 'base'.
+SHAPES = {
+    'base': dict(d_model=2048, num_heads=16),
+    'mixtral': dict(d_model=4096, num_heads=32, num_layers=2, d_ff=14336, num_experts=8, k=2),
+    'deepseek': dict(d_model=2048, num_heads=16, num_layers=4, d_ff=1408, num_experts=64, k=6,
+                     num_shared_experts=2),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +77,7 @@ class Case:
   k: int = 2
   capacity_factor: float = 1.25
   attention: str = 'auto'  # TransformerConfig.attention: 'auto' is cuDNN's fused kernel on GPU
+  num_shared_experts: int = 0  # DeepSeekMoE's always-on experts (one dense FFN of n * d_ff)
 
   def model(self) -> Transformer:
     cfg = TransformerConfig(d_model=self.d_model, num_layers=self.num_layers,
@@ -73,6 +88,7 @@ class Case:
   def spec(self, **changes) -> MoESpec:
     return MoESpec(router='token_choice', num_experts=self.num_experts, d_ff=self.d_ff, k=self.k,
                    capacity_factor=self.capacity_factor, group_by='sequence', priority='token',
+                   num_shared_experts=self.num_shared_experts,
                    dispatch=self.dispatch).replace(**changes)
 
   @property
@@ -223,8 +239,9 @@ def table(results: list[dict], peak_name: str) -> str:
       '| --- | --- | --- | --- | --- | --- |']
   for r in results:
     c = r['config']
+    shared = f"+{c['num_shared_experts']} shared" if c.get('num_shared_experts') else ''
     cfg = (f"{r['name']}: d={c['d_model']}, L={c['num_layers']}, H={c['num_heads']}, "
-           f"E={c['num_experts']}, k={c['k']}, f={c['d_ff']}, cf={c['capacity_factor']}, "
+           f"E={c['num_experts']}{shared}, k={c['k']}, f={c['d_ff']}, cf={c['capacity_factor']}, "
            f"B={c['batch_size']}x{c['seq_len']}, {c['dispatch']}, attention {c['attention']}")
     if 'error' in r:
       lines.append(f'| {cfg} | | | failed: {r["error"][:80]} | | |')
@@ -246,6 +263,8 @@ def main() -> None:
   parser.add_argument('--attention', default='auto',
                       help="comma-separated attention implementations: auto (cuDNN's fused kernel "
                            "on GPU), xla (materialized float32 scores), cudnn")
+  parser.add_argument('--shapes', default='base',
+                      help=f'comma-separated model shapes: {", ".join(SHAPES)} (see SHAPES)')
   parser.add_argument('--batch', type=int, default=8, help='sequences per step (seq_len 2048)')
   parser.add_argument('--big-batch', type=int, default=16,
                       help='after the others, rerun the fastest dispatch at this batch (0: skip)')
@@ -279,9 +298,12 @@ def main() -> None:
     big = None
     args.warmup, args.steps = 1, 3
   else:
-    base = dict(d_model=2048, num_layers=args.layers, num_heads=16, d_ff=args.d_ff, seq_len=2048)
-    cases = [Case(f'{d}-{a}-b{args.batch}', batch_size=args.batch, dispatch=d, attention=a, **base)
-             for a in attentions for d in dispatches]
+    cases = []
+    for shape in [s.strip() for s in args.shapes.split(',') if s.strip()]:
+      base = {**dict(num_layers=args.layers, d_ff=args.d_ff, seq_len=2048), **SHAPES[shape]}
+      prefix = '' if shape == 'base' else f'{shape}-'
+      cases += [Case(f'{prefix}{d}-{a}-b{args.batch}', batch_size=args.batch, dispatch=d,
+                     attention=a, **base) for a in attentions for d in dispatches]
     big = args.big_batch or None
 
   results = []
@@ -309,7 +331,8 @@ def main() -> None:
 
   for case in cases:
     attempt(case)
-  ok = [r for r in results if 'error' not in r]
+  ok = [r for r in results if 'error' not in r and not r['name'].startswith(
+      tuple(f'{shape}-' for shape in SHAPES))]  # the base shape's rows
   if big and ok:
     best = min(ok, key=lambda r: r['step_ms'])
     config = best['config']

@@ -19,7 +19,12 @@ def feed_forward(matmul: Callable, x, w_in, w_out, w_gate=None):
   """out = (act(x @ w_in) [* silu(x @ w_gate)]) @ w_out, with `matmul` doing each product.
 
   SwiGLU when w_gate is given (h = (x @ w_in) * silu(x @ w_gate)), else GELU (h = gelu(x @ w_in)).
+  A `matmul` with a `swiglu(x, w_gate, w_in)` method computes that h itself (the 'blocked'
+  dispatcher's fused gate/up kernels, `fast_dispatch.GroupedMatmul`).
   """
+  swiglu = getattr(matmul, 'swiglu', None)
+  if w_gate is not None and swiglu is not None:
+    return matmul(swiglu(x, w_gate, w_in), w_out)
   h = matmul(x, w_in)
   h = h * nn.silu(matmul(x, w_gate)) if w_gate is not None else nn.gelu(h)
   return matmul(h, w_out)

@@ -28,6 +28,21 @@ from flax import struct
 from moe_jax.kernels import grouped_matmul as gm
 from moe_jax.routing.plan import DroplessPlan, SlotPlan
 
+# SwiGLU's gate and up as one fused kernel on Hopper (`grouped_matmul.swiglu`): True, False (two
+# grouped matmuls, the path before issue #14; benchmarks/moe_layer.py's 'blocked_unfused' A/B) or
+# 'auto': fused only where it measured faster (session 5, H200, fwd+bwd): when f is not a multiple
+# of 256, so the unfused gate / up kernels cannot use 256-wide CTA tiles (fine64, f=1408: 9.87 vs
+# 10.11 ms). Where they can, the fused kernels' 64-wide wgmma tiles lose (mixtral 28.73 vs
+# 28.16 ms, switch64 12.39 vs 11.66 ms). docs/performance.md, session 5.
+FUSE_GATE_UP: bool | str = 'auto'
+
+
+def fuse_gate_up(d_ff: int) -> bool:
+  """Whether `GroupedMatmul.swiglu` runs the fused kernels for expert width d_ff."""
+  if FUSE_GATE_UP == 'auto':
+    return d_ff % 256 != 0
+  return bool(FUSE_GATE_UP)
+
 # jnp.searchsorted's default 'scan' is a while loop, which XLA's GPU backend steps from the host;
 # unrolled, its ~log2(n) steps are plain kernels of one executable.
 SEARCH = 'scan_unrolled'
@@ -220,10 +235,30 @@ def default_block_rows(assignments: int, num_experts: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupedMatmul:
+  """A `Blocked` dispatcher's matmul: `mm(rows, w)` one grouped matmul over its layout, and
+  `mm.swiglu(rows, w_gate, w_up)` SwiGLU's gate and up, fused (`experts.feed_forward` uses it when
+  present). Read at trace time: `FUSE_GATE_UP`."""
+  layout: gm.BlockLayout
+  backend: str | None
+  tilings: tuple
+
+  def __call__(self, rows: jax.Array, w: jax.Array) -> jax.Array:
+    return gm.grouped_matmul(rows, w, self.layout, self.backend, self.tilings)
+
+  def swiglu(self, rows: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+    if not fuse_gate_up(w_gate.shape[-1]):  # exactly experts.feed_forward's unfused arithmetic
+      return self(rows, w_up) * jax.nn.silu(self(rows, w_gate))
+    # Unmasked idle rows: h feeds the down projection's grouped matmul only, which skips them.
+    return gm.swiglu(rows, w_gate, w_up, self.layout, self.backend, mask=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class Blocked:
   """'blocked' (a `dispatch.Dispatcher`): rows [M, d] sorted by expert in blocks of `block_rows`,
   the expert products grouped matmuls over the used blocks (`grouped_matmul`: kernels on Hopper,
-  XLA elsewhere, or `backend`; optional (forward, d lhs, d rhs) kernel `tilings`).
+  XLA elsewhere, or `backend`; optional (forward, d lhs, d rhs) kernel `tilings`), SwiGLU's gate
+  and up fused into one kernel (`grouped_matmul.swiglu`, `FUSE_GATE_UP`).
 
   Tokens are cast to `dtype` before they are permuted (the permutation's gradient rounds to it).
   """
@@ -242,8 +277,10 @@ class Blocked:
     g, t, d = x.shape
     return permute(self.rows_plan, x.reshape(g * t, d).astype(self.dtype))
 
-  def matmul(self, rows: jax.Array, w: jax.Array) -> jax.Array:
-    return gm.grouped_matmul(rows, w, self.rows_plan.layout, self.backend, self.tilings)
+  @functools.cached_property
+  def matmul(self) -> GroupedMatmul:
+    """matmul(rows, w): a grouped matmul; matmul.swiglu(rows, w_gate, w_up): fused gate and up."""
+    return GroupedMatmul(self.rows_plan.layout, self.backend, tuple(self.tilings))
 
   def combine(self, y: jax.Array) -> jax.Array:
     g, t = self.rows_plan.groups

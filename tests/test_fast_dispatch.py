@@ -187,3 +187,65 @@ def test_backward_kernels_interpret():
   _close(gm.gmm(g, rhs, layout, transpose_rhs=True, backend='interpret'),
          gm.gmm(g, rhs, layout, transpose_rhs=True), rows)
   _close(gm.tgmm(lhs, g, layout, backend='interpret'), gm.tgmm(lhs, g, layout))
+
+
+# Fused SwiGLU gate / up (issue #14).
+
+def _gate_up_problem(f=128):
+  layout, x, w_gate, _, rows = block_problem(INTERPRET_LAYOUT, 128, 128, f, seed=4)
+  ks = jax.random.split(jax.random.key(5), 2)
+  w_up = jax.random.normal(ks[0], w_gate.shape, jnp.bfloat16)
+  dh = jax.random.normal(ks[1], (x.shape[0], f), jnp.bfloat16)
+  return layout, x, w_gate, w_up, dh, rows
+
+
+def test_swiglu_grad_matches_autodiff():
+  """The fused backward's element-wise part against jax.vjp of up * silu(gate)."""
+  ks = jax.random.split(jax.random.key(6), 3)
+  gate, up, dh = (jax.random.normal(k, (8, 16)) for k in ks)
+  active = jnp.arange(8) < 6
+  _, vjp = jax.vjp(lambda g, u: u * jax.nn.silu(g), gate, up)
+  want = jnp.where(active[:, None], jnp.concatenate(vjp(dh), axis=1), 0)
+  got = gm.swiglu_grad(jnp.concatenate([gate, up], axis=1), dh, active)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_up_kernel_interpret():
+  """The fused gate/up kernel (SwiGLU epilogue, and gu for the backward) in the GPU interpreter."""
+  layout, x, w_gate, w_up, _, rows = _gate_up_problem()
+  h, gu = gm.gate_up(x, w_gate, w_up, layout, backend='interpret', tiling=gm.Tiling(64, 64, stages=2),
+                     with_gu=True)
+  gate = gm.gmm(x, w_gate, layout).astype(jnp.float32)
+  up = gm.gmm(x, w_up, layout).astype(jnp.float32)
+  _close(gu, jnp.concatenate([gate, up], axis=1), rows)
+  _close(h, up * jax.nn.silu(gate), rows)
+
+
+@pytest.mark.skipif(tuple(map(int, jax.__version__.split('.')[:2])) < (0, 11),
+                    reason="this jax's GPU interpreter lacks transposed SMEM refs")
+def test_gate_up_backward_interpret():
+  """swiglu's custom VJP on the fused kernels (interpreter) against the unfused XLA path: output
+  and the gradients of x and both weights, whose kernels are `gate_up_t` and `tgmm_gate_up`."""
+  layout, x, w_gate, w_up, dh, rows = _gate_up_problem()
+  tilings = (gm.Tiling(64, 64, stages=2), gm.Tiling(64, 64, tile_k=32, stages=2),
+             gm.Tiling(64, 64, stages=2))
+
+  def run(backend, fuse):
+    f = lambda *a: gm.swiglu(*a, layout, backend, tilings=tilings, fuse=fuse)
+    out, vjp = jax.vjp(f, x, w_gate, w_up)
+    return (out, *vjp(dh))
+  got, want = run('interpret', True), run('xla', False)
+  _close(got[0], want[0], rows)
+  _close(got[1], want[1], rows)
+  _close(got[2], want[2])
+  _close(got[3], want[3])
+  assert float(jnp.abs(got[2][1]).max()) == 0  # expert 1 holds no rows: zero gradient
+
+
+def test_fuse_gate_up_policy(monkeypatch):
+  """'auto' fuses where it measured faster: f not a multiple of 256 (fine64's 1408)."""
+  assert fast_dispatch.fuse_gate_up(1408) and not fast_dispatch.fuse_gate_up(14336)
+  monkeypatch.setattr(fast_dispatch, 'FUSE_GATE_UP', True)
+  assert fast_dispatch.fuse_gate_up(14336)
+  monkeypatch.setattr(fast_dispatch, 'FUSE_GATE_UP', False)
+  assert not fast_dispatch.fuse_gate_up(1408)

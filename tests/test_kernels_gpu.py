@@ -4,6 +4,8 @@ Needs a Hopper GPU: run on the device machine (`pytest tests/test_kernels_gpu.py
 same kernels are tested through Pallas' GPU interpreter (tests/test_fast_dispatch.py), which cannot
 run the cluster (multicast) tilings.
 """
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -54,3 +56,60 @@ def test_tgmm_tilings():
     empty = float(np.abs(np.asarray(got[1], np.float32)).max())  # the empty expert: zeros
     return rel_err(got, want), empty
   _check_all(gm.fitting(gm.TGMM_TILINGS, SIZE, SIZE), errors)
+
+
+def _gate_up_problem():
+  layout, x, w_gate, g, rows = _problem()
+  w_up = (w_gate[:, ::-1] * 0.5 + 0.25).astype(w_gate.dtype)  # another weight, not a multiple
+  gu = jnp.concatenate([g, g[::-1]], axis=1)
+  return layout, x, w_gate, w_up, gu, rows
+
+
+def test_gate_up_tilings():
+  """Every fused gate/up tiling: h (SwiGLU epilogue) and gu = [gate | up] against two gmms."""
+  layout, x, w_gate, w_up, _, rows = _gate_up_problem()
+  gate = gm.gmm(x, w_gate, layout).astype(jnp.float32)
+  up = gm.gmm(x, w_up, layout).astype(jnp.float32)
+  want_h, want_gu = up * jax.nn.silu(gate), jnp.concatenate([gate, up], axis=1)
+
+  def errors(t):
+    h, gu = gm.gate_up(x, w_gate, w_up, layout, backend='mosaic', tiling=t, with_gu=True)
+    return rel_err(h, want_h, rows), rel_err(gu, want_gu, rows)
+  _check_all([t for t in gm.fitting(gm.GATE_UP_TILINGS, BLOCK_ROWS, SIZE, SIZE, 'gate_up')
+              if gm._gate_up_fits(t, 'gate_up')], errors)  # pylint: disable=protected-access
+
+
+def test_gate_up_t_tilings():
+  layout, _, w_gate, w_up, gu, rows = _gate_up_problem()
+  want = (gm.gmm(gu[:, :SIZE], w_gate, layout, transpose_rhs=True).astype(jnp.float32)
+          + gm.gmm(gu[:, SIZE:], w_up, layout, transpose_rhs=True).astype(jnp.float32))
+  _check_all([t for t in gm.fitting(gm.GATE_UP_T_TILINGS, BLOCK_ROWS, SIZE, SIZE, 'gate_up_t')
+              if gm._gate_up_fits(t, 'gate_up_t')],  # pylint: disable=protected-access
+             lambda t: (rel_err(gm.gate_up_t(gu, w_gate, w_up, layout, backend='mosaic',
+                                             tiling=t), want, rows),))
+
+
+def test_tgmm_gate_up_tilings():
+  layout, x, _, _, gu, _ = _gate_up_problem()
+  want = gm.tgmm(x, gu[:, :SIZE], layout), gm.tgmm(x, gu[:, SIZE:], layout)
+
+  def errors(t):
+    got = gm.tgmm_gate_up(x, gu, layout, backend='mosaic', tiling=t)
+    empty = max(float(np.abs(np.asarray(g[1], np.float32)).max()) for g in got)
+    return rel_err(got[0], want[0]), rel_err(got[1], want[1]), empty
+  _check_all([t for t in gm.fitting(gm.TGMM_GATE_UP_TILINGS, SIZE, SIZE, None, 'tgmm_gate_up')
+              if gm._gate_up_fits(t, 'tgmm_gate_up')], errors)  # pylint: disable=protected-access
+
+
+def test_swiglu_default_tilings_grads():
+  """The default fused path end to end (custom VJP) against the unfused XLA reference."""
+  layout, x, w_gate, w_up, gu, rows = _gate_up_problem()
+  dh = gu[:, :SIZE]
+
+  def run(backend, fuse):
+    out, vjp = jax.vjp(lambda *a: gm.swiglu(*a, layout, backend, fuse=fuse), x, w_gate, w_up)
+    return (out, *vjp(dh))
+  got, want = run('mosaic', True), run('xla', False)
+  errors = [rel_err(got[0], want[0], rows), rel_err(got[1], want[1], rows),
+            rel_err(got[2], want[2]), rel_err(got[3], want[3])]
+  assert max(errors) < 1e-2, errors

@@ -11,6 +11,14 @@ one expert (`expert_band_order`), so each band streams one expert's weights thro
 * `gmm(lhs [M, K], rhs [E, N, K], layout, transpose_rhs=True)`   out[r] = lhs[r] @ rhs[expert(r)].T
 * `tgmm(lhs [M, P], rhs [M, Q], layout)               -> [E, P, Q]` out[e] = lhs_e.T @ rhs_e
 
+SwiGLU's gate and up projections run fused (`swiglu`, issue #14): one kernel (`gate_up`) computes
+both products of a tile from one load of x, two accumulators per warpgroup, and applies SwiGLU in
+its epilogue, h = (x @ w_up[e]) * silu(x @ w_gate[e]); in training it also writes the two products
+as gu = [gate | up] [M, 2f] for the backward pass. The backward runs one kernel for
+dx = dgate @ w_gate[e].T + dup @ w_up[e].T (`gate_up_t`, both products into one accumulator) and
+one for both weight gradients (`tgmm_gate_up`). The weights stay two arrays: nothing is
+concatenated or split in memory.
+
 Rows of idle blocks in gmm's output are left unwritten by the GPU kernel: callers mask them
 (`grouped_matmul` does). tgmm reads only the experts' own blocks and writes zeros for empty experts.
 
@@ -98,8 +106,11 @@ class Tiling:
   def cluster_size(self) -> int:
     return 2 if self.cluster else 1
 
-  def smem_bytes(self, itemsize: int = 2) -> int:
-    stage = (self.cta_m + self.cta_n) * self.tile_k * itemsize
+  def smem_bytes(self, itemsize: int = 2, kind: str = 'gmm') -> int:
+    """SMEM of the pipeline stages and epilogue buffers. kind: 'gmm' / 'tgmm' (one lhs and one rhs
+    tile a stage), 'gate_up' / 'tgmm_gate_up' (two rhs tiles), 'gate_up_t' (two of each)."""
+    lhs, rhs = {'gate_up': (1, 2), 'tgmm_gate_up': (1, 2), 'gate_up_t': (2, 2)}.get(kind, (1, 1))
+    stage = (lhs * self.cta_m + rhs * self.cta_n) * self.tile_k * itemsize
     return self.stages * stage + 2 * self.epi_slots * self.epi * self.epi * itemsize
 
 
@@ -119,6 +130,18 @@ TGMM_TILINGS = (Tiling(128, 128, stages=3), Tiling(128, 128, stages=3, cluster='
                 Tiling(128, 128, stages=4), Tiling(128, 128, stages=4, cluster='m'),
                 Tiling(128, 64, stages=4), Tiling(128, 64, stages=4, cluster='m'),
                 Tiling(64, 64, stages=4))
+# The fused SwiGLU kernels (no clusters). gate_up: a warpgroup holds a [tile_m, tile_n] gate and up
+# accumulator each (so tile_m * tile_n <= 8192), CTA tile [cta_m, cta_n] of h; 128x64 'n' loads the
+# same operand bytes a step as gmm's 128x256 CTA tile. gate_up_t: two lhs and two rhs tiles a step,
+# hence tile_k 32. tgmm_gate_up: split 'n', two accumulators [tile_m, tile_n] per warpgroup.
+GATE_UP_TILINGS = (Tiling(128, 64, stages=4), Tiling(64, 128, stages=4, split='m'),
+                   Tiling(128, 64, stages=3), Tiling(64, 64, stages=4))
+GATE_UP_T_TILINGS = (Tiling(128, 128, tile_k=32, stages=4),
+                     Tiling(64, 256, tile_k=32, stages=4, split='m'),
+                     Tiling(128, 128, tile_k=64, stages=2), Tiling(64, 128, tile_k=32, stages=4),
+                     Tiling(64, 64, tile_k=32, stages=4))
+TGMM_GATE_UP_TILINGS = (Tiling(128, 64, stages=4), Tiling(128, 64, stages=3),
+                        Tiling(64, 64, stages=4))
 # gmm's tile order: 'expert_bands' (`expert_band_order`) or 'snake' (fixed bands over all rows, the
 # order before session 3; kept to measure the difference: benchmarks/moe_layer.py --row-order).
 ROW_ORDER = 'expert_bands'
@@ -127,16 +150,19 @@ ROW_ORDER = 'expert_bands'
 TUNED: dict[tuple, Tiling] = {}
 
 
-def fitting(candidates, m_tile: int, n: int, k: int | None = None) -> list[Tiling]:
-  """Tilings whose cluster tile divides (m_tile, n), whose tile_k divides k, and that fit in SMEM."""
+def fitting(candidates, m_tile: int, n: int, k: int | None = None,
+            kind: str = 'gmm') -> list[Tiling]:
+  """Tilings whose cluster tile divides (m_tile, n), whose tile_k divides k, and that fit in SMEM
+  (`Tiling.smem_bytes` of `kind`)."""
   return [t for t in candidates
           if m_tile % t.cluster_m == 0 and n % t.cluster_n == 0
-          and (k is None or k % t.tile_k == 0) and t.smem_bytes() <= SMEM_BYTES]
+          and (k is None or k % t.tile_k == 0) and t.smem_bytes(kind=kind) <= SMEM_BYTES]
 
 
-def pick_tiling(candidates, m_tile: int, n: int, k: int | None = None) -> Tiling | None:
+def pick_tiling(candidates, m_tile: int, n: int, k: int | None = None,
+                kind: str = 'gmm') -> Tiling | None:
   """The first fitting tiling, or None."""
-  fits = fitting(candidates, m_tile, n, k)
+  fits = fitting(candidates, m_tile, n, k, kind)
   return fits[0] if fits else None
 
 
@@ -452,3 +478,300 @@ def grouped_matmul(lhs, rhs, layout: BlockLayout, backend: str | None = None,
     backend = 'xla' if tilings is None else backend
   out = _grouped(lhs, rhs.astype(lhs.dtype), layout, backend, tuple(tilings or (None,) * 3))
   return jnp.where(layout.row_active()[:, None], out, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused SwiGLU gate / up (issue #14)
+# ------------------------------------------------------------------------------------------------
+
+
+def _silu_mul(gate, up):
+  """up * silu(gate), in the inputs' dtype (float32 accumulators in the kernel)."""
+  return up * (gate * jax.nn.sigmoid(gate))
+
+
+def _gate_up_kernel(block_group_ref, order_ref, a_ref, bg_ref, bu_ref, h_ref, *gu_ref,
+                    t: Tiling):
+  """h = up * silu(gate) of [cta_m, cta_n] tiles of h; gate and up each one accumulator per
+  warpgroup, from one A tile and one tile of each weight a step. With gu_ref, also writes gate
+  and up to gu = [gate | up] [M, 2f]."""
+  m, k = a_ref.shape
+  f = bg_ref.shape[2]
+  m_iters, n_iters, k_iters = m // t.cta_m, f // t.cta_n, k // t.tile_k
+  smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM)
+  b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda kk: (kk, 0), **smem)
+  specs = [plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem), b_spec, b_spec]
+  allocs = _pipeline(_ignore, _ignore, specs, k_iters, t.stages).get_allocations(
+      a_ref, bg_ref.at[0], bu_ref.at[0])
+  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), h_ref.dtype,
+                        transforms=_transforms(t.epi, h_ref.dtype))
+
+  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
+  def _scope(allocs, out_smem):
+    wg = lax.axis_index('wg')
+    wg_m = pl.ds(wg * t.tile_m, t.tile_m) if t.split == 'm' else slice(None)
+    wg_n = pl.ds(wg * t.tile_n, t.tile_n) if t.split == 'n' else slice(None)
+
+    @_tile_grid(t, m_iters, n_iters, minor=0, order_ref=order_ref)
+    def _tile(mi, ni):
+      group = block_group_ref[mi]
+      cta_m, cta_n = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
+
+      def context(run):
+        acc = plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)
+
+        @functools.partial(pl.run_scoped, acc_g=acc, acc_u=acc)
+        def _acc(acc_g, acc_u):
+          run((acc_g, acc_u))
+          gate, up = acc_g[...], acc_u[...]
+          _store_tile(_silu_mul(gate, up), out_smem, h_ref.at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
+          if gu_ref:
+            up_n = pl.ds(f + ni * t.cta_n, t.cta_n)
+            _store_tile(gate, out_smem, gu_ref[0].at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
+            _store_tile(up, out_smem, gu_ref[0].at[cta_m, up_n].at[wg_m, wg_n], wg, t)
+
+      def mma(_, a_smem, bg_smem, bu_smem, carry):
+        acc_g, acc_u = carry
+        a = a_smem.at[wg_m, :]
+        plgpu.wgmma(acc_g, a, bg_smem.at[:, wg_n])
+        plgpu.wgmma(acc_u, a, bu_smem.at[:, wg_n])
+        plgpu.wgmma_wait(0)  # as in _gmm_kernel: the slot is released after this step
+        return carry
+
+      @pl.when(group >= 0)
+      def _run():
+        _pipeline(mma, context, specs, k_iters, t.stages)(
+            a_ref.at[cta_m, :], bg_ref.at[group].at[:, cta_n], bu_ref.at[group].at[:, cta_n],
+            allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _gate_up_t_kernel(block_group_ref, order_ref, gu_ref, bg_ref, bu_ref, out_ref, *, t: Tiling):
+  """out = d_gate @ w_gate[e].T + d_up @ w_up[e].T, gu_ref = [d_gate | d_up] [M, 2f]: each step
+  loads a K slice of both halves and of both weights and issues both products into one
+  accumulator."""
+  m = gu_ref.shape[0]
+  f = bg_ref.shape[2]
+  n = out_ref.shape[1]
+  m_iters, n_iters, k_iters = m // t.cta_m, n // t.cta_n, f // t.tile_k
+  up = f // t.tile_k  # the up half starts this many K blocks in
+  smem = dict(transforms=_transforms(t.tile_k, gu_ref.dtype), memory_space=plgpu.SMEM)
+  b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem)
+  specs = [plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem),
+           plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk + up), **smem), b_spec, b_spec]
+  allocs = _pipeline(_ignore, _ignore, specs, k_iters, t.stages).get_allocations(
+      gu_ref, gu_ref, bg_ref.at[0], bu_ref.at[0])
+  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), out_ref.dtype,
+                        transforms=_transforms(t.epi, out_ref.dtype))
+
+  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
+  def _scope(allocs, out_smem):
+    wg = lax.axis_index('wg')
+    wg_m = pl.ds(wg * t.tile_m, t.tile_m) if t.split == 'm' else slice(None)
+    wg_n = pl.ds(wg * t.tile_n, t.tile_n) if t.split == 'n' else slice(None)
+
+    @_tile_grid(t, m_iters, n_iters, minor=0, order_ref=order_ref)
+    def _tile(mi, ni):
+      group = block_group_ref[mi]
+      cta_m, cta_n = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
+
+      def context(run):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
+        def _acc(acc_ref):
+          run(acc_ref)
+          _store_tile(acc_ref[...], out_smem, out_ref.at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
+
+      def mma(_, ag_smem, au_smem, bg_smem, bu_smem, acc_ref):
+        plgpu.wgmma(acc_ref, ag_smem.at[wg_m, :], bg_smem.at[wg_n, :].transpose((1, 0)))
+        plgpu.wgmma(acc_ref, au_smem.at[wg_m, :], bu_smem.at[wg_n, :].transpose((1, 0)))
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      @pl.when(group >= 0)
+      def _run():
+        rows = gu_ref.at[cta_m, :]
+        _pipeline(mma, context, specs, k_iters, t.stages)(
+            rows, rows, bg_ref.at[group].at[cta_n, :], bu_ref.at[group].at[cta_n, :],
+            allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _tgmm_gate_up_kernel(start_ref, blocks_ref, a_ref, gu_ref, outg_ref, outu_ref, *, t: Tiling):
+  """outg[e] = a_e.T @ d_gate_e and outu[e] = a_e.T @ d_up_e (gu = [d_gate | d_up] [M, 2f]), one
+  A tile and one tile of each half a step, two accumulators per warpgroup (split 'n')."""
+  num_experts, p, f = outg_ref.shape
+  p_iters, q_iters = p // t.cta_m, f // t.cta_n
+  smem = dict(memory_space=plgpu.SMEM)
+
+  def specs(first):
+    b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda j: (first + j, 0),
+                             transforms=_transforms(t.cta_n, gu_ref.dtype), **smem)
+    return [plgpu.BlockSpec((t.tile_k, t.cta_m), lambda j: (first + j, 0),
+                            transforms=_transforms(t.cta_m, a_ref.dtype), **smem), b_spec, b_spec]
+
+  allocs = _pipeline(_ignore, _ignore, specs(0), t.stages, t.stages).get_allocations(
+      a_ref, gu_ref, gu_ref)
+  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), outg_ref.dtype,
+                        transforms=_transforms(t.epi, outg_ref.dtype))
+
+  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
+  def _scope(allocs, out_smem):
+    wg = lax.axis_index('wg')
+    wg_n = pl.ds(wg * t.tile_n, t.tile_n)
+
+    @_tile_grid(t, p_iters, q_iters, minor=1, lead=(num_experts,))
+    def _tile(e, pi, qi):
+      cta_p, cta_q = pl.ds(pi * t.cta_m, t.cta_m), pl.ds(qi * t.cta_n, t.cta_n)
+      first, steps = start_ref[e], blocks_ref[e]  # in tile_k-row steps
+
+      def context(run):
+        acc = plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)
+
+        @functools.partial(pl.run_scoped, acc_g=acc, acc_u=acc)
+        def _acc(acc_g, acc_u):
+          run((acc_g, acc_u))
+          _store_tile(acc_g[...], out_smem, outg_ref.at[e, cta_p, cta_q].at[:, wg_n], wg, t)
+          _store_tile(acc_u[...], out_smem, outu_ref.at[e, cta_p, cta_q].at[:, wg_n], wg, t)
+
+      def mma(_, a_smem, bg_smem, bu_smem, carry):
+        acc_g, acc_u = carry
+        a = a_smem.transpose((1, 0))
+        plgpu.wgmma(acc_g, a, bg_smem.at[:, wg_n])
+        plgpu.wgmma(acc_u, a, bu_smem.at[:, wg_n])
+        plgpu.wgmma_wait(0)
+        return carry
+
+      up_q = pl.ds(f + qi * t.cta_n, t.cta_n)
+      _pipeline(mma, context, specs(first), steps, t.stages)(
+          a_ref.at[:, cta_p], gu_ref.at[:, cta_q], gu_ref.at[:, up_q], allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _gate_up_fits(t: Tiling, kind: str) -> bool:
+  if t.cluster or (kind == 'tgmm_gate_up' and t.split != 'n'):
+    return False
+  if kind in ('gate_up', 'tgmm_gate_up') and t.tile_m * t.tile_n > 8192:
+    return False  # two float32 accumulators per warpgroup
+  return t.tile_m % t.epi == 0 and t.tile_n % t.epi == 0
+
+
+def gate_up_tilings(x_shape, f: int, block_rows: int, tilings=(None, None, None)):
+  """(gate_up, gate_up_t, tgmm_gate_up) tilings for x [M, d] and weights [E, d, f], or None if one
+  does not fit (the caller then runs the unfused path)."""
+  d = x_shape[1]
+  fwd, dx, dw = tilings
+
+  def pick(given, key, candidates, m_tile, n, k, kind):
+    if given is not None:
+      return given
+    if key in TUNED:
+      return TUNED[key]
+    fits = [t for t in fitting(candidates, m_tile, n, k, kind) if _gate_up_fits(t, kind)]
+    return fits[0] if fits else None
+
+  fwd = pick(fwd, ('gate_up', block_rows, d, f), GATE_UP_TILINGS, block_rows, f, d, 'gate_up')
+  dx = pick(dx, ('gate_up_t', block_rows, f, d), GATE_UP_T_TILINGS, block_rows, d, f, 'gate_up_t')
+  dw = pick(dw, ('tgmm_gate_up', block_rows, d, f), TGMM_GATE_UP_TILINGS, d, f, None,
+            'tgmm_gate_up')
+  if dw is not None and block_rows % dw.tile_k:
+    dw = None
+  return None if None in (fwd, dx, dw) else (fwd, dx, dw)
+
+
+def gate_up(x, w_gate, w_up, layout: BlockLayout, *, backend: str = 'interpret',
+            tiling: Tiling | None = None, with_gu: bool = False):
+  """h [M, f] = (x @ w_up[e]) * silu(x @ w_gate[e]) (raw kernel: rows of idle blocks unwritten);
+  with_gu: (h, gu = [x @ w_gate[e] | x @ w_up[e]] [M, 2f]). backend 'mosaic' or 'interpret'."""
+  m, f = x.shape[0], w_gate.shape[2]
+  t = tiling or gate_up_tilings(x.shape, f, layout.block_rows)[0]
+  h_type = jax.ShapeDtypeStruct((m, f), x.dtype)
+  out_type = (h_type, jax.ShapeDtypeStruct((m, 2 * f), x.dtype)) if with_gu else h_type
+  order = expert_band_order(_tile_groups(layout, t.cta_m), f // t.cta_n, t.band)
+  body = functools.partial(_gate_up_kernel, t=t)
+  return _launch(body, out_type, backend, t, _tile_groups(layout, t.cta_m), order, x, w_gate, w_up)
+
+
+def gate_up_t(gu, w_gate, w_up, layout: BlockLayout, *, backend: str = 'interpret',
+              tiling: Tiling | None = None):
+  """[M, d] = gu[:, :f] @ w_gate[e].T + gu[:, f:] @ w_up[e].T (rows of idle blocks unwritten)."""
+  m, d = gu.shape[0], w_gate.shape[1]
+  t = tiling or gate_up_tilings((m, d), w_gate.shape[2], layout.block_rows)[1]
+  order = expert_band_order(_tile_groups(layout, t.cta_m), d // t.cta_n, t.band)
+  body = functools.partial(_gate_up_t_kernel, t=t)
+  return _launch(body, jax.ShapeDtypeStruct((m, d), gu.dtype), backend, t,
+                 _tile_groups(layout, t.cta_m), order, gu, w_gate, w_up)
+
+
+def tgmm_gate_up(x, gu, layout: BlockLayout, *, backend: str = 'interpret',
+                 tiling: Tiling | None = None):
+  """(x_e.T @ gu_e[:, :f], x_e.T @ gu_e[:, f:]) per expert e: two [E, d, f] (zeros for empty
+  experts)."""
+  num_experts, d, f = layout.group_start.shape[0], x.shape[1], gu.shape[1] // 2
+  t = tiling or gate_up_tilings(x.shape, f, layout.block_rows)[2]
+  steps = layout.block_rows // t.tile_k
+  out = jax.ShapeDtypeStruct((num_experts, d, f), x.dtype)
+  body = functools.partial(_tgmm_gate_up_kernel, t=t)
+  return _launch(body, (out, out), backend, t, layout.group_start * steps,
+                 layout.group_blocks * steps, x, gu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _swiglu(x, w_gate, w_up, layout, backend, tilings):
+  return gate_up(x, w_gate, w_up, layout, backend=backend, tiling=tilings[0])
+
+
+def _swiglu_fwd(x, w_gate, w_up, layout, backend, tilings):
+  h, gu = gate_up(x, w_gate, w_up, layout, backend=backend, tiling=tilings[0], with_gu=True)
+  return h, (x, w_gate, w_up, gu, layout)
+
+
+def swiglu_grad(gu, dh, active):
+  """[d gate | d up] [M, 2f] of h = up * silu(gate) for gu = [gate | up], zero on inactive rows;
+  float32 arithmetic, gu's dtype out (XLA fuses it into one element-wise pass)."""
+  f = gu.shape[1] // 2
+  gate, up = gu[:, :f].astype(jnp.float32), gu[:, f:].astype(jnp.float32)
+  dh = dh.astype(jnp.float32)
+  sig = jax.nn.sigmoid(gate)
+  d_gate = dh * up * sig * (1 + gate * (1 - sig))
+  d_up = dh * gate * sig
+  dgu = jnp.concatenate([d_gate, d_up], axis=1)
+  return jnp.where(active[:, None], dgu, 0).astype(gu.dtype)
+
+
+def _swiglu_bwd(backend, tilings, residuals, dh):
+  x, w_gate, w_up, gu, layout = residuals
+  dgu = swiglu_grad(gu, dh, layout.row_active())
+  dx = gate_up_t(dgu, w_gate, w_up, layout, backend=backend, tiling=tilings[1])
+  dw_gate, dw_up = tgmm_gate_up(x, dgu, layout, backend=backend, tiling=tilings[2])
+  no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
+  return dx, dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype), no_grad
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def swiglu(x, w_gate, w_up, layout: BlockLayout, backend: str | None = None,
+           tilings: tuple = (None, None, None), mask: bool = True, fuse: bool = True):
+  """Differentiable h[r] = (x[r] @ w_up[e]) * silu(x[r] @ w_gate[e]), e = expert(r). x [M, d],
+  weights [E, d, f].
+
+  On the kernel backends gate and up run fused (`gate_up`, `gate_up_t`, `tgmm_gate_up`); with
+  `fuse=False`, on 'xla', or where no fused tiling fits (f not a multiple of the tile), as two
+  `grouped_matmul`s (the same arithmetic as `experts.feed_forward`). mask: zero the rows of idle
+  blocks; without it the fused path leaves them undefined, which is fine when h only feeds
+  grouped matmuls (they skip idle blocks, and `grouped_matmul` masks its own output).
+  """
+  backend = backend or default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}.')
+  fused = None
+  if fuse and backend != 'xla':
+    fused = gate_up_tilings(x.shape, w_gate.shape[2], layout.block_rows, tuple(tilings))
+  if fused is None:
+    up = grouped_matmul(x, w_up, layout, backend)
+    return up * jax.nn.silu(grouped_matmul(x, w_gate, layout, backend))
+  h = _swiglu(x, w_gate.astype(x.dtype), w_up.astype(x.dtype), layout, backend, fused)
+  return jnp.where(layout.row_active()[:, None], h, 0) if mask else h
