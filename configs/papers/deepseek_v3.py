@@ -25,8 +25,9 @@ def get_config(arg=None):
                  q_lora_rank=1536, kv_lora_rank=512, d_ff=18432, moe_every=1,
                  first_dense_layers=3, vocab_size=129_280, dtype='bfloat16'),
       moe=dict(router='token_choice', num_experts=256, num_shared_experts=1, k=8, d_ff=2048,
-               capacity_factor=None, dispatch='ragged', score='sigmoid', renormalize=True,
-               bias_update_rate=1e-3, load_balancing_coef=1e-4, z_loss_coef=0.0),
+               capacity_factor=None, dispatch='ragged', priority='token', score='sigmoid',
+               renormalize=True, bias_update_rate=1e-3, load_balancing_coef=1e-4,
+               z_loss_coef=0.0),
       train=dict(steps=235_000, warmup_steps=2_000, learning_rate=2.2e-4, weight_decay=0.1,
                  clip_norm=1.0),
       arg=arg)
