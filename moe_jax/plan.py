@@ -166,10 +166,11 @@ def render(plan: Plan) -> str:
       f'  FLOPs per token   {_count(plan.flops_active)} forward (active), '
       f'{_count(plan.flops_executed)} as executed; training ~3x',
       f'  tokens per device {plan.tokens_per_device:,} per step',
-      f'  memory per device, GiB ({_count(plan.local_params)} weights held)   TPU      GPU']
+      f'  memory per device, GiB ({_count(plan.local_params)} weights held)',
+      f'    {"":16s}{"TPU":>9s}{"GPU":>9s}']
   tpu, gpu = plan.memory('tpu'), plan.memory('gpu')
-  lines += [f'    {part:34s}{tpu[part] / GiB:9.2f}{gpu[part] / GiB:9.2f}' for part in tpu]
-  lines.append(f'    {"total":34s}{plan.total("tpu") / GiB:9.2f}{plan.total("gpu") / GiB:9.2f}')
+  lines += [f'    {part:16s}{tpu[part] / GiB:9.2f}{gpu[part] / GiB:9.2f}' for part in tpu]
+  lines.append(f'    {"total":16s}{plan.total("tpu") / GiB:9.2f}{plan.total("gpu") / GiB:9.2f}')
   lines.append(f'  fits (at most {HEADROOM:.0%} of HBM): ' + ', '.join(
       f'{name} ({ACCELERATORS[name][1] / GiB:.0f} GiB) {"yes" if ok else "no"}'
       for name, ok in plan.fits().items()))
