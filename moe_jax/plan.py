@@ -125,7 +125,7 @@ def activation_bytes(config, task: tasks.Task, model, spec, local_batch: int,
 def make_plan(config, name: str = '') -> Plan:
   """The `Plan` of a full experiment config on its `config.mesh`, validated first (as `moe-jax
   train` does, against an `AbstractMesh`): a bad field is a ValueError naming it."""
-  task, _, module, mesh = train.check_config(config, parallel.abstract_mesh(config))
+  task, _, _, mesh = train.check_config(config, parallel.abstract_mesh(config))
   data, expert = mesh.shape[parallel.DATA], mesh.shape[parallel.EXPERT]
   model, spec = task.from_config(config)
   total, active = task.param_counts(config)

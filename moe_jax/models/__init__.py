@@ -29,7 +29,8 @@ class Stack:
 
 def describe_ffn(model, spec: MoESpec | None) -> str:
   """One line naming a model's FFN layers, e.g. 'token_choice (num_experts=8, k=2, ...) in blocks
-  [1, 3] of 4'. `model`: a model config with num_layers, d_ff and is_moe(block)."""
+  [1, 3] of 4' (an encoder-decoder's: and its encoder blocks). `model`: a model config with
+  num_layers, d_ff and is_moe(block)."""
   if spec is None:
     return f'dense (d_ff={model.d_ff}) in all {model.num_layers} blocks'
   default = type(spec)()
@@ -37,8 +38,10 @@ def describe_ffn(model, spec: MoESpec | None) -> str:
       f.name in ('num_experts', 'd_ff', 'capacity_factor', 'group_by')
       or getattr(spec, f.name) != getattr(default, f.name))]
   options = ', '.join(f'{name}={getattr(spec, name)}' for name in fields)
-  blocks = [i for i in range(model.num_layers) if model.is_moe(i)]
-  return f'{spec.router} ({options}) in blocks {blocks} of {model.num_layers}'
+  blocks = lambda n: [i for i in range(n) if model.is_moe(i)]
+  text = f'{spec.router} ({options}) in blocks {blocks(model.num_layers)} of {model.num_layers}'
+  encoder = getattr(model, 'encoder_layers', 0)
+  return text + (f', encoder blocks {blocks(encoder)} of {encoder}' if encoder else '')
 
 
 def ffn(block, h, *, train: bool):
