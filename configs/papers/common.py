@@ -72,10 +72,11 @@ T5_SIZES = {
 
 
 def t5(size: str, moe: dict | None = None, arg: str | None = None) -> ml_collections.ConfigDict:
-  """T5 v1.0 `size` ('base' | 'large') as the Switch paper pre-trains it: C4, 512 input and 114
-  target tokens per sequence (span corruption; here the 114 bytes that follow 512), 2^20 input
-  tokens per batch (2,048 sequences) for 550k steps. With `moe` (MoESpec fields) every other FFN
-  of encoder and decoder is an MoE layer (Switch: top-1 of 128 experts)."""
+  """T5 v1.0 `size` ('base' | 'large') pre-trained as in the Switch paper: C4, 512 input and 114
+  target tokens per sequence (span corruption; here the 114 bytes that follow 512), and the
+  protocol it states, 2^20 tokens per batch (2,048 sequences of 512) for 550k steps. With `moe`
+  (MoESpec fields) every other FFN of encoder and decoder is an MoE layer (Switch: top-1 of 128
+  experts)."""
   return lm(
       data=dict(name='c4/en', input_len=512, seq_len=114, batch_size=2048),
       model=dict(T5_SIZES[size], moe_every=2 if moe else 0, activation='gelu',
@@ -117,7 +118,7 @@ def glam_8b_64e(moe: dict, arg: str | None = None) -> ml_collections.ConfigDict:
   (lr 0.01 for 10k steps, then 1 / sqrt(step)), not in the project: AdamW here at our rate.
   Steps: ours (~250B tokens), not the paper's."""
   return lm(data=dict(name='c4/en', seq_len=1024, batch_size=1024), model=GLAM_8B,
-            moe=dict(dict(num_experts=64, d_ff=16384, activation='gelu'), **moe),
+            moe=dict(num_experts=64, d_ff=16384, activation='gelu', **moe),
             train=dict(steps=250_000, warmup_steps=10_000, learning_rate=3e-4,
                        weight_decay=0.0, clip_norm=1.0),
             arg=arg)
