@@ -16,8 +16,8 @@ split over all data * expert devices. Bytes per device:
                  score matrices; on GPU the LM's attention is cuDNN's fused kernel where
                  'auto' picks it (`fused_attention_on_gpu`), which keeps none.
 
-`tests/test_paper_configs.py` checks the state against a real run's arrays and the whole against
-XLA's memory analysis of the compiled train step on CPU.
+`tests/test_paper_configs.py` checks the state against a real run's arrays, and the rest and the
+whole against XLA's memory analysis of the compiled train step on CPU.
 """
 from __future__ import annotations
 

@@ -212,13 +212,13 @@ def test_plan_bad_field_is_one_message(capsys, override, field):
 
 
 def test_plan_arithmetic_matches_a_real_step_on_cpu():
-  """A small MoE LM on a 2 x 4 mesh of the 8 simulated CPU devices: the plan's parameters and
-  optimizer state are exactly the bytes device 0 holds after `init_state`, and its total is
-  within [0.75, 1.5] of XLA's memory analysis of the compiled train step (arguments, outputs and
-  temporaries: parameters, optimizer state, the updated state, gradients and activations; the
-  plan, an estimate, came out 1.2-1.3x on this machine)."""
+  """A small MoE LM on a 2 x 4 mesh of the 8 simulated CPU devices, 8 sequences of 128 tokens
+  per device, so that activations outweigh the state: the plan's parameters and optimizer state
+  are the bytes device 0 holds after `init_state`; its gradients and activations are within
+  [0.6, 1.6] of the temporaries of XLA's memory analysis of the compiled train step, and its total
+  within [0.75, 1.5] of arguments + outputs + temporaries (it came out 0.82 and 0.86 here)."""
   config = lm_tiny.get_config()
-  config.data.update(seq_len=64, batch_size=16)
+  config.data.update(seq_len=128, batch_size=64)
   config.model.update(num_layers=2, moe_every=2)
   config.mesh.update(data=2, expert=4)
   result = plan.make_plan(config)
@@ -229,7 +229,7 @@ def test_plan_arithmetic_matches_a_real_step_on_cpu():
   held = sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
              for shard in leaf.addressable_shards if shard.device == device)
   memory = result.memory('tpu')  # CPU runs XLA's attention, as TPUs do
-  assert held == pytest.approx(memory['parameters'] + memory['optimizer'], rel=1e-3)
+  assert held == pytest.approx(memory['parameters'] + memory['optimizer'], rel=1e-5)
   batch = jax.ShapeDtypeStruct((inputs.shape[0], inputs.shape[1] + 1), jnp.int32,
                                sharding=parallel.batch_sharding(mesh))
   compiled = train.train_step.lower(parallel.restore_target(state, mesh), batch,
@@ -238,4 +238,6 @@ def test_plan_arithmetic_matches_a_real_step_on_cpu():
   stats = compiled.memory_analysis()
   measured = (stats.argument_size_in_bytes + stats.output_size_in_bytes
               + stats.temp_size_in_bytes)
-  assert 0.75 <= result.total('tpu') / measured <= 1.5, (result.memory('tpu'), stats)
+  working = (memory['gradients'] + memory['activations']) / stats.temp_size_in_bytes
+  assert 0.6 <= working <= 1.6, (memory, stats)
+  assert 0.75 <= result.total('tpu') / measured <= 1.5, (memory, stats)
