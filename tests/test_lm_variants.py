@@ -13,10 +13,10 @@ from configs import lm_tiny
 from moe_jax import tasks
 
 VARIANTS = {  # dense: routing's causality is tests/test_causality.py's
-    'grouped_query': dict(model=dict(num_heads=4, num_kv_heads=2)),
     'latent': dict(model=dict(kv_lora_rank=16, q_lora_rank=24, rope_head_dim=8, head_dim=16)),
-    'encoder_decoder': dict(model=dict(encoder_layers=1, tie_embeddings=True, vocab_size=300),
-                            data=dict(input_len=12)),
+    'encoder_decoder': dict(model=dict(encoder_layers=1, num_heads=4, num_kv_heads=2,
+                                       tie_embeddings=True, vocab_size=300),
+                            data=dict(input_len=12)),  # grouped-query self- and cross-attention
 }
 
 
