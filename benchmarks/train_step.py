@@ -96,9 +96,7 @@ class Case:
     return self.batch_size * self.seq_len
 
   def _count(self, fn, spec):
-    return fn(spec, d_model=self.d_model, num_layers=self.num_layers, d_ff=self.d_ff, moe_every=1,
-              vocab_size=TransformerConfig.vocab_size,
-              shape=flops.Shape(self.batch_size, self.seq_len), activation='swiglu')
+    return fn(spec, self.model().config, flops.Shape(self.batch_size, self.seq_len))
 
   def forward_flops_per_token(self, useful: bool = False) -> float:
     """As executed (capacity padding and the full [L, L] score matrix counted), or useful: exactly

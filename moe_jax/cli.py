@@ -5,6 +5,8 @@
   moe-jax sweep  --config configs/compare_routers.py --workdir DIR [--only dense,switch_top1]
   moe-jax report --workdir DIR
   moe-jax config --config FILE [--config.moe.router=soft ...]   (prints the resolved config)
+  moe-jax plan   --config FILE --config.mesh.data=D --config.mesh.expert=X
+                 (parameters, FLOPs, memory per device and the accelerators it fits; no device used)
 
 Config overrides are ml_collections' `--config.<field>=<value>`; `--config FILE:ARG` passes ARG to
 the file's get_config, whose presets it picks (e.g. `configs/lm_tiny.py:dropless` for
@@ -116,6 +118,15 @@ def _show_config(fv: flags.FlagValues) -> None:
   print(textwrap.indent(textwrap.dedent(attributes).rstrip(), '  '))
 
 
+def _plan(fv: flags.FlagValues) -> None:
+  if 'jax' not in sys.modules:  # a plan never needs an accelerator: keep JAX off it
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from moe_jax import plan
+
+  name = config_flags.get_config_filename(fv['config'])
+  print(plan.render(plan.make_plan(fv.config, name=name)))
+
+
 COMMANDS: dict[str, Command] = {
     'train': Command('train (or resume) a run: the LM or the ViT, as the config says',
                      _config_and_workdir_flags, _train),
@@ -124,6 +135,8 @@ COMMANDS: dict[str, Command] = {
     'report': Command('results.md/.csv and plots from run directories', _workdir_flag, _report),
     'config': Command('print the resolved config (file + overrides) and the router options',
                       _config_flag, _show_config),
+    'plan': Command('parameters, FLOPs and memory per device of a config on its mesh, and the '
+                    'accelerators it fits, before any device is used', _config_flag, _plan),
 }
 
 

@@ -21,6 +21,9 @@ import sys
 import numpy as np
 
 VOCAB_SIZE = 256
+# Stock TFDS text corpora that paper configs name (configs/papers/) and that are too large to read
+# into memory: C4 (~800 GB of English).
+STREAMING_ONLY = ('c4',)
 DATA_DIR_ENV = 'MOE_JAX_DATA_DIR'
 log = logging.getLogger(__name__)
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -138,6 +141,10 @@ def load_text_splits(
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   builders = _local_builders()
+  if name.split('/')[0] in STREAMING_ONLY:
+    raise ValueError(f'config.data.name={name!r} is too large to load into memory as this '
+                     'loader does: `moe-jax plan` sizes its runs, but training on it needs a '
+                     'streaming input pipeline, not in the project yet.')
   if name in builders:
     with quiet_tfds():
       builder = builders[name](data_dir=data_dir, file_format='array_record')

@@ -113,7 +113,7 @@ def moe_params(spec: MoESpec, d_model: int, shape: Shape) -> tuple[int, float]:
   router = sum(a * b for a, b in matrices) + int(spec.router_logits == 'cosine' or  # a learned
                                                    families.family(spec).logits == 'slots')  # scale
   shared = spec.num_shared_experts * per_expert
-  total = router + shared + spec.num_experts * per_expert
+  total = router + shared + expert_params(spec, d_model)
   routed = min(expert_slots_per_token(spec, shape, 'active'), spec.num_experts)
   active = router + shared + routed * per_expert
   return total, active
@@ -147,6 +147,19 @@ def check_equal_flops(flops: Mapping[str, float], budget: float, tolerance: floa
         'config.size_experts=True) or change their d_ff / k / capacity_factor.')
 
 
-def moe_blocks(num_layers: int, moe_every: int) -> int:
-  """How many of `num_layers` blocks hold an MoE FFN (blocks i with (i + 1) % moe_every == 0)."""
-  return num_layers // moe_every if moe_every else 0
+def is_moe_block(block: int, moe_every: int, first_dense_layers: int = 0) -> bool:
+  """Whether block `block` (from 0) holds an MoE FFN: every `moe_every`-th block, (block + 1) %
+  moe_every == 0, past the first `first_dense_layers` dense ones (DeepSeekMoE's first layers);
+  moe_every=0 is a dense model."""
+  return moe_every > 0 and block >= first_dense_layers and (block + 1) % moe_every == 0
+
+
+def moe_blocks(num_layers: int, moe_every: int, first_dense_layers: int = 0) -> int:
+  """How many of `num_layers` blocks hold an MoE FFN (`is_moe_block`)."""
+  return sum(is_moe_block(i, moe_every, first_dense_layers) for i in range(num_layers))
+
+
+def expert_params(spec: MoESpec, d_model: int) -> int:
+  """Parameters of one MoE layer's routed experts (the stacked weights that `parallel` shards over
+  the expert axis)."""
+  return spec.num_experts * ffn_matrices(spec.activation) * d_model * spec.d_ff

@@ -69,19 +69,33 @@ def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = Non
                        devices=devices)
 
 
+def mesh_shape(config) -> tuple[int, int]:
+  """(data, expert) of `config.mesh` (an absent section or field: 1), each a positive int."""
+  sizes = dict(config.mesh.items()) if 'mesh' in config else {}
+  MESH.known(sizes, AXES)
+  data, expert = sizes.get(DATA, 1), sizes.get(EXPERT, 1)
+  MESH.positive('data', data)
+  MESH.positive('expert', expert)
+  return data, expert
+
+
 def mesh_from_config(config) -> Mesh:
   """The mesh of `config.mesh` = {data, expert}; an absent section means 1x1.
 
   1x1 is one (local) device however many there are; otherwise data * expert must equal the device
   count (`make_mesh`).
   """
-  sizes = dict(config.mesh.items()) if 'mesh' in config else {}
-  MESH.known(sizes, AXES)
-  data, expert = sizes.get(DATA, 1), sizes.get(EXPERT, 1)
+  data, expert = mesh_shape(config)
   return make_mesh(data, expert, jax.local_devices()[:1] if (data, expert) == (1, 1) else None)
 
 
-def check_mesh(spec: MoESpec | None, mesh: Mesh, batch_size: int,
+def abstract_mesh(config) -> jax.sharding.AbstractMesh:
+  """`config.mesh` as a device-free `AbstractMesh` (for `check_mesh` and planning: no device is
+  touched, so it may describe a pod from a laptop)."""
+  return jax.sharding.AbstractMesh(mesh_shape(config), AXES)
+
+
+def check_mesh(spec: MoESpec | None, mesh: Mesh | jax.sharding.AbstractMesh, batch_size: int,
                seq_len: int | None = None) -> None:
   """Raises a ValueError naming the config field when `spec` cannot run sharded over `mesh`.
 

@@ -1,7 +1,8 @@
 """What one trainer (`moe_jax.train`) and the sweeps (`moe_jax.sweep`) train: a task is a model
 family with its data and loss.
 
-`LM`: the byte-level transformer (`models.transformer`) on text, next-byte cross-entropy.
+`LM`: the transformer LM (`models.transformer`) on text as bytes, next-token cross-entropy (an
+encoder-decoder's: of its decoder tokens, the text that follows its encoder's).
 `VIT`: the ViT classifier (`models.vit`) on images, cross-entropy and accuracy.
 `of(config)` is an experiment config's task.
 """
@@ -38,7 +39,8 @@ class Task:
   From a full experiment config: from_config -> (model config, MoESpec or None for a dense
   model); build -> the flax model, validating config.data, config.model and config.moe;
   input_spec -> a batch of model inputs (for init); flops_per_token(config, convention) and
-  param_counts -> (total, active) count the model (`moe_jax.flops` conventions); load -> `Data`,
+  param_counts -> (total, active) count the model (`moe_jax.flops` conventions); stacks -> its
+  blocks as `models.Stack`s (for memory plans); load -> `Data`,
   FileNotFoundError when the data set is missing. Of a batch: inputs -> the model's input;
   loss(logits, batch) -> (mean loss, {metric: value}), e.g. {'accuracy': ...}.
   """
@@ -48,6 +50,7 @@ class Task:
   input_spec: Callable[[Any], jax.ShapeDtypeStruct]
   flops_per_token: Callable[..., float]
   param_counts: Callable[[Any], tuple[int, float]]
+  stacks: Callable[[Any], list]
   load: Callable[[Any], Data]
   inputs: Callable[[Batch], jax.Array]
   loss: Callable[[jax.Array, Batch], tuple[jax.Array, dict]]
@@ -70,25 +73,29 @@ def _check_sizes(config, *names: str) -> None:
 
 
 def _build_lm(config) -> transformer.Transformer:
-  model = transformer.build(config)
   _check_sizes(config, 'seq_len', 'batch_size')
-  return model
+  if transformer.input_len(config):
+    _check_sizes(config, 'input_len')
+  return transformer.build(config)
 
 
 def _load_text(config) -> Data:
-  """Batches of [batch_size, seq_len + 1] bytes (`moe_jax.data`); held out: the validation split."""
+  """Batches of [batch_size, input_len + seq_len + 1] bytes (`moe_jax.data`; input_len: an
+  encoder-decoder's encoder tokens, else 0); held out: the validation split."""
   splits = data.load_text_splits(config.data.name, data_dir=config.data.data_dir,
                                  manual_dir=config.data.manual_dir)
   tokens = data.encode(splits['train'])
-  size, length = config.data.batch_size, config.data.seq_len
+  size, length = config.data.batch_size, transformer.input_len(config) + config.data.seq_len
   held_out = data.eval_batches(data.encode(splits['validation']), size, length,
                                config.train.eval_batches)
   return Data(lambda i: data.train_batch(tokens, i, size, length, config.seed), list(held_out))
 
 
 def cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:
-  """Mean next-byte cross-entropy. logits: [B, L, V] for inputs batch[:, :-1], batch: [B, L+1]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+  """Mean next-token cross-entropy of the last L positions. logits: [B, L, V] for inputs
+  batch[:, :-1], batch: [B, M + L + 1] (M = 0, or an encoder-decoder's encoder tokens)."""
+  targets = batch[:, -logits.shape[1]:]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def _text_loss(logits: jax.Array, batch: jax.Array) -> tuple[jax.Array, dict]:
@@ -97,7 +104,8 @@ def _text_loss(logits: jax.Array, batch: jax.Array) -> tuple[jax.Array, dict]:
 
 LM = Task(name='lm', from_config=transformer.from_config, build=_build_lm,
           input_spec=transformer.input_spec, flops_per_token=transformer.model_flops_per_token,
-          param_counts=transformer.param_counts, load=_load_text,
+          param_counts=transformer.param_counts, stacks=transformer.stacks,
+          load=_load_text,
           inputs=lambda batch: batch[:, :-1], loss=_text_loss)
 
 
@@ -137,6 +145,7 @@ def _image_loss(logits: jax.Array, batch) -> tuple[jax.Array, dict]:
 
 VIT = Task(name='vit', from_config=vit.from_config, build=_build_vit, input_spec=vit.input_spec,
            flops_per_token=vit.model_flops_per_token, param_counts=vit.param_counts,
+           stacks=vit.stacks,
            load=_load_images, inputs=lambda batch: batch[0], loss=_image_loss)
 
 
@@ -152,6 +161,7 @@ def get(name: str) -> Task:
 
 def of(config) -> Task:
   """The task of an experiment config: `config.task` where it has one, else 'vit' for an image
-  data set (`image_datasets.IMAGE_BUILDERS`) and 'lm' for text."""
-  default = 'vit' if config.data.name in image_datasets.IMAGE_BUILDERS else 'lm'
+  data set (`image_datasets.IMAGE_BUILDERS`, `STOCK_IMAGES`) and 'lm' for text."""
+  images = {**image_datasets.IMAGE_BUILDERS, **image_datasets.STOCK_IMAGES}
+  default = 'vit' if config.data.name in images else 'lm'
   return get(config.get('task', default))

@@ -88,12 +88,14 @@ class Setup(NamedTuple):
   mesh: Mesh
 
 
-def check_config(config) -> Setup:
-  """Validates every section of an experiment config, before any work; errors name the field."""
+def check_config(config, mesh: Mesh | jax.sharding.AbstractMesh | None = None) -> Setup:
+  """Validates every section of an experiment config, before any work; errors name the field.
+  mesh: the run's (default: `parallel.mesh_from_config`, which needs the devices it names; an
+  `AbstractMesh` checks a layout without them)."""
   task = tasks.of(config)
   cfg = TrainConfig.from_config(config.train)
   model = task.build(config)
-  mesh = parallel.mesh_from_config(config)
+  mesh = parallel.mesh_from_config(config) if mesh is None else mesh
   parallel.check_mesh(model.spec, mesh, config.data.batch_size, task.token_shape(config).seq_len)
   return Setup(task, cfg, model, mesh)
 

@@ -16,9 +16,21 @@ from moe_jax.layers import MoELayer
 from moe_jax.spec import MoESpec
 
 
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """A stack of blocks as an example passes it: `layers` blocks (`moe_layers` of them MoE), each
+  run on `tokens` tokens that attend to `keys` keys (cross-attention's included). A decoder-only
+  LM is one stack; an encoder-decoder two; for memory plans (`moe_jax.plan`)."""
+  layers: int
+  moe_layers: int
+  tokens: int
+  keys: int
+
+
 def describe_ffn(model, spec: MoESpec | None) -> str:
   """One line naming a model's FFN layers, e.g. 'token_choice (num_experts=8, k=2, ...) in blocks
-  [1, 3] of 4'. `model`: a model config with num_layers, d_ff and is_moe(block)."""
+  [1, 3] of 4' (an encoder-decoder's: and its encoder blocks). `model`: a model config with
+  num_layers, d_ff and is_moe(block)."""
   if spec is None:
     return f'dense (d_ff={model.d_ff}) in all {model.num_layers} blocks'
   default = type(spec)()
@@ -26,8 +38,10 @@ def describe_ffn(model, spec: MoESpec | None) -> str:
       f.name in ('num_experts', 'd_ff', 'capacity_factor', 'group_by')
       or getattr(spec, f.name) != getattr(default, f.name))]
   options = ', '.join(f'{name}={getattr(spec, name)}' for name in fields)
-  blocks = [i for i in range(model.num_layers) if model.is_moe(i)]
-  return f'{spec.router} ({options}) in blocks {blocks} of {model.num_layers}'
+  blocks = lambda n: [i for i in range(n) if model.is_moe(i)]
+  text = f'{spec.router} ({options}) in blocks {blocks(model.num_layers)} of {model.num_layers}'
+  encoder = getattr(model, 'encoder_layers', 0)
+  return text + (f', encoder blocks {blocks(encoder)} of {encoder}' if encoder else '')
 
 
 def ffn(block, h, *, train: bool, token_ids=None):
@@ -41,10 +55,12 @@ def ffn(block, h, *, train: bool, token_ids=None):
       h, train=train, token_ids=token_ids)
 
 
-def run_blocks(model, block_cls, x, *, train: bool, **block_inputs):
-  """x through `model`'s config.num_layers blocks `block_cls` named block_i (the MoE ones with
-  model.spec), inside its compact __call__; `block_inputs` go to every block (the LM: token_ids).
-  Returns (x, aux):
+def run_blocks(model, block_cls, x, *, train: bool, num_layers: int | None = None,
+               prefix: str = 'block', **block_inputs):
+  """x through `model`'s blocks `block_cls` named {prefix}_i, i < num_layers (default
+  config.num_layers), the MoE ones (config.is_moe(i)) with model.spec, inside its compact
+  __call__; block_inputs go to every block's call (the LM's token_ids, the encoder output `memory`). Returns
+  (x, aux):
 
   aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
          'layers': {block_name: the MoE layer's metrics plus its unweighted
@@ -52,8 +68,8 @@ def run_blocks(model, block_cls, x, *, train: bool, **block_inputs):
   """
   cfg = model.config
   aux = {'loss': jnp.zeros((), jnp.float32), 'layers': {}}
-  for i in range(cfg.num_layers):
-    name = f'block_{i}'
+  for i in range(cfg.num_layers if num_layers is None else num_layers):
+    name = f'{prefix}_{i}'
     spec = model.spec if cfg.is_moe(i) else None
     x, layer_aux = block_cls(cfg, spec, model.expert_axis, model.batch_axes, name=name)(
         x, train=train, **block_inputs)

@@ -5,8 +5,9 @@ embeddings (+ a class token when pool='cls') -> num_layers pre-norm blocks -> La
 over tokens (pool='mean') or the class token (pool='cls') -> linear head -> logits [B, classes].
 
 A block is x += attn(norm(x)); x += ffn(norm(x)) with bidirectional multi-head self-attention.
-Block i holds an MoE FFN (`MoELayer`, any router of `MoESpec`) when (i + 1) % moe_every == 0,
-else a dense `FeedForward` of width d_ff; moe_every=0 is a dense ViT. With `group_by='sequence'`
+Block i holds an MoE FFN (`MoELayer`, any router of `MoESpec`) when (i + 1) % moe_every == 0 and
+i >= first_dense_layers (`flops.is_moe_block`), else a dense `FeedForward` of width d_ff;
+moe_every=0 is a dense ViT. With `group_by='sequence'`
 each image's tokens are routed together, as in Soft MoE's ViTs (Puigcerver et al. 2023).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import flops, image_datasets
-from moe_jax.models import ffn, run_blocks
+from moe_jax.models import Stack, ffn, run_blocks
 from moe_jax.models.transformer import MODEL, check_block_stack, model_and_spec
 from moe_jax.spec import MoESpec
 from moe_jax.validate import section_values
@@ -39,13 +40,16 @@ class ViTConfig:
   activation: str = 'gelu'
   pool: str = 'mean'
   dtype: str = 'float32'
+  first_dense_layers: int = 0  # blocks before the first MoE one are dense (Soft MoE: last half)
 
   def __post_init__(self):
+    if not isinstance(self.first_dense_layers, int) or self.first_dense_layers < 0:
+      MODEL.fail('first_dense_layers', self.first_dense_layers, 'use 0 or a positive integer')
     check_block_stack(self, ('patch_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'))
     MODEL.one_of('pool', self.pool, POOLS)
 
   def is_moe(self, block: int) -> bool:
-    return self.moe_every > 0 and (block + 1) % self.moe_every == 0
+    return flops.is_moe_block(block, self.moe_every, self.first_dense_layers)
 
   def num_tokens(self, image_shape) -> int:
     """Tokens per image: patches (+1 class token). Raises if patch_size does not tile the image."""
@@ -156,7 +160,7 @@ def vit_flops(spec: MoESpec | None, model: ViTConfig, image_shape, num_classes: 
   d, n = model.d_model, model.num_tokens(image_shape)
   shape = flops.Shape(batch_size, n)
   patch_dim = model.patch_size ** 2 * image_shape[2]
-  num_moe = flops.moe_blocks(model.num_layers, model.moe_every)
+  num_moe = flops.moe_blocks(model.num_layers, model.moe_every, model.first_dense_layers)
   attention = 8.0 * d * d + 4.0 * n * d
   dense = flops.layer_flops(None, d, model.d_ff, shape, model.activation)
   moe = (flops.layer_flops(spec, d, model.d_ff, shape, model.activation, convention)
@@ -171,7 +175,7 @@ def vit_params(spec: MoESpec | None, model: ViTConfig, image_shape, num_classes:
   """(total, active per token) parameters of the ViT."""
   d, n = model.d_model, model.num_tokens(image_shape)
   patch_dim = model.patch_size ** 2 * image_shape[2]
-  num_moe = flops.moe_blocks(model.num_layers, model.moe_every)
+  num_moe = flops.moe_blocks(model.num_layers, model.moe_every, model.first_dense_layers)
   shared = (patch_dim + 1) * d + n * d + d * int(model.pool == 'cls')
   shared += model.num_layers * (4 * d * d + 4 * d) + 2 * d + (d + 1) * num_classes
   shared += (model.num_layers - num_moe) * flops.ffn_matrices(model.activation) * d * model.d_ff
@@ -194,3 +198,12 @@ def model_flops_per_token(config, convention: str = 'executed') -> float:
 def param_counts(config) -> tuple[int, float]:
   """(total, active per token) parameters (see `vit_params`)."""
   return _counts(config, vit_params)
+
+
+def stacks(config) -> list[Stack]:
+  """The ViT's blocks: one stack on the tokens of an image, which attend to each other."""
+  model, spec = from_config(config)
+  image_shape, _ = image_datasets.image_info(config.data.name)
+  n = model.num_tokens(image_shape)
+  moe = flops.moe_blocks(model.num_layers, model.moe_every, model.first_dense_layers) if spec else 0
+  return [Stack(model.num_layers, moe, n, n)]

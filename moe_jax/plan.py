@@ -1,0 +1,178 @@
+"""`moe-jax plan`: a config's size and its memory per device on its mesh, before any device is used.
+
+Counts come from the project's analytic code (`Task.param_counts`, `Task.flops_per_token`), the
+mesh from `config.mesh` as an `AbstractMesh`: nothing is allocated, so a laptop can plan a pod.
+Memory per device follows the trainer's layout (moe_jax/parallel.py): the routed experts'
+weights are sharded over config.mesh.expert, every other weight is replicated, and the batch is
+split over all data * expert devices. Bytes per device:
+
+  parameters     4 per weight (float32 whatever config.model.dtype, the compute dtype)
+  gradients      4 per weight, sharded as the parameters
+  optimizer      AdamW's two float32 moments, 8 per weight
+  updated state  parameters and optimizer again: the train step does not donate its input
+                 state, so the old and the new one are both live when it ends
+  activations    what the backward pass keeps of the local batch (`activation_bytes`): an
+                 estimate, no rematerialization. On TPU (and CPU) attention keeps its float32
+                 score matrices; on GPU the LM's attention is cuDNN's fused kernel where
+                 'auto' picks it (`fused_attention_on_gpu`), which keeps none.
+
+`tests/test_paper_configs.py` checks the state against a real run's arrays, and the rest and the
+whole against XLA's memory analysis of the compiled train step on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from moe_jax import flops, parallel, tasks, train
+
+GiB = 2 ** 30
+# HBM per chip (vendor figures): TPU v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB;
+# NVIDIA H100 SXM 80 GB (nvidia-smi: 81,559 MiB), H200 141 GB (nvidia-smi: 143,771 MiB).
+ACCELERATORS = {'TPU v4': ('tpu', 32 * GiB), 'TPU v5e': ('tpu', 16 * GiB),
+                'TPU v5p': ('tpu', 95 * GiB), 'TPU v6e': ('tpu', 32 * GiB),
+                'H100': ('gpu', 81_559 * 2 ** 20), 'H200': ('gpu', 143_771 * 2 ** 20)}
+HEADROOM = 0.9  # a plan fits when it needs at most this share of HBM (XLA's workspace, fragments)
+DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+# Hidden activations an FFN keeps per unit of width: SwiGLU's input and gate projections, the
+# gate's SiLU and their product; GELU's projection and its GELU.
+FFN_KEPT = {'swiglu': 4, 'gelu': 2}
+# Logits per example as the output layer keeps them (float32 logits and softmax: 8 bytes each).
+OUTPUTS = {'lm': lambda config, model: config.data.seq_len * model.vocab_size,
+           'vit': lambda config, model: 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A config on a mesh: its counts and its bytes per device (module docstring)."""
+  name: str
+  mesh: tuple[int, int]  # (data, expert)
+  params_total: int
+  params_active: float
+  flops_active: float  # forward FLOPs per token, the papers' convention
+  flops_executed: float  # forward FLOPs per token as run (capacity padding counts)
+  tokens_per_device: int  # per step
+  local_params: int  # weights held by one device
+  activations: dict[str, float]  # bytes, by accelerator kind ('tpu', 'gpu')
+  notes: tuple[str, ...] = ()
+
+  def memory(self, kind: str = 'tpu') -> dict[str, float]:
+    """Bytes per device on an accelerator of `kind`: parameters, gradients, optimizer, updated
+    state, activations."""
+    params, opt = 4.0 * self.local_params, 8.0 * self.local_params
+    return {'parameters': params, 'gradients': params, 'optimizer': opt,
+            'updated state': params + opt, 'activations': self.activations[kind]}
+
+  def total(self, kind: str = 'tpu') -> float:
+    return sum(self.memory(kind).values())
+
+  def fits(self) -> dict[str, bool]:
+    """{accelerator: the plan needs at most HEADROOM of its HBM}."""
+    return {name: self.total(kind) <= HEADROOM * hbm
+            for name, (kind, hbm) in ACCELERATORS.items()}
+
+
+def fused_attention_on_gpu(config, model) -> bool:
+  """Whether the model's attention runs as cuDNN's fused kernel on GPU: the LM's multi-head or
+  grouped-query attention in bf16/fp16, attention 'auto' or 'cudnn', heads a multiple of 8 up to
+  128 (`transformer.attention_implementation`), no deterministic ops. The ViT's and MLA's run
+  XLA's attention."""
+  size = getattr(model, 'head_size', 0)
+  return (getattr(model, 'attention', 'xla') != 'xla' and not getattr(model, 'latent', False)
+          and model.dtype != 'float32' and size % 8 == 0 and 0 < size <= 128
+          and not config.get('deterministic', False))
+
+
+def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: bool,
+                 act: int, scores: bool) -> float:
+  """Bytes one token keeps per block of `stack` for the backward pass (compute dtype `act`):
+  block input and its norms; queries, keys and values (per query head), attention output, scores
+  and their softmax in float32 and the probabilities in `act`; the FFN's hidden activations
+  (`FFN_KEPT`), and, in an MoE block, float32 router probabilities and the rows of the expert
+  slots the token's share of them fills."""
+  d, heads = model.d_model, model.num_heads
+  size = getattr(model, 'head_size', d // heads)
+  qk = size + getattr(model, 'rope_head_dim', 0)
+  attention = act * (2 * d + heads * (2 * qk + 2 * size))
+  attention += heads * stack.keys * (8 + act) if scores else 0
+  width = FFN_KEPT[model.activation]
+  dense = act * (2 * d + width * model.d_ff)
+  if not stack.moe_layers:
+    return stack.layers * (attention + dense)
+  if spec.capacity_factor is None and (sharded or spec.dispatch not in ('ragged', 'blocked')):
+    slots = spec.num_experts  # dropless through capacity slots of the group's size
+  else:
+    slots = flops.expert_slots_per_token(spec, tokens_per_group, 'executed')
+  router = 8 * spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1)
+  moe = (act * (2 * d + spec.num_shared_experts * width * spec.d_ff)
+         + router + slots * act * (2 * d + width * spec.d_ff))
+  return (stack.layers - stack.moe_layers) * (attention + dense) + stack.moe_layers * (
+      attention + moe)
+
+
+def activation_bytes(config, task: tasks.Task, model, spec, local_batch: int,
+                     sharded: bool, scores: bool = True) -> float:
+  """Bytes of activations one device keeps for the backward pass of its `local_batch` examples:
+  every stack's blocks (`_block_bytes`; scores=False: attention keeps no score matrices) and the
+  output layer's float32 logits (`OUTPUTS`)."""
+  act = DTYPE_BYTES[model.dtype]
+  total = 8.0 * OUTPUTS[task.name](config, model)
+  for stack in task.stacks(config):
+    groups = flops.Shape(local_batch, stack.tokens)
+    total += stack.tokens * _block_bytes(model, spec, stack, groups, sharded, act, scores)
+  return local_batch * total
+
+
+def make_plan(config, name: str = '') -> Plan:
+  """The `Plan` of a full experiment config on its `config.mesh`, validated first (as `moe-jax
+  train` does, against an `AbstractMesh`): a bad field is a ValueError naming it."""
+  task, _, _, mesh = train.check_config(config, parallel.abstract_mesh(config))
+  data, expert = mesh.shape[parallel.DATA], mesh.shape[parallel.EXPERT]
+  model, spec = task.from_config(config)
+  total, active = task.param_counts(config)
+  moe_layers = sum(stack.moe_layers for stack in task.stacks(config))
+  experts = moe_layers * flops.expert_params(spec, model.d_model) if moe_layers else 0
+  local_batch = config.data.batch_size // (data * expert)
+  sharded, notes = mesh.size > 1, []
+  if spec is not None and spec.capacity_factor is None and sharded:
+    notes.append('dropless routing on a mesh runs through capacity slots as large as a token '
+                 'group (num_experts / k times the expert buffers, docs/parallelism.md): a '
+                 'config.moe.capacity_factor bounds them')
+  return Plan(
+      name=name, mesh=(data, expert), params_total=total, params_active=active,
+      flops_active=task.flops_per_token(config, 'active'),
+      flops_executed=task.flops_per_token(config, 'executed'),
+      tokens_per_device=local_batch * task.token_shape(config).seq_len,
+      local_params=total - experts + experts // expert,
+      activations={'tpu': activation_bytes(config, task, model, spec, local_batch, sharded),
+                   'gpu': activation_bytes(config, task, model, spec, local_batch, sharded,
+                                           scores=not fused_attention_on_gpu(config, model))},
+      notes=tuple(notes))
+
+
+def _count(n: float) -> str:
+  for unit, size in (('T', 1e12), ('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if n >= size:
+      return f'{n / size:.2f}{unit}'
+  return f'{n:.0f}'
+
+
+def render(plan: Plan) -> str:
+  """The plan as `moe-jax plan` prints it."""
+  data, expert = plan.mesh
+  lines = [
+      f'{plan.name} on mesh data={data} x expert={expert} ({data * expert} devices)',
+      f'  parameters        {_count(plan.params_total)} total, {_count(plan.params_active)} '
+      f'active per token',
+      f'  FLOPs per token   {_count(plan.flops_active)} forward (active), '
+      f'{_count(plan.flops_executed)} as executed; training ~3x',
+      f'  tokens per device {plan.tokens_per_device:,} per step',
+      f'  memory per device, GiB ({_count(plan.local_params)} weights held)',
+      f'    {"":16s}{"TPU":>9s}{"GPU":>9s}']
+  tpu, gpu = plan.memory('tpu'), plan.memory('gpu')
+  lines += [f'    {part:16s}{tpu[part] / GiB:9.2f}{gpu[part] / GiB:9.2f}' for part in tpu]
+  lines.append(f'    {"total":16s}{plan.total("tpu") / GiB:9.2f}{plan.total("gpu") / GiB:9.2f}')
+  lines.append(f'  fits (at most {HEADROOM:.0%} of HBM): ' + ', '.join(
+      f'{name} ({ACCELERATORS[name][1] / GiB:.0f} GiB) {"yes" if ok else "no"}'
+      for name, ok in plan.fits().items()))
+  lines += [f'  note: {note}' for note in plan.notes]
+  return '\n'.join(lines)
