@@ -103,7 +103,7 @@ class MoELayer(nn.Module):
     experts = Experts(self._num_local_experts(), x.shape[-1], spec.d_ff, spec.activation,
                       self.dtype, name='experts')
     y = dispatch.moe_apply(out.plan, groups, experts, spec.dispatch, dtype=self.dtype,
-                           expert_axis=self.expert_axis)
+                           expert_axis=self.expert_axis, num_chunks=spec.num_chunks)
     if spec.num_shared_experts:
       y = y + FeedForward(spec.num_shared_experts * spec.d_ff, spec.activation, self.dtype,
                           name='shared_experts')(groups)
