@@ -1,4 +1,4 @@
-"""Expert parallelism on real devices: sharded == unsharded, and weak scaling, dropless and capacity.
+"""Expert parallelism on real devices: sharded == unsharded; weak scaling, dropless and capacity.
 
   PYTHONPATH=. python benchmarks/parallel_scaling.py --out parallel_scaling.json   # GPUs
   PYTHONPATH=. python benchmarks/parallel_scaling.py --small                       # CPU smoke run

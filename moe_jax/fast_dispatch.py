@@ -13,6 +13,10 @@ tokens its slots hold, a `DroplessPlan` keeps all, so results equal 'einsum' up 
 Permutations are gathers in both directions when each token sits in at most
 `SlotPlan.max_per_token` slots (token choice: k); otherwise (expert choice) the combine is a
 scatter-add. A `SoftPlan` is dense and runs as two einsums (`dispatch.Soft`).
+
+Across devices (expert parallelism), `BlockedExpertParallel` runs a `DroplessPlan` so: each
+shard's rows travel to the shards holding their experts by ragged all-to-all (`ragged_exchange`)
+and land there already expert-sorted and block-aligned for the grouped matmuls.
 """
 from __future__ import annotations
 
@@ -273,7 +277,7 @@ class BlockedExpertParallel:
   Every assignment is computed exactly once: nothing is dropped, nothing padded beyond the last
   block of each expert. R is static and sized for the worst case, every token of all m shards
   choosing this shard's experts, m * G * T * min(k, E / m) rows plus block padding
-  (`num_rows`), so no routing can overflow it; idle blocks cost memory, not FLOPs.
+  (`num_rows`), so no routing can overflow it; the Mosaic kernels skip its idle blocks.
   """
   plan: DroplessPlan
   dtype: Any

@@ -4,7 +4,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import moe_layer, parallel_scaling  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import moe_layer  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import parallel_scaling  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_benchmark_small_runs(tmp_path):
