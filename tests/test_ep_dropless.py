@@ -152,11 +152,13 @@ def test_dropless_rows_travel_by_ragged_all_to_all():
 
 
 def test_dropless_train_step_matches_one_device():
-  dropless = {'moe.capacity_factor': None, 'moe.dispatch': 'blocked', 'moe.num_chunks': 2}
+  """test_parallel_train's LM cut to its one (MoE) block, dropless in 2 chunks, aux-free."""
+  dropless = {'moe.capacity_factor': None, 'moe.dispatch': 'blocked', 'moe.num_chunks': 2,
+              'model.num_layers': 1, 'model.moe_every': 1}
   got = jax.device_get(run_steps(config((2, 4), 'aux_free', **dropless), num_steps=1))
   want = jax.device_get(run_steps(config((1, 1), 'aux_free', **dropless), num_steps=1))
   jax.tree.map(functools.partial(np.testing.assert_allclose, **TOLERANCE), got, want)
-  assert np.abs(got[0]['model_state']['router_bias']['block_1']['moe']['bias']).max() > 0
+  assert np.abs(got[0]['model_state']['router_bias']['block_0']['moe']['bias']).max() > 0
 
 
 # --- (d) sizes ----------------------------------------------------------------------------------
