@@ -30,7 +30,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from moe_jax import parallel, tasks, train
 from moe_jax.layers import MoELayer
@@ -123,26 +122,13 @@ def time_it(fn, *args, iters: int) -> float:
   return statistics.median(times)
 
 
-def sharded_apply(layer: MoELayer, mesh):
-  """The layer expert-parallel under shard_map, even on a one-device mesh (which
-  `parallel.shard_module` runs without one)."""
-  ep = parallel.expert_parallel(layer)
-
-  def apply(variables, x):
-    body = lambda v, x: ep.apply(v, x)
-    return jax.shard_map(body, mesh=mesh, in_specs=(parallel.param_specs(variables),
-                                                    parallel.BATCH),
-                         out_specs=(parallel.BATCH, P()))(variables, x)
-  return apply
-
-
 def layer_step(family: Family, spec: MoESpec, mesh, tokens: int, seq: int, sharded: bool):
   """(fn, args): forward + backward of the layer on `tokens` bf16 tokens over `mesh`."""
   layer = MoELayer(spec, dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(1), (tokens // seq, seq, family.d_model), jnp.bfloat16)
   x = jax.device_put(x, parallel.batch_sharding(mesh))
   variables = parallel.init_variables(layer, mesh, jax.random.key(0), x[:1])
-  apply = sharded_apply(layer, mesh) if sharded else lambda v, x: layer.apply(v, x)
+  apply = parallel.shard_module(layer, mesh, always_shard=sharded)
   return jax.jit(jax.grad(loss_fn(apply), argnums=(0, 1))), (variables, x)
 
 

@@ -181,7 +181,8 @@ def expert_parallel(module: MoELayer) -> MoELayer:
 
 
 def shard_module(module: MoELayer, mesh: Mesh, *, train: bool = False,
-                 mutable: bool | Sequence[str] = False, seq_len: int | None = None) -> Callable:
+                 mutable: bool | Sequence[str] = False, seq_len: int | None = None,
+                 always_shard: bool = False) -> Callable:
   """`module.apply` run expert-parallel over `mesh` with `jax.shard_map`.
 
   `module`: an unsharded `MoELayer`, or a model of them (`Transformer`, `ViT`: fields spec,
@@ -191,14 +192,15 @@ def shard_module(module: MoELayer, mesh: Mesh, *, train: bool = False,
   updated collections) when `mutable` names collections (e.g. ['router_bias']). `variables` hold
   global arrays (an unsharded module's tree, e.g. from `init_variables`); x: [B, ...] with B over
   every device; y: [B, ...] sharded alike; aux and mutable collections replicated. On a one-device
-  mesh this is plain `module.apply` (no shard_map: random draws as unsharded).
+  mesh this is plain `module.apply` (no shard_map: random draws as unsharded), unless
+  `always_shard`: then the expert-parallel path runs with its exchange local (tests, benchmarks).
   """
   sharded = expert_parallel(module)
 
   def apply(variables, x, rngs=None):
     check_mesh(module.spec, mesh, batch_size=x.shape[0],
                seq_len=x.shape[1] if seq_len is None else seq_len)
-    if mesh.size == 1:
+    if mesh.size == 1 and not always_shard:
       return module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
     names = list(variables) if mutable is True else list(mutable or ())
     out_specs = (BATCH, P())

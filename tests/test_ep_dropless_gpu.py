@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from moe_jax import parallel, ragged_exchange
 from moe_jax.layers import MoELayer
@@ -32,18 +31,6 @@ def test_collective_matches_stand_in(m):
   np.testing.assert_array_equal(run_exchange(args, 'padded'), want)
 
 
-def sharded_apply(layer, mesh):
-  """The layer expert-parallel under shard_map, also on a one-device mesh (which
-  `parallel.shard_module` runs without one)."""
-  ep = parallel.expert_parallel(layer)
-
-  def apply(variables, x):
-    return jax.shard_map(lambda v, x: ep.apply(v, x, train=True), mesh=mesh,
-                         in_specs=(parallel.param_specs(variables), parallel.BATCH),
-                         out_specs=(parallel.BATCH, P()))(variables, x)
-  return apply
-
-
 @pytest.mark.parametrize('m', AXIS_SIZES)
 @pytest.mark.parametrize('chunks', [1, 3])
 def test_layer_with_collective_matches_stand_in(m, chunks):
@@ -53,7 +40,8 @@ def test_layer_with_collective_matches_stand_in(m, chunks):
   with jax.default_matmul_precision('highest'):
     for impl in ('ragged', 'padded'):
       with ragged_exchange.force(impl):
-        fn = functools.partial(evaluate, sharded_apply(MoELayer(spec), mesh), mutable=False)
+        apply = parallel.shard_module(MoELayer(spec), mesh, train=True, always_shard=True)
+        fn = functools.partial(evaluate, apply, mutable=False)
         results[impl] = jax.jit(fn)(*inputs(spec))
     layer = MoELayer(spec)
     one = functools.partial(evaluate, lambda v, x: layer.apply(v, x, train=True), mutable=False)
@@ -75,7 +63,7 @@ def test_kernels_behind_the_collective(m):
   results = {}
   for impl in ('ragged', 'padded'):
     with ragged_exchange.force(impl):
-      apply = sharded_apply(layer, mesh)
+      apply = parallel.shard_module(layer, mesh, always_shard=True)
       loss = lambda v, x: jnp.sum(apply(v, x)[0].astype(jnp.float32) ** 2)
       results[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
   for got, want in zip(jax.tree.leaves(results['ragged']), jax.tree.leaves(results['padded'])):
