@@ -467,4 +467,3 @@ def grouped_matmul(lhs, rhs, layout: BlockLayout, backend: str | None = None,
   out = _grouped(lhs, _vary_like(rhs.astype(lhs.dtype), lhs), layout, backend,
                  tuple(tilings or (None,) * 3))
   return jnp.where(layout.row_active()[:, None], out, 0)
-
