@@ -7,11 +7,11 @@
    sharded layer (jax.shard_map) against the single-device layer on the same batch, float32:
    max |difference| of the output and of the gradients w.r.t. params and inputs.
 2. Weak scaling, tokens per device fixed, experts sharded over m = 1, 2, 4, ... <= n devices (mesh
-   (1, m)), bf16, of a Mixtral-like layer (E=8, top-2) and a DeepSeek-like one (64 fine-grained
-   experts, top-6, 2 shared, sigmoid scores with the aux-free bias), each dropless (dispatch
-   'blocked': ragged all-to-all + grouped matmuls; also in `--chunks` chunks, the exchange of one
-   overlapping the experts of another) and with capacity 1.25 (dispatch 'gather': capacity buffers
-   by all_to_all):
+   (1, m)), bf16, of a Mixtral-like layer (d 4096, E=8 of f 14336, top-2) and a DeepSeek-like one
+   (d 2048, 64 experts of f 1408, top-6, 2 shared, sigmoid scores with the aux-free bias), each
+   dropless (dispatch 'blocked': ragged all-to-all + grouped matmuls; also in `--chunks` chunks,
+   the exchange of one overlapping the experts of another) and with capacity 1.25 (dispatch
+   'gather': capacity buffers by all_to_all):
    * 'layer': the MoE layer forward + backward;
    * 'train': a full training step (`moe_jax.train.train_step`: forward, backward, AdamW) of a
      2-block LM with that MoE FFN in both blocks.
@@ -60,9 +60,10 @@ class Family:
 
 
 FAMILIES = {
-    # Mixtral 8x7B's routing (E=8, top-2, SwiGLU) and its f / d = 3.5, at d = 2048.
-    'mixtral': Family(2048, MoESpec(num_experts=8, k=2, d_ff=7168)),
-    # DeepSeek-V2-Lite's experts (64 of 1408, top-6, 2 shared) with V3's aux-free sigmoid routing.
+    # Mixtral-8x7B's block (d 4096, 32 heads, 8 experts of f 14336, top-2), as train_step.py's.
+    'mixtral': Family(4096, MoESpec(num_experts=8, k=2, d_ff=14336), num_heads=32),
+    # DeepSeekMoE-16B's (d 2048, 64 experts of f 1408, top-6, 2 shared), routed as DeepSeek-V3:
+    # sigmoid scores and the aux-loss-free bias.
     'deepseek': Family(2048, MoESpec(num_experts=64, k=6, d_ff=1408, num_shared_experts=2,
                                      score='sigmoid', bias_update_rate=1e-3)),
 }
