@@ -1,9 +1,10 @@
 """Dropless expert parallelism on GPUs: the real `jax.lax.ragged_all_to_all` against the stand-in.
 
-Needs a GPU: `JAX_PLATFORMS=cuda python -m pytest -q tests/test_ep_dropless_gpu.py`. The exchange runs
-over an expert axis of size 1 (one GPU: every slice stays on the device) and of all the GPUs when
-there are several. Both implementations must agree with the NumPy model of the op's semantics, and
-the sharded layer must give the same output and gradients with either, and as on one device.
+Needs a GPU: `JAX_PLATFORMS=cuda python -m pytest -q tests/test_ep_dropless_gpu.py`. The exchange
+runs over an expert axis of size 1 (one GPU: every slice stays on the device) and of all the GPUs
+when there are several. Both implementations must agree with the NumPy model of the op's
+semantics, and the sharded layer must give the same output and gradients with either, and as on
+one device.
 """
 import functools
 
