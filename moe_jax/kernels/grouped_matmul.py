@@ -442,7 +442,10 @@ def _vary_like(x, like):
   the custom gradient of x, computed from `like`, then has x's type, and autodiff sums it over
   the axes x was replicated on (e.g. expert weights over 'data')."""
   axes = tuple(sorted(_varying(like) - _varying(x)))
-  return jax.lax.pcast(x, axes, to='varying') if axes else x
+  if not axes:
+    return x
+  pcast = getattr(jax.lax, 'pcast', None)  # jax.lax.pvary before it
+  return pcast(x, axes, to='varying') if pcast else jax.lax.pvary(x, axes)
 
 
 def _varying(x) -> frozenset:
