@@ -16,8 +16,13 @@ new classes and their rows there. All compute the same function (tests compare t
 * 'blocked'  `fast_dispatch.Blocked`: expert-sorted rows in blocks, grouped matmul kernels.
 
 A `DroplessPlan` runs 'einsum' and 'gather' as its `SlotPlan` of capacity T. A `SoftPlan` is dense
-by nature and runs as two einsums (`Soft`) under every executor but 'ragged'. Under expert
-parallelism only capacity buffers travel (`ExpertParallel`): 'ragged' and 'blocked' run as 'gather'.
+by nature and runs as two einsums (`Soft`) under every executor but 'ragged'.
+
+Under expert parallelism (`expert_axis`) capacity buffers travel by all_to_all (`ExpertParallel`).
+A `DroplessPlan`'s rows ('ragged', 'blocked') travel by ragged all-to-all to grouped matmuls
+(`EXPERT_PARALLEL`: `fast_dispatch.BlockedExpertParallel`); a `SlotPlan`'s 'blocked' runs as
+'gather'. `moe_apply(..., num_chunks=n)` runs a dropless plan's tokens in n chunks, so that the
+exchange of one chunk can overlap the experts of another.
 """
 from __future__ import annotations
 
@@ -155,7 +160,8 @@ class Ragged:
 class ExpertParallel:
   """`buffers` over the mesh axis `axis` of m shards (inside shard_map): each expert's rows travel
   to the shard holding it, which runs its E / m experts on [E / m, m * G * C, d]; the outputs
-  travel back. Any `Buffers` runs so; 'ragged' and 'blocked' rows have no static expert split."""
+  travel back. Any `Buffers` runs so; row dispatchers have no static expert split (see
+  `EXPERT_PARALLEL`)."""
   buffers: Buffers
   axis: str
 
@@ -176,16 +182,19 @@ DISPATCHERS: dict[type, dict[str, type]] = {
     SoftPlan: {'einsum': Soft, 'gather': Soft, 'blocked': Soft},
 }
 EXECUTORS = tuple(dict.fromkeys(name for table in DISPATCHERS.values() for name in table))
+# Under expert parallelism, the row executors ('ragged', 'blocked') of these plan types; the others
+# run as 'gather'.
+EXPERT_PARALLEL: dict[type, type] = {DroplessPlan: fast_dispatch.BlockedExpertParallel}
 
 
 def dispatcher(plan: Plan, executor: str = 'gather', *, dtype=jnp.float32,
                expert_axis: str | None = None, **options) -> Dispatcher:
   """`plan` bound to `executor`, rows in `dtype`.
 
-  With `expert_axis` the buffers are exchanged over that mesh axis (`ExpertParallel`); 'ragged' and
-  'blocked' then run as 'gather', logged once: the user asked for them, but the all_to_all needs
-  capacity buffers (a dropless plan gets capacity T). `options` go to the dispatchers that take
-  them (`fast_dispatch.Blocked`: block_rows, backend, tilings).
+  With `expert_axis`, capacity buffers are exchanged over that mesh axis by all_to_all
+  (`ExpertParallel`), and a row executor ('ragged', 'blocked') runs its plan type's
+  `EXPERT_PARALLEL` dispatcher, or else 'gather', logged once. `options` go to the dispatchers
+  that take them (`fast_dispatch.Blocked`: block_rows, backend, tilings).
   """
   if executor not in EXECUTORS:
     raise ValueError(f'dispatch impl must be one of {EXECUTORS}, got {executor!r}.')
@@ -195,20 +204,49 @@ def dispatcher(plan: Plan, executor: str = 'gather', *, dtype=jnp.float32,
                      f'of {tuple(table)}.')
   make = table[executor]
   if expert_axis is not None and not issubclass(make, Buffers):
+    if type(plan) in EXPERT_PARALLEL:
+      return _bind(EXPERT_PARALLEL[type(plan)], plan, dtype, axis=expert_axis, **options)
     log_once(log, logging.WARNING, f"config.moe.dispatch={executor!r} runs as 'gather' under "
-             f'expert parallelism (mesh axis {expert_axis!r}): only capacity buffers travel by '
-             'all_to_all.')
+             f'expert parallelism (mesh axis {expert_axis!r}) for a {type(plan).__name__}: its '
+             'capacity buffers travel by all_to_all.')
     make = table['gather']
-  takes = {field.name for field in dataclasses.fields(make)}
-  bound = make(plan, dtype, **{name: v for name, v in options.items() if name in takes})
+  bound = _bind(make, plan, dtype, **options)
   return bound if expert_axis is None else ExpertParallel(bound, expert_axis)
 
 
-def moe_apply(plan: Plan, x: jax.Array, experts: Callable, executor: str = 'gather',
-              **options) -> jax.Array:
+def _bind(make: type, plan: Plan, dtype, **options) -> Dispatcher:
+  """make(plan, dtype, **the options that are fields of make)."""
+  takes = {field.name for field in dataclasses.fields(make)}
+  return make(plan, dtype, **{name: v for name, v in options.items() if name in takes})
+
+
+def moe_apply(plan: Plan, x: jax.Array, experts: Callable, executor: str = 'gather', *,
+              num_chunks: int = 1, **options) -> jax.Array:
   """dispatch -> experts(rows, matmul) -> combine. x: [G, T, d] -> [G, T, d].
 
-  `options` as `dispatcher`'s; dtype defaults to x's.
+  num_chunks > 1 (a `DroplessPlan` only) splits the G * T tokens into that many consecutive
+  chunks, each dispatched, run and combined on its own: the same result (dropless routing is per
+  token), and under expert parallelism the exchange of one chunk can overlap the expert compute of
+  another. `options` as `dispatcher`'s; dtype defaults to x's.
   """
-  d = dispatcher(plan, executor, **{'dtype': x.dtype, **options})
-  return d.combine(experts(d.dispatch(x), d.matmul))
+  options = {'dtype': x.dtype, **options}
+  if num_chunks == 1:
+    d = dispatcher(plan, executor, **options)
+    return d.combine(experts(d.dispatch(x), d.matmul))
+  ys = [moe_apply(part, xs, experts, executor, **options)
+        for part, xs in split_tokens(plan, x, num_chunks)]
+  return jnp.concatenate(ys, axis=1).reshape(x.shape)
+
+
+def split_tokens(plan: DroplessPlan, x: jax.Array, num_chunks: int) -> list[tuple]:
+  """[(plan, x) of each chunk]: the G * T tokens in `num_chunks` consecutive runs (as even as
+  possible), each one group [1, T_i, ...]."""
+  g, t = x.shape[:2]
+  if type(plan) is not DroplessPlan or not 1 <= num_chunks <= g * t:
+    raise ValueError(f'num_chunks={num_chunks} splits the tokens of dropless routing: give a '
+                     f'DroplessPlan (got a {type(plan).__name__}) and 1 <= num_chunks <= {g * t} '
+                     'tokens.')
+  bounds = [g * t * i // num_chunks for i in range(num_chunks + 1)]
+  one_group = lambda a: a.reshape(1, g * t, *a.shape[2:])
+  return [jax.tree.map(lambda a: one_group(a)[:, lo:hi], (plan, x))
+          for lo, hi in zip(bounds, bounds[1:])]

@@ -13,6 +13,10 @@ tokens its slots hold, a `DroplessPlan` keeps all, so results equal 'einsum' up 
 Permutations are gathers in both directions when each token sits in at most
 `SlotPlan.max_per_token` slots (token choice: k); otherwise (expert choice) the combine is a
 scatter-add. A `SoftPlan` is dense and runs as two einsums (`dispatch.Soft`).
+
+Across devices (expert parallelism), `BlockedExpertParallel` runs a `DroplessPlan` so: each
+shard's rows travel to the shards holding their experts by ragged all-to-all (`ragged_exchange`)
+and land there already expert-sorted and block-aligned for the grouped matmuls.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moe_jax import ragged_exchange
 from moe_jax.kernels import grouped_matmul as gm
 from moe_jax.routing.plan import DroplessPlan, SlotPlan
 
@@ -293,3 +298,66 @@ class BlockedSlots(Blocked):
 
 class BlockedDropless(Blocked):
   build = staticmethod(dropless_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockedExpertParallel:
+  """'blocked' across the mesh axis `axis` of m shards (inside shard_map), for a `DroplessPlan`
+  (expert_index [G, T, k]) of E experts, E / m on each shard: a `dispatch.Dispatcher`.
+
+  dispatch  x [G, T, d] -> this shard's A = G * T * k assignments sorted by expert (`dropless_rows`
+            with one-row blocks), then a ragged all-to-all (`ragged_exchange`) sends each expert's
+            rows to the shard holding it, where they land block-aligned, expert-sorted: [R, d].
+  matmul    grouped matmuls of the E / m local experts over the used blocks (as `Blocked`).
+  combine   the outputs travel back by the reverse exchange and are unpermuted, [G, T, d].
+
+  Every assignment is computed exactly once: nothing is dropped, nothing padded beyond the last
+  block of each expert. R is static and sized for the worst case, every token of all m shards
+  choosing this shard's experts, m * G * T * min(k, E / m) rows plus block padding
+  (`num_rows`), so no routing can overflow it; the Mosaic kernels skip its idle blocks.
+  """
+  plan: DroplessPlan
+  dtype: Any
+  axis: str
+  block_rows: int | None = None
+  backend: str | None = None
+  tilings: tuple = (None,) * 3
+
+  @functools.cached_property
+  def _plan(self) -> tuple[RowPlan, ragged_exchange.Slices, gm.BlockLayout]:
+    """(this shard's rows sorted by expert, the exchange to the experts, their local layout)."""
+    g, t, k = self.plan.expert_index.shape
+    m, num_experts = jax.lax.axis_size(self.axis), self.plan.num_experts
+    if num_experts % m:
+      raise ValueError(f'config.mesh.expert={m} (mesh axis {self.axis!r}) does not divide '
+                       f'config.moe.num_experts={num_experts}.')
+    local = num_experts // m
+    sorted_rows = dropless_rows(self.plan, block_rows=1)
+    counts = jax.lax.all_gather(sorted_rows.layout.group_blocks, self.axis)  # [m, E] sent rows
+    peer_rows = g * t * min(k, local)  # rows one shard sends one peer, at most
+    block_rows = self.block_rows or default_block_rows(g * t * k, local)
+    total_rows = num_rows(m * peer_rows, local, block_rows)
+    held = counts.sum(0).reshape(m, local)  # rows of each expert, by the shard holding it
+    blocks = (held + block_rows - 1) // block_rows
+    first = ((jnp.cumsum(blocks, axis=1) - blocks) * block_rows).reshape(1, num_experts)
+    size = counts.reshape(m, m, local)
+    src = (jnp.cumsum(counts, axis=1) - counts).reshape(m, m, local)
+    dst = (first + jnp.cumsum(counts, axis=0) - counts).reshape(m, m, local)
+    slices = ragged_exchange.Slices(size, src, dst, self.axis, peer_rows)
+    layout, _ = _layout(held[jax.lax.axis_index(self.axis)], total_rows, block_rows)
+    return sorted_rows, slices, layout
+
+  def dispatch(self, x: jax.Array) -> jax.Array:
+    g, t, d = x.shape
+    sorted_rows, slices, layout = self._plan
+    rows = permute(sorted_rows, x.reshape(g * t, d).astype(self.dtype))
+    return slices.send(rows, layout.num_rows)
+
+  def matmul(self, rows: jax.Array, w: jax.Array) -> jax.Array:
+    return gm.grouped_matmul(rows, w, self._plan[2], self.backend, self.tilings)
+
+  def combine(self, y: jax.Array) -> jax.Array:
+    sorted_rows, slices, _ = self._plan
+    g, t = sorted_rows.groups
+    back = slices.reverse().send(y, sorted_rows.layout.num_rows)
+    return unpermute(sorted_rows, back, g * t).reshape(g, t, -1)

@@ -102,7 +102,8 @@ class MoELayer(nn.Module):
 
   Expert parallelism (run inside `jax.shard_map`, see `moe_jax.parallel`): `expert_axis` names the
   mesh axis the experts are sharded over. Each shard routes its own groups and runs its E / n
-  experts; the capacity buffers travel by all_to_all (`dispatch.ExpertParallel`). `batch_axes`
+  experts; capacity buffers travel by all_to_all, dropless rows by ragged all-to-all
+  (`dispatch.dispatcher`). `batch_axes`
   names the axes the tokens are sharded over: aux losses and metrics are averaged over them
   (tokens_per_expert summed), so every shard reports the global value and the bias update is
   identical on every shard.
@@ -130,7 +131,7 @@ class MoELayer(nn.Module):
     experts = Experts(self._num_local_experts(), x.shape[-1], spec.d_ff, spec.activation,
                       self.dtype, name='experts')
     y = dispatch.moe_apply(out.plan, groups, experts, spec.dispatch, dtype=self.dtype,
-                           expert_axis=self.expert_axis)
+                           expert_axis=self.expert_axis, num_chunks=spec.num_chunks)
     if spec.num_shared_experts:
       y = y + FeedForward(spec.num_shared_experts * spec.d_ff, spec.activation, self.dtype,
                           name='shared_experts')(groups)

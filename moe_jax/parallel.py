@@ -7,9 +7,15 @@ shard_map).
   * expert weights (leaves under a module named 'experts', leading dim E): sharded over 'expert'
     (E / expert experts per device), replicated over 'data'.
   * everything else (router, shared experts, the aux-free bias, scalars): replicated.
-Inside `shard_map` each device routes its own token groups and dispatches them to capacity buffers
-[E, G * C, d]; `MoELayer(expert_axis='expert')` trades expert blocks for token blocks with an
-all_to_all (`dispatch.ExpertParallel`), runs its E / expert local experts and trades back.
+Inside `shard_map` each device routes its own token groups, and `MoELayer(expert_axis='expert')`
+sends every expert's tokens to the device holding it over the 'expert' axis, runs its E / expert
+local experts and sends the outputs back. How is chosen by the plan (`dispatch.dispatcher`):
+  * capacity plans (and dispatch 'einsum' / 'gather'): capacity buffers [E, G * C, d] trade expert
+    blocks for token blocks by a dense all_to_all (`dispatch.ExpertParallel`);
+  * dropless plans with dispatch 'ragged' / 'blocked': exactly the rows each expert needs travel by
+    ragged all-to-all (`ragged_exchange`: `jax.lax.ragged_all_to_all` on GPU / TPU, a padded
+    all_to_all stand-in on CPU) and the local experts run as grouped matmuls over them
+    (`fast_dispatch.BlockedExpertParallel`); `MoESpec.num_chunks` pipelines the exchange.
 Gradients of replicated params are summed over the devices that share them by `shard_map` itself.
 
 Exactness. Routing is per token group (`MoESpec.group_by`), and a shard routes only its own tokens.
@@ -21,18 +27,17 @@ Let s = 0..N-1, N = data * expert, index the shards data-major (the order of `BA
     sharded layer equals the unsharded layer applied to each sub-batch x[s*b:(s+1)*b] separately,
     outputs concatenated, aux losses and metrics averaged over the N sub-batches, tokens_per_expert
     summed (max_over_mean_load taken from that sum), and the bias updated from the summed load.
-  * dropless ('ragged' routes one 'batch' group): token outputs do not depend on grouping and equal
-    the whole-batch layer; the aux losses follow the 'batch' rule above (the load-balancing loss is
-    not linear in a group's statistics).
+  * dropless: token outputs do not depend on grouping and equal the whole-batch layer; the aux
+    losses follow the group_by rule above ('ragged' routes one 'batch' group; the load-balancing
+    loss is not linear in a group's statistics), so 'blocked' with 'sequence' equals it all.
   * router jitter / noise: each shard folds its index into the 'router' key, so random draws differ
     from an unsharded run.
 
-Under expert parallelism 'ragged' and 'blocked' run as 'gather' (logged once): dropless routing
-then runs through capacity slots of size T (`DroplessPlan.to_slot_plan`) and the same
-all_to_all: exact and never drops, but the expert stage
-costs E / k times the FLOPs and buffer memory of the 'ragged' grouped matmul. The ragged exchange
-(`jax.lax.ragged_all_to_all`) is GPU/TPU only (XLA:CPU cannot run it, so it could not be tested here);
-at scale prefer token choice with a generous capacity_factor.
+Cost. The capacity path computes every slot, full or empty (a capacity plan's 'blocked' runs as
+'gather' here, logged once; a dropless plan under 'einsum' / 'gather' runs through capacity slots of
+size T: E / k times the grouped FLOPs). The dropless path computes each assignment once; its
+receive buffer is sized for the worst case (every token of the expert axis choosing one device's
+experts), memory only where the Mosaic kernels run: they skip its idle blocks.
 """
 from __future__ import annotations
 
@@ -188,7 +193,8 @@ def expert_parallel(module: MoELayer) -> MoELayer:
 
 
 def shard_module(module: MoELayer, mesh: Mesh, *, train: bool = False,
-                 mutable: bool | Sequence[str] = False, seq_len: int | None = None) -> Callable:
+                 mutable: bool | Sequence[str] = False, seq_len: int | None = None,
+                 always_shard: bool = False) -> Callable:
   """`module.apply` run expert-parallel over `mesh` with `jax.shard_map`.
 
   `module`: an unsharded `MoELayer`, or a model of them (`Transformer`, `ViT`: fields spec,
@@ -198,14 +204,15 @@ def shard_module(module: MoELayer, mesh: Mesh, *, train: bool = False,
   updated collections) when `mutable` names collections (e.g. ['router_bias']). `variables` hold
   global arrays (an unsharded module's tree, e.g. from `init_variables`); x: [B, ...] with B over
   every device; y: [B, ...] sharded alike; aux and mutable collections replicated. On a one-device
-  mesh this is plain `module.apply` (no shard_map: random draws as unsharded).
+  mesh this is plain `module.apply` (no shard_map: random draws as unsharded), unless
+  `always_shard`: then the expert-parallel path runs with its exchange local (tests, benchmarks).
   """
   sharded = expert_parallel(module)
 
   def apply(variables, x, rngs=None):
     check_mesh(module.spec, mesh, batch_size=x.shape[0],
                seq_len=x.shape[1] if seq_len is None else seq_len)
-    if mesh.size == 1:
+    if mesh.size == 1 and not always_shard:
       return module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
     names = list(variables) if mutable is True else list(mutable or ())
     out_specs = (BATCH, P())

@@ -60,6 +60,8 @@ class MoESpec:
     dispatch: 'gather', 'einsum', 'ragged' (see dispatch.py) or 'blocked' (fast_dispatch.py:
       expert-sorted rows and grouped-matmul kernels that run only the used slots; any router).
     activation: 'swiglu' or 'gelu'.
+    num_chunks: dropless routing only: the tokens run in this many chunks, so that under expert
+      parallelism the exchange of one chunk overlaps the experts of another (dispatch.moe_apply).
   """
   router: str = 'token_choice'
   num_experts: int = 8
@@ -85,6 +87,7 @@ class MoESpec:
   group_by: str = 'sequence'
   dispatch: str = 'gather'
   activation: str = 'swiglu'
+  num_chunks: int = 1
 
   def __post_init__(self):
     MOE.one_of('router', self.router, ROUTERS)
@@ -113,6 +116,10 @@ class MoESpec:
     if self.dispatch == 'ragged' and self.capacity_factor is not None:
       MOE.fail('dispatch', 'ragged', 'ragged dispatch runs dropless routing: set '
                "capacity_factor=None or use dispatch='gather'")
+    MOE.positive('num_chunks', self.num_chunks)
+    if self.num_chunks > 1 and self.capacity_factor is not None:
+      MOE.fail('num_chunks', self.num_chunks, 'chunks split dropless routing only: set '
+               'capacity_factor=None or num_chunks=1')
     if self.bias_update_rate < 0:
       MOE.fail('bias_update_rate', self.bias_update_rate, 'use 0 (off) or a positive rate')
     if self.bias_update_rate > 0 and (self.router != 'token_choice' or self.score != 'sigmoid'):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch, routing, spec, validate
+from moe_jax import dispatch, fast_dispatch, routing, spec, validate
 from moe_jax.experts import Experts
 from tests import reference
 
@@ -72,6 +72,22 @@ def test_ragged_matches_reference():
   np.testing.assert_allclose(run(plan, x, module, params, 'ragged'), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize('impl', ['ragged', 'blocked'])
+def test_chunks_of_dropless_tokens_match_reference(impl):
+  """num_chunks runs the tokens in uneven consecutive chunks (12 tokens in 5): the same output."""
+  x = jax.random.normal(jax.random.key(1), (T, D))
+  logits = jax.random.normal(jax.random.key(2), (T, E)) * 2
+  module, params = make_experts()
+  plan = one_group(ROUTERS['dropless'][0](logits).plan)
+  expected = reference.moe_output(np.asarray(x, np.float64),
+                                  ROUTERS['dropless'][1](np.asarray(logits)), expert_fns(params))
+  got = dispatch.moe_apply(plan, x[None], module.bind(params), impl, num_chunks=5)[0]
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  slots = one_group(ROUTERS['top2'][0](logits).plan)
+  with pytest.raises(ValueError, match=r'num_chunks=2 splits the tokens of dropless routing'):
+    dispatch.moe_apply(slots, x[None], module.bind(params), 'gather', num_chunks=2)
+
+
 def test_soft_plan_matches_reference():
   x = jax.random.normal(jax.random.key(1), (T, D))
   logits = jax.random.normal(jax.random.key(3), (T, E, 2))
@@ -115,17 +131,22 @@ def test_every_configurable_dispatch_has_dispatchers():
 
 
 def test_remaps_are_logged_once(caplog):
-  """'ragged' routes one group, and expert parallelism runs 'ragged' / 'blocked' as 'gather'."""
+  """'ragged' routes one group, and expert parallelism runs a SlotPlan's 'blocked' as 'gather'
+  (a DroplessPlan's rows travel by ragged all-to-all: no remap)."""
   validate.log_once.cache_clear()
   caplog.set_level(logging.INFO)
   for _ in range(2):
     spec.MoESpec(capacity_factor=None, dispatch='ragged', group_by='position')
-    plan = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=None).plan)
-    parallel = dispatch.dispatcher(plan, 'ragged', expert_axis='expert')
-    assert isinstance(parallel.buffers, dispatch.Gather)
+    slots = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=1.0).plan)
+    assert isinstance(dispatch.dispatcher(slots, 'blocked', expert_axis='expert').buffers,
+                      dispatch.Gather)
+    dropless = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=None).plan)
+    for executor in ('ragged', 'blocked'):
+      assert isinstance(dispatch.dispatcher(dropless, executor, expert_axis='expert'),
+                        fast_dispatch.BlockedExpertParallel)
   messages = [r.getMessage() for r in caplog.records]
   assert messages == [
       "config.moe.dispatch='ragged' routes one group: group_by='position' runs as 'batch' "
       '(outputs are the same, the load-balancing loss is taken over the whole batch).',
-      "config.moe.dispatch='ragged' runs as 'gather' under expert parallelism (mesh axis "
-      "'expert'): only capacity buffers travel by all_to_all."]
+      "config.moe.dispatch='blocked' runs as 'gather' under expert parallelism (mesh axis "
+      "'expert') for a SlotPlan: its capacity buffers travel by all_to_all."]

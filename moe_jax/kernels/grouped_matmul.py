@@ -463,6 +463,23 @@ def kernel_tilings(lhs_shape, rhs_shape, block_rows: int, tilings=(None, None, N
   return None if None in (fwd, dlhs, drhs) else (fwd, dlhs, drhs)
 
 
+def _vary_like(x, like):
+  """x marked as varying over every manual mesh axis that `like` varies over (inside shard_map):
+  the custom gradient of x, computed from `like`, then has x's type, and autodiff sums it over
+  the axes x was replicated on (e.g. expert weights over 'data')."""
+  axes = tuple(sorted(_varying(like) - _varying(x)))
+  if not axes:
+    return x
+  pcast = getattr(jax.lax, 'pcast', None)  # jax.lax.pvary before it
+  return pcast(x, axes, to='varying') if pcast else jax.lax.pvary(x, axes)
+
+
+def _varying(x) -> frozenset:
+  """The manual mesh axes x varies over (empty outside shard_map)."""
+  aval = jax.typeof(x)
+  return frozenset(aval.mat.varying if hasattr(aval, 'mat') else getattr(aval, 'vma', ()))
+
+
 def grouped_matmul(lhs, rhs, layout: BlockLayout, backend: str | None = None,
                    tilings: tuple = (None, None, None)) -> jax.Array:
   """Differentiable out[r] = lhs[r] @ rhs[expert(r)], zero on idle rows. lhs [M, K], rhs [E, K, N].
@@ -476,7 +493,8 @@ def grouped_matmul(lhs, rhs, layout: BlockLayout, backend: str | None = None,
   if backend != 'xla':
     tilings = kernel_tilings(lhs.shape, rhs.shape, layout.block_rows, tuple(tilings))
     backend = 'xla' if tilings is None else backend
-  out = _grouped(lhs, rhs.astype(lhs.dtype), layout, backend, tuple(tilings or (None,) * 3))
+  out = _grouped(lhs, _vary_like(rhs.astype(lhs.dtype), lhs), layout, backend,
+                 tuple(tilings or (None,) * 3))
   return jnp.where(layout.row_active()[:, None], out, 0)
 
 
