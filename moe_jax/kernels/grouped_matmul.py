@@ -432,7 +432,9 @@ def tgmm(lhs, rhs, layout: BlockLayout, *, backend: str = 'xla',
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grouped(lhs, rhs, layout, backend, tilings):
-  return gmm(lhs, rhs, layout, backend=backend, tiling=tilings[0])
+  # A Pallas call's output does not carry the manual mesh axes its inputs vary over (inside
+  # shard_map); _vary_like restores them so that outputs and gradients type-check.
+  return _vary_like(gmm(lhs, rhs, layout, backend=backend, tiling=tilings[0]), lhs)
 
 
 def _grouped_fwd(lhs, rhs, layout, backend, tilings):
@@ -444,7 +446,7 @@ def _grouped_bwd(backend, tilings, residuals, g):
   dlhs = gmm(g, rhs, layout, transpose_rhs=True, backend=backend, tiling=tilings[1])
   drhs = tgmm(lhs, g, layout, backend=backend, tiling=tilings[2])
   no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
-  return dlhs, drhs.astype(rhs.dtype), no_grad
+  return _vary_like(dlhs, lhs), _vary_like(drhs.astype(rhs.dtype), rhs), no_grad
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
