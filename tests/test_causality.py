@@ -68,7 +68,7 @@ def narrow(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-LOSS_ONLY = ('load_balancing_coef', 'z_loss_coef')  # weigh aux losses; the logits ignore them
+LOSS_ONLY = ('load_balancing_coef', 'z_loss_coef', 'balance_over')  # aux losses only: logits ignore them
 
 
 def _same_test(config) -> str:
