@@ -17,13 +17,17 @@
      2-block LM with that MoE FFN in both blocks.
    efficiency = (one-device time) / (m-device time) at equal tokens per device: 1.0 is perfect.
    The one-device time runs the layer without shard_map; m = 1 also times the sharded path on a
-   one-device mesh (path 'sharded'), whose exchange stays on the device.
+   one-device mesh (path 'sharded'): shard_map around the one-device dispatcher, since an expert
+   axis of one shard exchanges nothing (session 6; before, the rows went through the exchange and
+   back: docs/parallelism.md has those times). The exchange itself is timed from m = 2 on.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -31,10 +35,13 @@ import time
 import jax
 import jax.numpy as jnp
 
-from moe_jax import parallel, tasks, train
+from moe_jax import parallel, ragged_exchange, tasks, train
 from moe_jax.layers import MoELayer
 from moe_jax.models.transformer import Transformer, TransformerConfig
 from moe_jax.spec import MoESpec
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_layer  # noqa: E402  (kernel times from a jax.profiler trace)
 
 EQUALITY = {  # group_by='sequence' everywhere: the sharded layer equals the whole-batch one
     'switch_top1': MoESpec(num_experts=8, d_ff=256, k=1, capacity_factor=1.25),
@@ -186,6 +193,24 @@ def weak_scaling(args, families: dict[str, Family]) -> list[dict]:
   return rows
 
 
+def profile_paths(args, families: dict[str, Family]) -> list[dict]:
+  """Where the sharded path's time goes: kernel times of the layer's forward + backward, one
+  device (no shard_map) against the sharded path on a one-device mesh, per family and routing."""
+  mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+  summaries = []
+  for name in args.families:
+    for routing in args.routings:
+      spec = families[name].spec.replace(**ROUTINGS[routing])
+      for path in ('one-device', 'sharded'):
+        fn, fn_args = layer_step(families[name], spec, mesh, args.tokens_per_device, args.seq,
+                                 sharded=path == 'sharded')
+        per_call = profile_layer.profile(fn, fn_args, iters=3)
+        summaries.append(profile_layer.summarize(f'layer {name} {routing} {path}', per_call,
+                                                 top=args.profile_top))
+        del fn, fn_args
+  return summaries
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', default='parallel_scaling.json')
@@ -199,6 +224,14 @@ def main(argv=None) -> int:
   parser.add_argument('--max-devices', type=int, default=None)
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--skip-equality', action='store_true')
+  parser.add_argument('--exchange', default='auto', choices=('auto', *ragged_exchange.IMPLS),
+                      help="the dropless exchange: 'auto' (ragged_exchange.default_impl), or force "
+                           "the collective ('ragged') or the stand-in ('padded'). XLA's own choice "
+                           'of ragged all-to-all kernel follows XLA_FLAGS (docs/parallelism.md)')
+  parser.add_argument('--profile', action='store_true',
+                      help='instead of timing: kernel times of the layer, one device against the '
+                           'sharded path on a one-device mesh (where shard_map costs go)')
+  parser.add_argument('--profile-top', type=int, default=15, help='kernels listed per profile')
   parser.add_argument('--small', action='store_true',
                       help='tiny shapes, 2 devices at most, 2 iterations, no equality: a CPU smoke '
                            'run (the simulated CPU devices share cores: times mean nothing)')
@@ -209,12 +242,24 @@ def main(argv=None) -> int:
     args.tokens_per_device, args.seq, args.iters, args.skip_equality = 64, 16, 2, True
     args.max_devices = min(args.max_devices or 2, 2)
   n = jax.device_count()
-  print(f'jax {jax.__version__}, {n} x {jax.devices()[0].device_kind}', flush=True)
+  print(f'jax {jax.__version__}, {n} x {jax.devices()[0].device_kind}, exchange {args.exchange}, '
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+  with (contextlib.nullcontext() if args.exchange == 'auto' else
+        ragged_exchange.force(args.exchange)):
+    return run(args, families, n)
+
+
+def run(args, families: dict[str, Family], n: int) -> int:
+  if args.profile:
+    with open(args.out, 'w') as f:
+      json.dump({'jax': jax.__version__, 'device_kind': jax.devices()[0].device_kind,
+                 'profiles': profile_paths(args, families), 'args': vars(args)}, f, indent=2)
+    return 0
   with jax.default_matmul_precision('highest'):
     eq = [] if args.skip_equality else equality(n)
   scaling = weak_scaling(args, families)
   result = {'jax': jax.__version__, 'devices': n, 'device_kind': jax.devices()[0].device_kind,
-            'equality': eq, 'weak_scaling': scaling, 'args': vars(args),
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'equality': eq, 'weak_scaling': scaling, 'args': vars(args),
             'families': {name: repr(families[name]) for name in args.families}}
   with open(args.out, 'w') as f:
     json.dump(result, f, indent=2)

@@ -10,12 +10,17 @@ x tokens, forward FLOPs per token from `transformer.transformer_flops`:
   * 'executed': experts count as executed by capacity buffers (E * C slots per group, capacity
     padding included; attention scores over the full [L, L] matrix), the repo's convention;
   * 'useful': only the k * T routed expert slots count (the same function with dropless routing),
-    and only the causal half of the attention scores (what a kernel that skips masked blocks runs).
+    and only the causal half of the attention scores (what a kernel that skips masked blocks runs);
+  * 'kept': useful less the routed expert FLOPs of the assignments capacity dropped (measured each
+    step from the layers' `assignments_dropped`). With capacity the 'blocked' kernels run only the
+    kept assignments, so 'useful' overstates the work done when tokens drop; 'kept' does not.
+    Dropless (`--capacity-factor none`) drops nothing: kept = useful.
 Peak: H100 / H200 SXM dense bf16, 989 TFLOP/s (the datasheet figure without sparsity; the H200 has
 the H100's matrix units). `--shapes` adds a Mixtral-like and a DeepSeek-like model (`SHAPES`).
 
   python benchmarks/train_step.py --out train_step.json    # GPU: ~1B model, gather and blocked
   python benchmarks/train_step.py --shapes mixtral,deepseek --dispatch blocked --big-batch 0
+  python benchmarks/train_step.py --shapes mixtral --capacity-factor none,1.25 --dispatch blocked
   python benchmarks/train_step.py --small                  # CPU smoke run, seconds
   python benchmarks/train_step.py --deterministic ...      # the same with XLA's deterministic ops
 """
@@ -75,7 +80,7 @@ class Case:
   dispatch: str
   num_experts: int = 8
   k: int = 2
-  capacity_factor: float = 1.25
+  capacity_factor: float | None = 1.25  # None: dropless
   attention: str = 'auto'  # TransformerConfig.attention: 'auto' is cuDNN's fused kernel on GPU
   num_shared_experts: int = 0  # DeepSeekMoE's always-on experts (one dense FFN of n * d_ff)
 
@@ -108,6 +113,11 @@ class Case:
     masked = 4.0 * self.d_model * self.seq_len * (1 - (self.seq_len + 1) / (2 * self.seq_len))
     return full - self.num_layers * masked
 
+  def routed_flops_per_token(self) -> float:
+    """Forward FLOPs of the k routed expert FFNs of one token, over all blocks (SwiGLU: three
+    d x f matrices)."""
+    return self.num_layers * self.k * 2.0 * 3 * self.d_model * self.d_ff
+
   def params(self) -> tuple[int, float]:
     """(total, active per token); active counts k experts (the routing's, not the padding)."""
     total, _ = self._count(transformer.transformer_params, self.spec())
@@ -122,14 +132,15 @@ def make_step(model: Transformer, tx):
   def loss_fn(params, batch):
     logits, aux = model.apply({'params': params}, batch[:, :-1], train=True)
     loss = cross_entropy(logits, batch)
-    return loss + aux['loss'], loss
+    dropped = jnp.mean(jnp.stack([m['assignments_dropped'] for m in aux['layers'].values()]))
+    return loss + aux['loss'], (loss, dropped)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, batch):
-    grads, loss = jax.grad(loss_fn, has_aux=True)(state['params'], batch)
+    grads, (loss, dropped) = jax.grad(loss_fn, has_aux=True)(state['params'], batch)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state["params"], updates)
-    return {'params': params, 'opt_state': opt_state}, loss
+    return {'params': params, 'opt_state': opt_state}, (loss, dropped)
 
   return step
 
@@ -165,32 +176,38 @@ def run_case(case: Case, warmup: int, steps: int, peak: float | None) -> dict:
     pass
   log(f'{case.name}: compiled in {compile_s:.1f}s {mem}')
 
-  times, losses = [], []
+  times, losses, drops = [], [], []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
-    state, loss = compiled(state, batch)
-    loss = jax.block_until_ready(loss)
-    jax.block_until_ready(state)
+    state, (loss, dropped) = compiled(state, batch)
+    jax.block_until_ready((state, loss, dropped))
     dt = time.perf_counter() - t0
     if i >= warmup:
       times.append(dt)
+      drops.append(float(dropped))
     losses.append(float(loss))
   step_s = statistics.median(times)
   executed = 3.0 * case.forward_flops_per_token() * case.tokens
   useful = 3.0 * case.forward_flops_per_token(useful=True) * case.tokens
+  dropped = statistics.mean(drops)  # of the timed steps
+  kept = useful - 3.0 * case.routed_flops_per_token() * case.tokens * dropped
   result = {
       'name': case.name, 'config': dataclasses.asdict(case),
       'params_total': total, 'params_active': active, 'tokens_per_step': case.tokens,
       'step_ms': 1e3 * step_s, 'step_ms_all': [1e3 * t for t in times],
       'tokens_per_s': case.tokens / step_s,
       'step_flops_executed': executed, 'step_flops_useful': useful,
+      'assignments_dropped': dropped, 'step_flops_kept': kept,
       'tflops_executed': executed / step_s / 1e12, 'tflops_useful': useful / step_s / 1e12,
+      'tflops_kept': kept / step_s / 1e12,
       'mfu_executed': None if peak is None else executed / step_s / 1e12 / peak,
       'mfu_useful': None if peak is None else useful / step_s / 1e12 / peak,
+      'mfu_kept': None if peak is None else kept / step_s / 1e12 / peak,
       'compile_s': compile_s, 'losses': losses, **mem,
   }
   log(f'{case.name}: step {result["step_ms"]:.1f} ms (all {[round(t, 1) for t in result["step_ms_all"]]}), '
-      f'{result["tflops_executed"]:.0f} / {result["tflops_useful"]:.0f} TFLOP/s executed / useful, '
+      f'{result["tflops_executed"]:.0f} / {result["tflops_useful"]:.0f} / {result["tflops_kept"]:.0f} '
+      f'TFLOP/s executed / useful / kept, {100 * dropped:.1f}% assignments dropped, '
       f'loss {losses[0]:.3f} -> {losses[-1]:.3f}')
   del state, compiled
   return result
@@ -220,6 +237,14 @@ def check_attention(batch: int = 2, length: int = 2048, heads: int = 16, head_di
   return errors
 
 
+def _parse_cf(text: str) -> float | None:
+  return None if text.lower() == 'none' else float(text)
+
+
+def _cf_name(cf: float | None) -> str:
+  return 'dropless' if cf is None else f'cf{cf:g}'
+
+
 def _count(n: float) -> str:
   return f'{n / 1e9:.3f}B' if n >= 1e8 else f'{n / 1e6:.3f}M'
 
@@ -230,11 +255,11 @@ def table(results: list[dict], peak_name: str) -> str:
 
   lines = [
       f'MFU against {peak_name}; TFLOP/s and MFU as executed (capacity padding and full [L, L] '
-      'scores counted) / useful (k·T expert slots, causal half of the scores); fwd+bwd = 3 x '
-      'forward FLOPs.', '',
-      '| config | params total / active | tokens/step | step ms | TFLOP/s exec / useful '
-      '| MFU exec / useful |',
-      '| --- | --- | --- | --- | --- | --- |']
+      'scores counted) / useful (k·T expert slots, causal half of the scores) / kept (useful less '
+      'the dropped assignments); fwd+bwd = 3 x forward FLOPs.', '',
+      '| config | params total / active | tokens/step | step ms | dropped | TFLOP/s exec / useful '
+      '/ kept | MFU exec / useful / kept |',
+      '| --- | --- | --- | --- | --- | --- | --- |']
   for r in results:
     c = r['config']
     shared = f"+{c['num_shared_experts']} shared" if c.get('num_shared_experts') else ''
@@ -242,13 +267,13 @@ def table(results: list[dict], peak_name: str) -> str:
            f"E={c['num_experts']}{shared}, k={c['k']}, f={c['d_ff']}, cf={c['capacity_factor']}, "
            f"B={c['batch_size']}x{c['seq_len']}, {c['dispatch']}, attention {c['attention']}")
     if 'error' in r:
-      lines.append(f'| {cfg} | | | failed: {r["error"][:80]} | | |')
+      lines.append(f'| {cfg} | | | failed: {r["error"][:80]} | | | |')
       continue
     lines.append(
         f"| {cfg} | {_count(r['params_total'])} / {_count(r['params_active'])} "
-        f"| {r['tokens_per_step']} | {r['step_ms']:.1f} "
-        f"| {r['tflops_executed']:.3g} / {r['tflops_useful']:.3g} "
-        f"| {pct(r['mfu_executed'])} / {pct(r['mfu_useful'])} |")
+        f"| {r['tokens_per_step']} | {r['step_ms']:.1f} | {pct(r['assignments_dropped'])} "
+        f"| {r['tflops_executed']:.3g} / {r['tflops_useful']:.3g} / {r['tflops_kept']:.3g} "
+        f"| {pct(r['mfu_executed'])} / {pct(r['mfu_useful'])} / {pct(r['mfu_kept'])} |")
   return '\n'.join(lines)
 
 
@@ -266,6 +291,8 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=8, help='sequences per step (seq_len 2048)')
   parser.add_argument('--big-batch', type=int, default=16,
                       help='after the others, rerun the fastest dispatch at this batch (0: skip)')
+  parser.add_argument('--capacity-factor', default='1.25',
+                      help="comma-separated capacity factors; 'none': dropless")
   parser.add_argument('--layers', type=int, default=8)
   parser.add_argument('--d-ff', type=int, default=2304, help='expert hidden width')
   parser.add_argument('--warmup', type=int, default=2)
@@ -290,9 +317,11 @@ def main() -> None:
     return
   dispatches = [d.strip() for d in args.dispatch.split(',') if d.strip()]
   attentions = [a.strip() for a in args.attention.split(',') if a.strip()]
+  factors = [_parse_cf(c.strip()) for c in args.capacity_factor.split(',') if c.strip()]
   if args.small:
     base = dict(d_model=64, num_layers=1, num_heads=4, d_ff=128, seq_len=64)
-    cases = [Case(f'small-{d}', batch_size=2, dispatch=d, **base) for d in dispatches]
+    cases = [Case(f'small-{d}-{_cf_name(cf)}', batch_size=2, dispatch=d, capacity_factor=cf,
+                  **base) for cf in factors for d in dispatches]
     big = None
     args.warmup, args.steps = 1, 3
   else:
@@ -300,8 +329,9 @@ def main() -> None:
     for shape in [s.strip() for s in args.shapes.split(',') if s.strip()]:
       base = {**dict(num_layers=args.layers, d_ff=args.d_ff, seq_len=2048), **SHAPES[shape]}
       prefix = '' if shape == 'base' else f'{shape}-'
-      cases += [Case(f'{prefix}{d}-{a}-b{args.batch}', batch_size=args.batch, dispatch=d,
-                     attention=a, **base) for a in attentions for d in dispatches]
+      cases += [Case(f'{prefix}{d}-{a}-{_cf_name(cf)}-b{args.batch}', batch_size=args.batch,
+                     dispatch=d, attention=a, capacity_factor=cf, **base)
+                for cf in factors for a in attentions for d in dispatches]
     big = args.big_batch or None
 
   results = []

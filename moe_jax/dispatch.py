@@ -191,7 +191,8 @@ def dispatcher(plan: Plan, executor: str = 'gather', *, dtype=jnp.float32,
                expert_axis: str | None = None, **options) -> Dispatcher:
   """`plan` bound to `executor`, rows in `dtype`.
 
-  With `expert_axis`, capacity buffers are exchanged over that mesh axis by all_to_all
+  With `expert_axis` (of more than one shard; one shard holds every expert and runs as one device),
+  capacity buffers are exchanged over that mesh axis by all_to_all
   (`ExpertParallel`), and a row executor ('ragged', 'blocked') runs its plan type's
   `EXPERT_PARALLEL` dispatcher, or else 'gather', logged once. `options` go to the dispatchers
   that take them (`fast_dispatch.Blocked`: block_rows, backend, tilings).
@@ -203,6 +204,8 @@ def dispatcher(plan: Plan, executor: str = 'gather', *, dtype=jnp.float32,
     raise ValueError(f'dispatch impl={executor!r} does not run a {type(plan).__name__}: use one '
                      f'of {tuple(table)}.')
   make = table[executor]
+  if expert_axis is not None and jax.lax.axis_size(expert_axis) == 1:
+    expert_axis = None  # every expert is on this device: nothing to exchange (e.g. an 8x1 mesh)
   if expert_axis is not None and not issubclass(make, Buffers):
     if type(plan) in EXPERT_PARALLEL:
       return _bind(EXPERT_PARALLEL[type(plan)], plan, dtype, axis=expert_axis, **options)

@@ -308,7 +308,8 @@ class BlockedExpertParallel:
   dispatch  x [G, T, d] -> this shard's A = G * T * k assignments sorted by expert (`dropless_rows`
             with one-row blocks), then a ragged all-to-all (`ragged_exchange`) sends each expert's
             rows to the shard holding it, where they land block-aligned, expert-sorted: [R, d].
-  matmul    grouped matmuls of the E / m local experts over the used blocks (as `Blocked`).
+  matmul    grouped matmuls of the E / m local experts over the used blocks, SwiGLU's gate and up
+            fused (as `Blocked`).
   combine   the outputs travel back by the reverse exchange and are unpermuted, [G, T, d].
 
   Every assignment is computed exactly once: nothing is dropped, nothing padded beyond the last
@@ -353,8 +354,10 @@ class BlockedExpertParallel:
     rows = permute(sorted_rows, x.reshape(g * t, d).astype(self.dtype))
     return slices.send(rows, layout.num_rows)
 
-  def matmul(self, rows: jax.Array, w: jax.Array) -> jax.Array:
-    return gm.grouped_matmul(rows, w, self._plan[2], self.backend, self.tilings)
+  @functools.cached_property
+  def matmul(self) -> GroupedMatmul:
+    """As `Blocked.matmul`, over the local experts' layout: fused SwiGLU gate / up included."""
+    return GroupedMatmul(self._plan[2], self.backend, tuple(self.tilings))
 
   def combine(self, y: jax.Array) -> jax.Array:
     sorted_rows, slices, _ = self._plan

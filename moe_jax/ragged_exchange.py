@@ -3,19 +3,25 @@
 `ragged_all_to_all` has the semantics of `jax.lax.ragged_all_to_all` (its docstring): slice i of
 this shard's operand, rows input_offsets[i] : + send_sizes[i], goes to shard i // (S / m) of the m
 shards, where it lands at output_offsets[i]; recv_sizes lists the slices coming in, source-major.
-Two implementations (`IMPLS`), chosen by backend (`BY_PLATFORM`) or forced (`force`, for tests):
+Two implementations (`IMPLS`), chosen by backend (`BY_PLATFORM`) or forced (`force`, for tests and
+benchmarks):
 
 * 'ragged'  the collective itself: each row travels once. GPU and TPU.
 * 'padded'  a stand-in with the same semantics for backends without it (XLA:CPU: "UNIMPLEMENTED:
             HLO opcode ragged-all-to-all"): every shard packs its slices for each peer into a
             zero-padded block of `peer_rows` rows, one tiled `all_to_all` trades the blocks, and
             the receiver scatters the rows to their offsets. It moves m * peer_rows rows per shard.
+            On an axis of one shard (m = 1) it is the default on every backend: the rows stay on
+            the device, so a gather and a scatter are the whole exchange. (XLA:GPU's in-process
+            ragged all-to-all kernel took 51 ms there for what the gather and scatter move in well
+            under 1 ms: session 6, docs/parallelism.md.)
 
 `Slices` describes one exchange as seen by every shard, and its return trip (`reverse`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator
 
 import jax
@@ -84,17 +90,23 @@ def force(impl: str) -> Iterator[None]:
     _forced.pop()
 
 
-def default_impl() -> str:
-  """The forced impl, else the backend's (`BY_PLATFORM`; 'padded' for an unknown platform)."""
-  return _forced[-1] if _forced else BY_PLATFORM.get(jax.default_backend(), 'padded')
+def default_impl(axis_size: int | None = None) -> str:
+  """The forced impl, else 'padded' on an axis of one shard, else the backend's (`BY_PLATFORM`;
+  'padded' for an unknown platform)."""
+  if _forced:
+    return _forced[-1]
+  if axis_size == 1:
+    return 'padded'
+  return BY_PLATFORM.get(jax.default_backend(), 'padded')
 
 
 def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
                       axis_name: str, peer_rows: int | None = None,
                       impl: str | None = None) -> jax.Array:
-  """`jax.lax.ragged_all_to_all` by `impl` (default `default_impl()`); peer_rows: see
+  """`jax.lax.ragged_all_to_all` by `impl` (default `default_impl(axis size)`); peer_rows: see
   `padded_all_to_all` (the collective ignores it)."""
-  return IMPLS[impl or default_impl()](operand, output, input_offsets, send_sizes, output_offsets,
+  impl = impl or default_impl(jax.lax.axis_size(axis_name))
+  return IMPLS[impl](operand, output, input_offsets, send_sizes, output_offsets,
                                        recv_sizes, axis_name=axis_name, peer_rows=peer_rows)
 
 
@@ -114,15 +126,41 @@ class Slices:
 
   def send(self, rows: jax.Array, num_rows: int) -> jax.Array:
     """This shard's part of the exchange: rows [N, ...] -> [num_rows, ...], zero where no slice
-    landed."""
-    me = jax.lax.axis_index(self.axis_name)
-    flat = lambda a: a.reshape(-1)
-    out = jnp.zeros_like(rows, shape=(num_rows, *rows.shape[1:]))  # varying as rows
-    return ragged_all_to_all(rows, out, flat(self.src[me]), flat(self.size[me]),
-                             flat(self.dst[me]), flat(self.size[:, me]), axis_name=self.axis_name,
-                             peer_rows=self.peer_rows)
+    landed. Differentiable: when no two slices share a row (a partial permutation, as the dropless
+    dispatch sends), the gradient is the return trip of the output's gradient."""
+    return _send(rows, self.size, self.src, self.dst, self.axis_name, self.peer_rows, num_rows)
 
   def reverse(self) -> Slices:
     """The return trip: every slice goes back from where it landed to where it came from."""
     swap = lambda a: a.swapaxes(0, 1)
     return Slices(swap(self.size), swap(self.dst), swap(self.src), self.axis_name, self.peer_rows)
+
+
+def _exchange(rows, size, src, dst, axis_name, peer_rows, num_rows):
+  me = jax.lax.axis_index(axis_name)
+  flat = lambda a: a.reshape(-1)
+  out = jnp.zeros_like(rows, shape=(num_rows, *rows.shape[1:]))  # varying as rows
+  return ragged_all_to_all(rows, out, flat(src[me]), flat(size[me]), flat(dst[me]),
+                           flat(size[:, me]), axis_name=axis_name, peer_rows=peer_rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _send(rows, size, src, dst, axis_name, peer_rows, num_rows):
+  return _exchange(rows, size, src, dst, axis_name, peer_rows, num_rows)
+
+
+def _send_fwd(rows, size, src, dst, axis_name, peer_rows, num_rows):
+  out = _exchange(rows, size, src, dst, axis_name, peer_rows, num_rows)
+  return out, (size, src, dst, rows.shape[0])
+
+
+def _send_bwd(axis_name, peer_rows, num_rows, residuals, g):
+  """The return trip (a gather, a collective and a scatter) instead of autodiff's transpose
+  (whose scatter-add accumulates into every row of the operand)."""
+  del num_rows
+  size, src, dst, n = residuals
+  swap = lambda a: a.swapaxes(0, 1)
+  return _exchange(g, swap(size), swap(dst), swap(src), axis_name, peer_rows, n), None, None, None
+
+
+_send.defvjp(_send_fwd, _send_bwd)

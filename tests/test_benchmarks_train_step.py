@@ -18,3 +18,10 @@ def test_train_step_benchmark_small(tmp_path):
   for row in report['results']:
     assert 'error' not in row, row
     assert row['step_ms'] > 0 and row['tflops_executed'] >= row['tflops_useful'] > 0, row
+    # 'kept' subtracts exactly the dropped assignments' routed-expert FLOPs from 'useful'
+    assert 0 <= row['assignments_dropped'] <= 1, row
+    case = row['config']
+    routed = 3 * case['num_layers'] * case['k'] * 6 * case['d_model'] * case['d_ff'] * row[
+        'tokens_per_step']
+    assert abs(row['step_flops_useful'] - row['step_flops_kept']
+               - routed * row['assignments_dropped']) <= 1e-6 * row['step_flops_useful'], row

@@ -148,6 +148,15 @@ def test_dropless_rows_travel_by_ragged_all_to_all():
     assert hlo().count('ragged_all_to_all') >= 4  # there and back, forward and backward
 
 
+def test_one_shard_expert_axis_exchanges_nothing():
+  """On an 8x1 mesh every device holds every expert: the layer runs its one-device dispatcher,
+  with no exchange in its program (and equals one device: the test above, 8x1)."""
+  spec, mesh = FAMILIES['top2'], parallel.make_mesh(8, 1)
+  with ragged_exchange.force('ragged'):
+    hlo = sharded(spec, mesh).lower(*inputs(spec)).as_text()
+  assert 'all_to_all' not in hlo  # neither ragged_all_to_all nor the stand-in's all_to_all
+
+
 # --- (c) training -------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import parallel, ragged_exchange
+from moe_jax import fast_dispatch, parallel, ragged_exchange
 from moe_jax.layers import MoELayer
 from tests.test_ep_dropless import (BATCH, FAMILIES, inputs, ragged_problem,
                                     reference_ragged_all_to_all, run_exchange)
@@ -53,9 +53,12 @@ def test_layer_with_collective_matches_stand_in(m, chunks):
 
 
 @pytest.mark.parametrize('m', AXIS_SIZES)
-def test_kernels_behind_the_collective(m):
-  """bf16 at a size where the Mosaic grouped-matmul kernels run (Hopper): the collective and the
-  stand-in move the same rows, so the results agree to bf16 rounding."""
+@pytest.mark.parametrize('fuse', [False, True])
+def test_kernels_behind_the_collective(m, fuse, monkeypatch):
+  """bf16 at a size where the Mosaic grouped-matmul kernels run (Hopper), SwiGLU's gate and up as
+  two kernels or fused into one: the collective and the stand-in move the same rows, so the results
+  agree to bf16 rounding."""
+  monkeypatch.setattr(fast_dispatch, 'FUSE_GATE_UP', fuse)
   spec = FAMILIES['top2'].replace(d_ff=256)
   mesh = parallel.make_mesh(1, m, devices=jax.devices()[:m])
   x = jax.random.normal(jax.random.key(1), (BATCH, 128, 256), jnp.bfloat16)

@@ -115,6 +115,9 @@ def test_grouped_matmul_xla_matches_per_expert_loop():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+_band_order = jax.jit(gm.expert_band_order, static_argnums=(1, 2))  # one compile per example
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 7), min_size=1, max_size=8), st.integers(0, 3), st.integers(1, 5),
        st.integers(1, 4))
@@ -123,7 +126,7 @@ def test_expert_band_order_visits_every_tile_once_in_bands_within_experts(blocks
   """Every (row, column) tile once; active tiles first, each expert's as one stretch, and each
   band of at most `band` rows of one expert sweeps all columns before the next band starts."""
   groups = np.concatenate([np.repeat(np.arange(len(blocks)), blocks), -np.ones(idle, int)])
-  order = np.asarray(gm.expert_band_order(jnp.asarray(groups, jnp.int32), n_iters, band))
+  order = np.asarray(_band_order(jnp.asarray(groups, jnp.int32), n_iters, band))
   assert sorted(order.tolist()) == list(range(groups.size * n_iters))
   rows = order // n_iters
   visited = groups[rows]

@@ -2,7 +2,7 @@
 
 Every router family runs on the 2x4 (data, expert) mesh (hash routing, which needs token ids, in
 tests/test_parallel_train.py); switch, dropless, aux-free and the global-batch balance loss also on 1x8
-(one expert per device), top-2 and expert choice also on 8x1 (pure data parallelism). Each case
+(one expert per device), top-2, expert choice and dropless also on 8x1 (pure data parallelism). Each case
 checks the forward output, aux losses and metrics, and gradients w.r.t. params and inputs, against
 the single-device layer: on the whole batch for group_by='sequence', and on each device's sub-batch
 (outputs concatenated, aux averaged, load summed) for 'position' / 'batch' / dropless (see the
@@ -46,7 +46,7 @@ CASES = {  # name: (spec, compared against the whole batch?)
 }
 MESHES = [((2, 4), name) for name in CASES] + [
     ((1, 8), 'switch'), ((1, 8), 'dropless'), ((1, 8), 'aux_free'), ((1, 8), 'global_balance'),
-    ((8, 1), 'top2'), ((8, 1), 'expert_choice')]
+    ((8, 1), 'top2'), ((8, 1), 'expert_choice'), ((8, 1), 'dropless')]
 
 
 def inputs(name):

@@ -25,6 +25,11 @@ ROUTERS = {
     'hash': {'moe.router': 'hash', 'moe.capacity_factor': None},  # routes by the token ids
 }
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# Parameters after AdamW steps: Adam divides each gradient by its own running scale, so a gradient
+# near zero, summed in another order on another mesh, can move its weight by a visible fraction of
+# the learning rate. Seen: one element of 16,384 in an expert's w_gate, 2.5e-5 apart after three
+# aux-free steps (session 6's CPU host; the CI host stayed under 1e-5). Weights are ~0.4 in scale.
+STATE_TOLERANCE = dict(rtol=1e-5, atol=1e-4)
 
 
 def config(mesh, router='token_choice', data_dir=None, **overrides):
@@ -64,8 +69,11 @@ def test_sharded_steps_match_one_device(shape, router):
   w_in = state['params']['block_1']['moe']['experts']['w_in']
   assert w_in.addressable_shards[0].data.shape[0] == 8 // shape[1]
 
-  jax.tree.map(functools.partial(np.testing.assert_allclose, **TOLERANCE), jax.device_get(
-      (state, metrics)), one_device(router))
+  want_state, want_metrics = one_device(router)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, **STATE_TOLERANCE),
+               jax.device_get(state), want_state)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, **TOLERANCE),
+               jax.device_get(metrics), want_metrics)
   if router == 'aux_free':  # the bias moved, by the same sign update on every shard
     bias = state['model_state']['router_bias']['block_1']['moe']['bias']
     copies = [np.asarray(shard.data) for shard in bias.addressable_shards]

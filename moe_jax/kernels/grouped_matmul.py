@@ -740,12 +740,12 @@ def tgmm_gate_up(x, gu, layout: BlockLayout, *, backend: str = 'interpret',
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _swiglu(x, w_gate, w_up, layout, backend, tilings):
-  return gate_up(x, w_gate, w_up, layout, backend=backend, tiling=tilings[0])
+  return _vary_like(gate_up(x, w_gate, w_up, layout, backend=backend, tiling=tilings[0]), x)
 
 
 def _swiglu_fwd(x, w_gate, w_up, layout, backend, tilings):
   h, gu = gate_up(x, w_gate, w_up, layout, backend=backend, tiling=tilings[0], with_gu=True)
-  return h, (x, w_gate, w_up, gu, layout)
+  return _vary_like(h, x), (x, w_gate, w_up, _vary_like(gu, x), layout)
 
 
 def swiglu_grad(gu, dh, active):
@@ -767,7 +767,8 @@ def _swiglu_bwd(backend, tilings, residuals, dh):
   dx = gate_up_t(dgu, w_gate, w_up, layout, backend=backend, tiling=tilings[1])
   dw_gate, dw_up = tgmm_gate_up(x, dgu, layout, backend=backend, tiling=tilings[2])
   no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
-  return dx, dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype), no_grad
+  return (_vary_like(dx, x), _vary_like(dw_gate.astype(w_gate.dtype), w_gate),
+          _vary_like(dw_up.astype(w_up.dtype), w_up), no_grad)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -793,5 +794,6 @@ def swiglu(x, w_gate, w_up, layout: BlockLayout, backend: str | None = None,
   if fused is None:
     up = grouped_matmul(x, w_up, layout, backend)
     return up * jax.nn.silu(grouped_matmul(x, w_gate, layout, backend))
-  h = _swiglu(x, w_gate.astype(x.dtype), w_up.astype(x.dtype), layout, backend, fused)
+  w_gate, w_up = (_vary_like(w.astype(x.dtype), x) for w in (w_gate, w_up))
+  h = _swiglu(x, w_gate, w_up, layout, backend, fused)
   return jnp.where(layout.row_active()[:, None], h, 0) if mask else h
