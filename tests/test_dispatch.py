@@ -135,15 +135,22 @@ def test_remaps_are_logged_once(caplog):
   (a DroplessPlan's rows travel by ragged all-to-all: no remap)."""
   validate.log_once.cache_clear()
   caplog.set_level(logging.INFO)
-  for _ in range(2):
-    spec.MoESpec(capacity_factor=None, dispatch='ragged', group_by='position')
-    slots = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=1.0).plan)
-    assert isinstance(dispatch.dispatcher(slots, 'blocked', expert_axis='expert').buffers,
-                      dispatch.Gather)
-    dropless = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=None).plan)
-    for executor in ('ragged', 'blocked'):
-      assert isinstance(dispatch.dispatcher(dropless, executor, expert_axis='expert'),
-                        fast_dispatch.BlockedExpertParallel)
+
+  def bind_twice(x):  # inside shard_map over an expert axis of two shards
+    for _ in range(2):
+      spec.MoESpec(capacity_factor=None, dispatch='ragged', group_by='position')
+      slots = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1, capacity_factor=1.0).plan)
+      assert isinstance(dispatch.dispatcher(slots, 'blocked', expert_axis='expert').buffers,
+                        dispatch.Gather)
+      dropless = one_group(routing.token_choice(jnp.zeros((4, 2)), k=1,
+                                                capacity_factor=None).plan)
+      for executor in ('ragged', 'blocked'):
+        assert isinstance(dispatch.dispatcher(dropless, executor, expert_axis='expert'),
+                          fast_dispatch.BlockedExpertParallel)
+    return x
+
+  mesh = jax.make_mesh((2,), ('expert',), devices=jax.devices()[:2])
+  jax.shard_map(bind_twice, mesh=mesh, in_specs=jax.P(), out_specs=jax.P())(jnp.zeros(()))
   messages = [r.getMessage() for r in caplog.records]
   assert messages == [
       "config.moe.dispatch='ragged' routes one group: group_by='position' runs as 'batch' "
