@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make main   the equal-FLOPs router comparison on Tiny Shakespeare (results table + plots)
-#   make test   the test suite, notebooks included (two workers, one test file each at a time)
+#   make test   the test suite, notebooks included (two pytest-xdist workers)
 #   make notebooks   JupyterLab on notebooks/ (installs the `notebooks` extra)
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +21,7 @@ main: $(STAMP)
 	$(VENV)/bin/moe-jax sweep --config configs/compare_routers.py --workdir $(RUNS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -q -n 2 --dist worksteal
 
 notebooks: $(STAMP)
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[notebooks]'
