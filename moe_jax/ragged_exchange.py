@@ -159,8 +159,8 @@ def _send_bwd(axis_name, peer_rows, num_rows, residuals, g):
   (whose scatter-add accumulates into every row of the operand)."""
   del num_rows
   size, src, dst, n = residuals
-  swap = lambda a: a.swapaxes(0, 1)
-  return _exchange(g, swap(size), swap(dst), swap(src), axis_name, peer_rows, n), None, None, None
+  back = Slices(size, src, dst, axis_name, peer_rows).reverse()
+  return _exchange(g, back.size, back.src, back.dst, axis_name, peer_rows, n), None, None, None
 
 
 _send.defvjp(_send_fwd, _send_bwd)
