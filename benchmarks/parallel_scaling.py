@@ -259,7 +259,8 @@ def run(args, families: dict[str, Family], n: int) -> int:
     eq = [] if args.skip_equality else equality(n)
   scaling = weak_scaling(args, families)
   result = {'jax': jax.__version__, 'devices': n, 'device_kind': jax.devices()[0].device_kind,
-            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'equality': eq, 'weak_scaling': scaling, 'args': vars(args),
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'equality': eq, 'weak_scaling': scaling,
+            'args': vars(args),
             'families': {name: repr(families[name]) for name in args.families}}
   with open(args.out, 'w') as f:
     json.dump(result, f, indent=2)
