@@ -75,16 +75,14 @@ def test_gate_up_tilings():
   def errors(t):
     h, gu = gm.gate_up(x, w_gate, w_up, layout, backend='mosaic', tiling=t, with_gu=True)
     return rel_err(h, want_h, rows), rel_err(gu, want_gu, rows)
-  _check_all([t for t in gm.fitting(gm.GATE_UP_TILINGS, BLOCK_ROWS, SIZE, SIZE, 'gate_up')
-              if gm._gate_up_fits(t, 'gate_up')], errors)  # pylint: disable=protected-access
+  _check_all(gm.gate_up_fitting('gate_up', BLOCK_ROWS, SIZE, SIZE), errors)
 
 
 def test_gate_up_t_tilings():
   layout, _, w_gate, w_up, gu, rows = _gate_up_problem()
   want = (gm.gmm(gu[:, :SIZE], w_gate, layout, transpose_rhs=True).astype(jnp.float32)
           + gm.gmm(gu[:, SIZE:], w_up, layout, transpose_rhs=True).astype(jnp.float32))
-  _check_all([t for t in gm.fitting(gm.GATE_UP_T_TILINGS, BLOCK_ROWS, SIZE, SIZE, 'gate_up_t')
-              if gm._gate_up_fits(t, 'gate_up_t')],  # pylint: disable=protected-access
+  _check_all(gm.gate_up_fitting('gate_up_t', BLOCK_ROWS, SIZE, SIZE),
              lambda t: (rel_err(gm.gate_up_t(gu, w_gate, w_up, layout, backend='mosaic',
                                              tiling=t), want, rows),))
 
@@ -97,8 +95,7 @@ def test_tgmm_gate_up_tilings():
     got = gm.tgmm_gate_up(x, gu, layout, backend='mosaic', tiling=t)
     empty = max(float(np.abs(np.asarray(g[1], np.float32)).max()) for g in got)
     return rel_err(got[0], want[0]), rel_err(got[1], want[1]), empty
-  _check_all([t for t in gm.fitting(gm.TGMM_GATE_UP_TILINGS, SIZE, SIZE, None, 'tgmm_gate_up')
-              if gm._gate_up_fits(t, 'tgmm_gate_up')], errors)  # pylint: disable=protected-access
+  _check_all(gm.gate_up_fitting('tgmm_gate_up', SIZE, SIZE), errors)
 
 
 def test_swiglu_default_tilings_grads():

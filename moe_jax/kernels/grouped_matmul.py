@@ -180,19 +180,23 @@ def _transforms(minor: int, dtype):
           plgpu.SwizzleTransform(swizzle))
 
 
-def _store_tile(acc, out_smem, out_ref, wg, t: Tiling):
-  """Writes a warpgroup's [tile_m, tile_n] accumulator via double-buffered SMEM epilogue tiles."""
-  acc = acc.astype(out_ref.dtype)
+def _store_tiles(tiles, out_smem, wg, t: Tiling):
+  """Writes a warpgroup's [tile_m, tile_n] accumulators, each to its GMEM window ((acc, out_ref)
+  pairs), via double-buffered SMEM epilogue tiles. The slots cycle across all the pairs, so one
+  output's stores overlap the next's; only the first waits for the previous tile's stores."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   n_epi = t.tile_n // t.epi
-  for i in range(t.tile_m // t.epi):
-    for j in range(n_epi):
-      slot = (i * n_epi + j) % t.epi_slots
-      rows, cols = slice(i * t.epi, (i + 1) * t.epi), slice(j * t.epi, (j + 1) * t.epi)
-      plgpu.wait_smem_to_gmem(t.epi_slots - 1, wait_read_only=True)
-      out_smem[wg, slot] = acc[rows, cols]
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_ref.at[rows, cols])
+  count = 0
+  for acc, out_ref in tiles:
+    acc = acc.astype(out_ref.dtype)
+    for i in range(t.tile_m // t.epi):
+      for j in range(n_epi):
+        slot, count = count % t.epi_slots, count + 1
+        rows, cols = slice(i * t.epi, (i + 1) * t.epi), slice(j * t.epi, (j + 1) * t.epi)
+        plgpu.wait_smem_to_gmem(t.epi_slots - 1, wait_read_only=True)
+        out_smem[wg, slot] = acc[rows, cols]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_ref.at[rows, cols])
 
 
 def _pipeline(body, context, specs, steps, stages):
@@ -234,102 +238,137 @@ def _tile_grid(t: Tiling, m_iters: int, n_iters: int, minor: int, lead: tuple = 
   return wrap
 
 
+def _expert_row_tiles(t: Tiling, block_group_ref, order_ref, m_iters: int, n_iters: int):
+  """`_tile_grid` over (row tile, column tile) pairs in `order_ref`'s order, calling
+  body(expert, cta_m rows, cta_n columns, ni) for the tiles of an expert's rows; idle tiles are
+  skipped. (Both CTAs of an 'm' cluster own the same expert: see `fitting`.)"""
+  def wrap(body):
+    @_tile_grid(t, m_iters, n_iters, minor=0, order_ref=order_ref)
+    def _tile(mi, ni):
+      group = block_group_ref[mi]
+
+      @pl.when(group >= 0)
+      def _run():
+        body(group, pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n), ni)
+  return wrap
+
+
+def _wg_slices(t: Tiling, wg):
+  """(rows, columns) of the CTA tile that warpgroup wg computes."""
+  wg_m = pl.ds(wg * t.tile_m, t.tile_m) if t.split == 'm' else slice(None)
+  wg_n = pl.ds(wg * t.tile_n, t.tile_n) if t.split == 'n' else slice(None)
+  return wg_m, wg_n
+
+
+def _kernel_scope(t: Tiling, specs, steps: int, like, out_dtype, body):
+  """Runs body(allocs, out_smem, wg) with the pipeline's SMEM stages (for `specs` over refs shaped
+  `like`) and the epilogue buffers allocated once for the persistent kernel; then waits for the
+  last stores."""
+  allocs = _pipeline(_ignore, _ignore, specs, steps, t.stages).get_allocations(*like)
+  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), out_dtype,
+                        transforms=_transforms(t.epi, out_dtype))
+
+  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
+  def _scope(allocs, out_smem):
+    body(allocs, out_smem, lax.axis_index('wg'))
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _run_tile(t: Tiling, specs, steps, operands, allocs, num_accs: int, mma, store):
+  """One output tile: a pipeline of `steps` K steps over `operands`; each step calls
+  mma(SMEM tiles, accumulators) to issue its wgmmas into `num_accs` float32 [tile_m, tile_n]
+  accumulators per warpgroup, and store(their values) writes them at the end."""
+  def context(run):
+    acc = plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)
+
+    @functools.partial(pl.run_scoped, accs=(acc,) * num_accs)
+    def _accs(accs):
+      run(accs)
+      store([a[...] for a in accs])
+
+  def step(_, *tiles_and_accs):
+    *tiles, accs = tiles_and_accs
+    mma(tiles, accs)
+    # Wait for this step's wgmma before its SMEM slot is released. (Releasing a step later,
+    # delay_release=1, races here: the persistent loop restarts the pipeline for each tile and
+    # the next prologue refills the last slot while its wgmma may still read it; the GPU
+    # interpreter reports it as a barrier phase error.)
+    plgpu.wgmma_wait(0)
+    return accs
+
+  _pipeline(step, context, specs, steps, t.stages)(*operands, allocations=allocs)
+
+
 def _gmm_kernel(block_group_ref, order_ref, a_ref, b_ref, out_ref, *, t: Tiling,
                 transpose_rhs: bool):
   m, k = a_ref.shape
   n = out_ref.shape[1]
-  m_iters, n_iters, k_iters = m // t.cluster_m, n // t.cluster_n, k // t.tile_k
   smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM)
   a_spec = plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem, **_multicast(t, 'n'))
   if transpose_rhs:
     b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem, **_multicast(t, 'm'))
   else:
     b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda kk: (kk, 0), **smem, **_multicast(t, 'm'))
-  specs = [a_spec, b_spec]
-  allocs = _pipeline(_ignore, _ignore, specs, k_iters, t.stages).get_allocations(a_ref, b_ref.at[0])
-  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), out_ref.dtype,
-                        transforms=_transforms(t.epi, out_ref.dtype))
+  specs, steps = [a_spec, b_spec], k // t.tile_k
 
-  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
-  def _scope(allocs, out_smem):
-    wg = lax.axis_index('wg')
-    wg_m = pl.ds(wg * t.tile_m, t.tile_m) if t.split == 'm' else slice(None)
-    wg_n = pl.ds(wg * t.tile_n, t.tile_n) if t.split == 'n' else slice(None)
+  def body(allocs, out_smem, wg):
+    wg_m, wg_n = _wg_slices(t, wg)
 
-    @_tile_grid(t, m_iters, n_iters, minor=0, order_ref=order_ref)
-    def _tile(mi, ni):
-      group = block_group_ref[mi]  # the same for both CTAs of an 'm' cluster (see `fitting`)
-      cta_m, cta_n = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
-
-      def context(run):
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
-        def _acc(acc_ref):
-          run(acc_ref)
-          _store_tile(acc_ref[...], out_smem, out_ref.at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
-
-      def mma(_, a_smem, b_smem, acc_ref):
+    @_expert_row_tiles(t, block_group_ref, order_ref, m // t.cluster_m, n // t.cluster_n)
+    def _tile(group, cta_m, cta_n, _):
+      def mma(tiles, accs):
+        a_smem, b_smem = tiles
         b = b_smem.at[wg_n, :].transpose((1, 0)) if transpose_rhs else b_smem.at[:, wg_n]
-        plgpu.wgmma(acc_ref, a_smem.at[wg_m, :], b)
-        # Wait for this step's wgmma before its SMEM slot is released. (Releasing a step later,
-        # delay_release=1, races here: the persistent loop restarts the pipeline for each tile and
-        # the next prologue refills the last slot while its wgmma may still read it; the GPU
-        # interpreter reports it as a barrier phase error.)
-        plgpu.wgmma_wait(0)
-        return acc_ref
+        plgpu.wgmma(accs[0], a_smem.at[wg_m, :], b)
 
-      @pl.when(group >= 0)
-      def _run():
-        expert = b_ref.at[group]
-        b_tile = expert.at[cta_n, :] if transpose_rhs else expert.at[:, cta_n]
-        _pipeline(mma, context, specs, k_iters, t.stages)(
-            a_ref.at[cta_m, :], b_tile, allocations=allocs)
+      def store(values):
+        _store_tiles([(values[0], out_ref.at[cta_m, cta_n].at[wg_m, wg_n])], out_smem, wg, t)
 
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      expert = b_ref.at[group]
+      b_tile = expert.at[cta_n, :] if transpose_rhs else expert.at[:, cta_n]
+      _run_tile(t, specs, steps, (a_ref.at[cta_m, :], b_tile), allocs, 1, mma, store)
+
+  _kernel_scope(t, specs, steps, (a_ref, b_ref.at[0]), out_ref.dtype, body)
+
+
+def _expert_specs(t: Tiling, a_ref, b_ref, halves: int = 1):
+  """specs(first) of tgmm-like kernels: K steps of tile_k rows from row block `first`, one
+  [tile_k, cta_m] tile of a_ref and `halves` [tile_k, cta_n] tiles of b_ref a step."""
+  def specs(first):
+    a_spec = plgpu.BlockSpec((t.tile_k, t.cta_m), lambda j: (first + j, 0),
+                             transforms=_transforms(t.cta_m, a_ref.dtype), memory_space=plgpu.SMEM,
+                             **_multicast(t, 'n'))
+    b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda j: (first + j, 0),
+                             transforms=_transforms(t.cta_n, b_ref.dtype), memory_space=plgpu.SMEM,
+                             **_multicast(t, 'm'))
+    return [a_spec] + [b_spec] * halves
+  return specs
 
 
 def _tgmm_kernel(start_ref, blocks_ref, a_ref, b_ref, out_ref, *, t: Tiling):
   num_experts, p, q = out_ref.shape
-  p_iters, q_iters = p // t.cluster_m, q // t.cluster_n
-  smem = dict(memory_space=plgpu.SMEM)
-  wg_n_size = t.tile_n
+  specs = _expert_specs(t, a_ref, b_ref)
 
-  def specs(first):
-    return [plgpu.BlockSpec((t.tile_k, t.cta_m), lambda j: (first + j, 0),
-                            transforms=_transforms(t.cta_m, a_ref.dtype), **smem,
-                            **_multicast(t, 'n')),
-            plgpu.BlockSpec((t.tile_k, t.cta_n), lambda j: (first + j, 0),
-                            transforms=_transforms(t.cta_n, b_ref.dtype), **smem,
-                            **_multicast(t, 'm'))]
+  def body(allocs, out_smem, wg):
+    _, wg_n = _wg_slices(t, wg)
 
-  allocs = _pipeline(_ignore, _ignore, specs(0), t.stages, t.stages).get_allocations(a_ref, b_ref)
-  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), out_ref.dtype,
-                        transforms=_transforms(t.epi, out_ref.dtype))
-
-  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
-  def _scope(allocs, out_smem):
-    wg = lax.axis_index('wg')
-    wg_n = pl.ds(wg * wg_n_size, wg_n_size)
-
-    @_tile_grid(t, p_iters, q_iters, minor=1, lead=(num_experts,))
+    @_tile_grid(t, p // t.cluster_m, q // t.cluster_n, minor=1, lead=(num_experts,))
     def _tile(e, pi, qi):
       cta_p, cta_q = pl.ds(pi * t.cta_m, t.cta_m), pl.ds(qi * t.cta_n, t.cta_n)
+
+      def mma(tiles, accs):
+        a_smem, b_smem = tiles
+        plgpu.wgmma(accs[0], a_smem.transpose((1, 0)), b_smem.at[:, wg_n])
+
+      def store(values):
+        _store_tiles([(values[0], out_ref.at[e, cta_p, cta_q].at[:, wg_n])], out_smem, wg, t)
+
       first, steps = start_ref[e], blocks_ref[e]  # in tile_k-row steps
+      _run_tile(t, specs(first), steps, (a_ref.at[:, cta_p], b_ref.at[:, cta_q]), allocs, 1,
+                mma, store)
 
-      def context(run):
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
-        def _acc(acc_ref):
-          run(acc_ref)
-          _store_tile(acc_ref[...], out_smem, out_ref.at[e, cta_p, cta_q].at[:, wg_n], wg, t)
-
-      def mma(_, a_smem, b_smem, acc_ref):
-        plgpu.wgmma(acc_ref, a_smem.transpose((1, 0)), b_smem.at[:, wg_n])
-        plgpu.wgmma_wait(0)
-        return acc_ref
-
-      _pipeline(mma, context, specs(first), steps, t.stages)(
-          a_ref.at[:, cta_p], b_ref.at[:, cta_q], allocations=allocs)
-
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  _kernel_scope(t, specs(0), t.stages, (a_ref, b_ref), out_ref.dtype, body)
 
 
 def _launch(body, out_type, backend: str, t: Tiling, *args):
@@ -517,54 +556,34 @@ def _gate_up_kernel(block_group_ref, order_ref, a_ref, bg_ref, bu_ref, h_ref, *g
   and up to gu = [gate | up] [M, 2f]."""
   m, k = a_ref.shape
   f = bg_ref.shape[2]
-  m_iters, n_iters, k_iters = m // t.cta_m, f // t.cta_n, k // t.tile_k
   smem = dict(transforms=_transforms(t.tile_k, a_ref.dtype), memory_space=plgpu.SMEM)
   b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda kk: (kk, 0), **smem)
   specs = [plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem), b_spec, b_spec]
-  allocs = _pipeline(_ignore, _ignore, specs, k_iters, t.stages).get_allocations(
-      a_ref, bg_ref.at[0], bu_ref.at[0])
-  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), h_ref.dtype,
-                        transforms=_transforms(t.epi, h_ref.dtype))
+  steps = k // t.tile_k
 
-  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
-  def _scope(allocs, out_smem):
-    wg = lax.axis_index('wg')
-    wg_m = pl.ds(wg * t.tile_m, t.tile_m) if t.split == 'm' else slice(None)
-    wg_n = pl.ds(wg * t.tile_n, t.tile_n) if t.split == 'n' else slice(None)
+  def body(allocs, out_smem, wg):
+    wg_m, wg_n = _wg_slices(t, wg)
 
-    @_tile_grid(t, m_iters, n_iters, minor=0, order_ref=order_ref)
-    def _tile(mi, ni):
-      group = block_group_ref[mi]
-      cta_m, cta_n = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
-
-      def context(run):
-        acc = plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)
-
-        @functools.partial(pl.run_scoped, acc_g=acc, acc_u=acc)
-        def _acc(acc_g, acc_u):
-          run((acc_g, acc_u))
-          gate, up = acc_g[...], acc_u[...]
-          _store_tile(_silu_mul(gate, up), out_smem, h_ref.at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
-          if gu_ref:
-            up_n = pl.ds(f + ni * t.cta_n, t.cta_n)
-            _store_tile(gate, out_smem, gu_ref[0].at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
-            _store_tile(up, out_smem, gu_ref[0].at[cta_m, up_n].at[wg_m, wg_n], wg, t)
-
-      def mma(_, a_smem, bg_smem, bu_smem, carry):
-        acc_g, acc_u = carry
+    @_expert_row_tiles(t, block_group_ref, order_ref, m // t.cta_m, f // t.cta_n)
+    def _tile(group, cta_m, cta_n, ni):
+      def mma(tiles, accs):
+        a_smem, bg_smem, bu_smem = tiles
         a = a_smem.at[wg_m, :]
-        plgpu.wgmma(acc_g, a, bg_smem.at[:, wg_n])
-        plgpu.wgmma(acc_u, a, bu_smem.at[:, wg_n])
-        plgpu.wgmma_wait(0)  # as in _gmm_kernel: the slot is released after this step
-        return carry
+        plgpu.wgmma(accs[0], a, bg_smem.at[:, wg_n])
+        plgpu.wgmma(accs[1], a, bu_smem.at[:, wg_n])
 
-      @pl.when(group >= 0)
-      def _run():
-        _pipeline(mma, context, specs, k_iters, t.stages)(
-            a_ref.at[cta_m, :], bg_ref.at[group].at[:, cta_n], bu_ref.at[group].at[:, cta_n],
-            allocations=allocs)
+      def store(values):
+        gate, up = values
+        tiles = [(_silu_mul(gate, up), h_ref.at[cta_m, cta_n])]
+        if gu_ref:
+          up_n = pl.ds(f + ni * t.cta_n, t.cta_n)
+          tiles += [(gate, gu_ref[0].at[cta_m, cta_n]), (up, gu_ref[0].at[cta_m, up_n])]
+        _store_tiles([(value, ref.at[wg_m, wg_n]) for value, ref in tiles], out_smem, wg, t)
 
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      operands = (a_ref.at[cta_m, :], bg_ref.at[group].at[:, cta_n], bu_ref.at[group].at[:, cta_n])
+      _run_tile(t, specs, steps, operands, allocs, 2, mma, store)
+
+  _kernel_scope(t, specs, steps, (a_ref, bg_ref.at[0], bu_ref.at[0]), h_ref.dtype, body)
 
 
 def _gate_up_t_kernel(block_group_ref, order_ref, gu_ref, bg_ref, bu_ref, out_ref, *, t: Tiling):
@@ -574,100 +593,66 @@ def _gate_up_t_kernel(block_group_ref, order_ref, gu_ref, bg_ref, bu_ref, out_re
   m = gu_ref.shape[0]
   f = bg_ref.shape[2]
   n = out_ref.shape[1]
-  m_iters, n_iters, k_iters = m // t.cta_m, n // t.cta_n, f // t.tile_k
-  up = f // t.tile_k  # the up half starts this many K blocks in
+  steps = f // t.tile_k  # K steps over each half; the up half starts this many K blocks in
   smem = dict(transforms=_transforms(t.tile_k, gu_ref.dtype), memory_space=plgpu.SMEM)
   b_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), **smem)
   specs = [plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), **smem),
-           plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk + up), **smem), b_spec, b_spec]
-  allocs = _pipeline(_ignore, _ignore, specs, k_iters, t.stages).get_allocations(
-      gu_ref, gu_ref, bg_ref.at[0], bu_ref.at[0])
-  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), out_ref.dtype,
-                        transforms=_transforms(t.epi, out_ref.dtype))
+           plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk + steps), **smem), b_spec, b_spec]
 
-  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
-  def _scope(allocs, out_smem):
-    wg = lax.axis_index('wg')
-    wg_m = pl.ds(wg * t.tile_m, t.tile_m) if t.split == 'm' else slice(None)
-    wg_n = pl.ds(wg * t.tile_n, t.tile_n) if t.split == 'n' else slice(None)
+  def body(allocs, out_smem, wg):
+    wg_m, wg_n = _wg_slices(t, wg)
 
-    @_tile_grid(t, m_iters, n_iters, minor=0, order_ref=order_ref)
-    def _tile(mi, ni):
-      group = block_group_ref[mi]
-      cta_m, cta_n = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
+    @_expert_row_tiles(t, block_group_ref, order_ref, m // t.cta_m, n // t.cta_n)
+    def _tile(group, cta_m, cta_n, _):
+      def mma(tiles, accs):
+        ag_smem, au_smem, bg_smem, bu_smem = tiles
+        plgpu.wgmma(accs[0], ag_smem.at[wg_m, :], bg_smem.at[wg_n, :].transpose((1, 0)))
+        plgpu.wgmma(accs[0], au_smem.at[wg_m, :], bu_smem.at[wg_n, :].transpose((1, 0)))
 
-      def context(run):
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
-        def _acc(acc_ref):
-          run(acc_ref)
-          _store_tile(acc_ref[...], out_smem, out_ref.at[cta_m, cta_n].at[wg_m, wg_n], wg, t)
+      def store(values):
+        _store_tiles([(values[0], out_ref.at[cta_m, cta_n].at[wg_m, wg_n])], out_smem, wg, t)
 
-      def mma(_, ag_smem, au_smem, bg_smem, bu_smem, acc_ref):
-        plgpu.wgmma(acc_ref, ag_smem.at[wg_m, :], bg_smem.at[wg_n, :].transpose((1, 0)))
-        plgpu.wgmma(acc_ref, au_smem.at[wg_m, :], bu_smem.at[wg_n, :].transpose((1, 0)))
-        plgpu.wgmma_wait(0)
-        return acc_ref
+      rows = gu_ref.at[cta_m, :]
+      operands = (rows, rows, bg_ref.at[group].at[cta_n, :], bu_ref.at[group].at[cta_n, :])
+      _run_tile(t, specs, steps, operands, allocs, 1, mma, store)
 
-      @pl.when(group >= 0)
-      def _run():
-        rows = gu_ref.at[cta_m, :]
-        _pipeline(mma, context, specs, k_iters, t.stages)(
-            rows, rows, bg_ref.at[group].at[cta_n, :], bu_ref.at[group].at[cta_n, :],
-            allocations=allocs)
-
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  _kernel_scope(t, specs, steps, (gu_ref, gu_ref, bg_ref.at[0], bu_ref.at[0]), out_ref.dtype,
+                body)
 
 
 def _tgmm_gate_up_kernel(start_ref, blocks_ref, a_ref, gu_ref, outg_ref, outu_ref, *, t: Tiling):
   """outg[e] = a_e.T @ d_gate_e and outu[e] = a_e.T @ d_up_e (gu = [d_gate | d_up] [M, 2f]), one
   A tile and one tile of each half a step, two accumulators per warpgroup (split 'n')."""
   num_experts, p, f = outg_ref.shape
-  p_iters, q_iters = p // t.cta_m, f // t.cta_n
-  smem = dict(memory_space=plgpu.SMEM)
+  specs = _expert_specs(t, a_ref, gu_ref, halves=2)
 
-  def specs(first):
-    b_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda j: (first + j, 0),
-                             transforms=_transforms(t.cta_n, gu_ref.dtype), **smem)
-    return [plgpu.BlockSpec((t.tile_k, t.cta_m), lambda j: (first + j, 0),
-                            transforms=_transforms(t.cta_m, a_ref.dtype), **smem), b_spec, b_spec]
+  def body(allocs, out_smem, wg):
+    _, wg_n = _wg_slices(t, wg)
 
-  allocs = _pipeline(_ignore, _ignore, specs(0), t.stages, t.stages).get_allocations(
-      a_ref, gu_ref, gu_ref)
-  out_smem = plgpu.SMEM((2, t.epi_slots, t.epi, t.epi), outg_ref.dtype,
-                        transforms=_transforms(t.epi, outg_ref.dtype))
-
-  @functools.partial(pl.run_scoped, allocs=allocs, out_smem=out_smem, collective_axes='wg')
-  def _scope(allocs, out_smem):
-    wg = lax.axis_index('wg')
-    wg_n = pl.ds(wg * t.tile_n, t.tile_n)
-
-    @_tile_grid(t, p_iters, q_iters, minor=1, lead=(num_experts,))
+    @_tile_grid(t, p // t.cta_m, f // t.cta_n, minor=1, lead=(num_experts,))
     def _tile(e, pi, qi):
       cta_p, cta_q = pl.ds(pi * t.cta_m, t.cta_m), pl.ds(qi * t.cta_n, t.cta_n)
-      first, steps = start_ref[e], blocks_ref[e]  # in tile_k-row steps
 
-      def context(run):
-        acc = plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)
-
-        @functools.partial(pl.run_scoped, acc_g=acc, acc_u=acc)
-        def _acc(acc_g, acc_u):
-          run((acc_g, acc_u))
-          _store_tile(acc_g[...], out_smem, outg_ref.at[e, cta_p, cta_q].at[:, wg_n], wg, t)
-          _store_tile(acc_u[...], out_smem, outu_ref.at[e, cta_p, cta_q].at[:, wg_n], wg, t)
-
-      def mma(_, a_smem, bg_smem, bu_smem, carry):
-        acc_g, acc_u = carry
+      def mma(tiles, accs):
+        a_smem, bg_smem, bu_smem = tiles
         a = a_smem.transpose((1, 0))
-        plgpu.wgmma(acc_g, a, bg_smem.at[:, wg_n])
-        plgpu.wgmma(acc_u, a, bu_smem.at[:, wg_n])
-        plgpu.wgmma_wait(0)
-        return carry
+        plgpu.wgmma(accs[0], a, bg_smem.at[:, wg_n])
+        plgpu.wgmma(accs[1], a, bu_smem.at[:, wg_n])
 
+      def store(values):
+        _store_tiles([(value, out.at[e, cta_p, cta_q].at[:, wg_n])
+                      for value, out in zip(values, (outg_ref, outu_ref))], out_smem, wg, t)
+
+      first, steps = start_ref[e], blocks_ref[e]  # in tile_k-row steps
       up_q = pl.ds(f + qi * t.cta_n, t.cta_n)
-      _pipeline(mma, context, specs(first), steps, t.stages)(
-          a_ref.at[:, cta_p], gu_ref.at[:, cta_q], gu_ref.at[:, up_q], allocations=allocs)
+      _run_tile(t, specs(first), steps, (a_ref.at[:, cta_p], gu_ref.at[:, cta_q],
+                                         gu_ref.at[:, up_q]), allocs, 2, mma, store)
 
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  _kernel_scope(t, specs(0), t.stages, (a_ref, gu_ref, gu_ref), outg_ref.dtype, body)
+
+
+GATE_UP_CANDIDATES = {'gate_up': GATE_UP_TILINGS, 'gate_up_t': GATE_UP_T_TILINGS,
+                      'tgmm_gate_up': TGMM_GATE_UP_TILINGS}
 
 
 def _gate_up_fits(t: Tiling, kind: str) -> bool:
@@ -678,24 +663,27 @@ def _gate_up_fits(t: Tiling, kind: str) -> bool:
   return t.tile_m % t.epi == 0 and t.tile_n % t.epi == 0
 
 
+def gate_up_fitting(kind: str, m_tile: int, n: int, k: int | None = None) -> list[Tiling]:
+  """The candidate tilings of fused kernel `kind` ('gate_up', 'gate_up_t', 'tgmm_gate_up') that
+  fit (`fitting`, plus the fused kernels' own limits), the default first."""
+  return [t for t in fitting(GATE_UP_CANDIDATES[kind], m_tile, n, k, kind)
+          if _gate_up_fits(t, kind)]
+
+
 def gate_up_tilings(x_shape, f: int, block_rows: int, tilings=(None, None, None)):
   """(gate_up, gate_up_t, tgmm_gate_up) tilings for x [M, d] and weights [E, d, f], or None if one
-  does not fit (the caller then runs the unfused path)."""
+  does not fit (the caller then runs the unfused path). Given tilings come first, then measured
+  winners (`TUNED`, keyed like gmm's: (kind, block_rows, K, N)), then the first fitting."""
   d = x_shape[1]
-  fwd, dx, dw = tilings
+  shapes = {'gate_up': (d, f, block_rows, f, d), 'gate_up_t': (f, d, block_rows, d, f),
+            'tgmm_gate_up': (d, f, d, f, None)}  # kind: (K, N of the key, fitting's m_tile, n, k)
 
-  def pick(given, key, candidates, m_tile, n, k, kind):
-    if given is not None:
-      return given
-    if key in TUNED:
-      return TUNED[key]
-    fits = [t for t in fitting(candidates, m_tile, n, k, kind) if _gate_up_fits(t, kind)]
-    return fits[0] if fits else None
+  def pick(given, kind):
+    key_k, key_n, *fit = shapes[kind]
+    fits = gate_up_fitting(kind, *fit)
+    return given or TUNED.get((kind, block_rows, key_k, key_n)) or (fits[0] if fits else None)
 
-  fwd = pick(fwd, ('gate_up', block_rows, d, f), GATE_UP_TILINGS, block_rows, f, d, 'gate_up')
-  dx = pick(dx, ('gate_up_t', block_rows, f, d), GATE_UP_T_TILINGS, block_rows, d, f, 'gate_up_t')
-  dw = pick(dw, ('tgmm_gate_up', block_rows, d, f), TGMM_GATE_UP_TILINGS, d, f, None,
-            'tgmm_gate_up')
+  fwd, dx, dw = (pick(given, kind) for given, kind in zip(tilings, shapes))
   if dw is not None and block_rows % dw.tile_k:
     dw = None
   return None if None in (fwd, dx, dw) else (fwd, dx, dw)
