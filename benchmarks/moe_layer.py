@@ -373,11 +373,12 @@ def even_layout(experts: int, blocks_per_expert: int, block_rows: int,
 def tune_kernels(case: Case, dtype, iters: int, block_rows: int | None = None,
                  max_candidates: int = 4) -> list[dict]:
   """Times the grouped matmul kernels of the case's six shapes (forward d->f and f->d, their
-  transposed-weight backward, and the weight gradients) on T * k rows split evenly over the experts,
+  transposed-weight backward, and the weight gradients) and the three fused SwiGLU gate/up
+  kernels (`gate_up`, `gate_up_t`, `tgmm_gate_up`) on T * k rows split evenly over the experts,
   for the first `max_candidates` fitting tilings; stores each winner in `grouped_matmul.TUNED` and
   reports TFLOP/s next to the dense matmul of equal FLOPs (XLA / cuBLAS), both in GPU kernel time
-  (CUPTI; wall time off GPU). A tiling whose result
-  differs from the first (default) tiling's by more than 1e-2 relative is rejected as wrong."""
+  (CUPTI; wall time off GPU). A tiling whose result differs from the first (default) tiling's by
+  more than 1e-2 relative is rejected as wrong."""
   rows = case.tokens * case.k
   block_rows = block_rows or fast_dispatch.default_block_rows(rows, case.experts)
   per = -(-rows // case.experts // block_rows)  # blocks per expert
@@ -390,38 +391,59 @@ def tune_kernels(case: Case, dtype, iters: int, block_rows: int | None = None,
   for k, n in ((case.d, case.f), (case.f, case.d)):
     lhs, w, g = rand(m, k), rand(case.experts, k, n), rand(m, n)
     flops = 2.0 * used * k * n
-    twin_args = (lhs[:used], g[:used], w[0])  # the dense twin: one matmul of equal FLOPs
-    # Arrays go in as arguments: closed over, jit would embed them as constants.
-    shapes = {  # kind: (kernel(tiling, a, b, w), dense twin (a, b, w), candidates, TUNED key)
-        'gmm': (lambda t, a, b, w: gm.gmm(a, w, layout, backend=be, tiling=t),
-                lambda a, b, w: a @ w, gm.fitting(gm.GMM_TILINGS, block_rows, n, k),
-                ('gmm', block_rows, k, n)),
-        'gmm_t': (lambda t, a, b, w: gm.gmm(b, w, layout, transpose_rhs=True, backend=be, tiling=t),
-                  lambda a, b, w: b @ w.T, gm.fitting(gm.GMM_TILINGS, block_rows, k, n),
-                  ('gmm_t', block_rows, n, k)),
-        'tgmm': (lambda t, a, b, w: gm.tgmm(a, b, layout, backend=be, tiling=t),
-                 lambda a, b, w: a.T @ b,
+    # kind: (kernel(tiling, *args), args, dense twin of equal FLOPs, its args, FLOPs, candidates,
+    # TUNED key). Arrays go in as arguments: closed over, jit would embed them as constants.
+    shapes = {
+        'gmm': (lambda t, a, w: gm.gmm(a, w, layout, backend=be, tiling=t), (lhs, w),
+                lambda a, w: a @ w, (lhs[:used], w[0]), flops,
+                gm.fitting(gm.GMM_TILINGS, block_rows, n, k), ('gmm', block_rows, k, n)),
+        'gmm_t': (lambda t, b, w: gm.gmm(b, w, layout, transpose_rhs=True, backend=be, tiling=t),
+                  (g, w), lambda b, w: b @ w.T, (g[:used], w[0]), flops,
+                  gm.fitting(gm.GMM_TILINGS, block_rows, k, n), ('gmm_t', block_rows, n, k)),
+        'tgmm': (lambda t, a, b: gm.tgmm(a, b, layout, backend=be, tiling=t), (lhs, g),
+                 lambda a, b: a.T @ b, (lhs[:used], g[:used]), flops,
                  [t for t in gm.fitting(gm.TGMM_TILINGS, k, n) if block_rows % t.tile_k == 0],
                  ('tgmm', block_rows, k, n)),
     }
-    for kind, (kernel, dense, candidates, key) in shapes.items():
+    if (k, n) == (case.d, case.f) and be != 'xla':  # the fused gate/up kernels, twice the FLOPs
+      gu, w2 = jnp.concatenate([g, g], axis=1), jnp.concatenate([w[0], w[0]], axis=1)
+      fused = {
+          'gate_up': (lambda t, a, w: gm.gate_up(a, w, w, layout, backend=be, tiling=t,
+                                                 with_gu=True)[0], (lhs, w),
+                      lambda a, w2: a @ w2, (lhs[:used], w2),
+                      gm.gate_up_fitting('gate_up', block_rows, n, k)),
+          'gate_up_t': (lambda t, gu, w: gm.gate_up_t(gu, w, w, layout, backend=be, tiling=t),
+                        (gu, w), lambda gu, w2: gu @ w2.T, (gu[:used], w2),
+                        gm.gate_up_fitting('gate_up_t', block_rows, k, n)),
+          'tgmm_gate_up': (lambda t, a, gu: gm.tgmm_gate_up(a, gu, layout, backend=be,
+                                                            tiling=t)[0], (lhs, gu),
+                           lambda a, gu: a.T @ gu, (lhs[:used], gu[:used]),
+                           [t for t in gm.gate_up_fitting('tgmm_gate_up', k, n)
+                            if block_rows % t.tile_k == 0]),
+      }
+      keys_of = {'gate_up': (k, n), 'gate_up_t': (n, k), 'tgmm_gate_up': (k, n)}
+      for kind, (kernel, args, dense, dense_args, candidates) in fused.items():
+        shapes[kind] = (kernel, args, dense, dense_args, 2 * flops, candidates,
+                        (kind, block_rows, *keys_of[kind]))
+    for kind, (kernel, args, dense, dense_args, kind_flops, candidates, key) in shapes.items():
       rec = dict(case=case.name, kernel=kind, k=k, n=n, block_rows=block_rows, backend=be,
-                 dense_tflops=flops / kernel_ms(jax.jit(dense), *twin_args, iters=iters) / 1e9,
+                 dense_tflops=kind_flops / kernel_ms(jax.jit(dense), *dense_args,
+                                                     iters=iters) / 1e9,
                  tilings={})
       candidates = candidates[:max_candidates] if be != 'xla' else [None]
       reference = None
       for t in candidates:
         try:
           run = jax.jit(functools.partial(kernel, t))
-          result = run(lhs, g, w)
-          if kind != 'tgmm':  # rows of idle blocks are never written: compare the used rows
+          result = run(*args)
+          if not kind.startswith('tgmm'):  # rows of idle blocks are never written: compare used
             result = result[:used]
           if reference is None:
             reference = result
           elif (err := rel_err(result, reference)) > 1e-2:
             raise AssertionError(f'relative error {err:.1e} against {candidates[0]}')
           del result
-          rec['tilings'][str(t)] = flops / kernel_ms(run, lhs, g, w, iters=iters) / 1e9
+          rec['tilings'][str(t)] = kind_flops / kernel_ms(run, *args, iters=iters) / 1e9
         except Exception as e:  # pylint: disable=broad-except
           rec['tilings'][str(t)] = _short(e)
       del reference
@@ -432,7 +454,7 @@ def tune_kernels(case: Case, dtype, iters: int, block_rows: int | None = None,
         rec.update(best=str(best), tflops=timed[best])
         if best is not None:
           gm.TUNED[key] = best
-      log(f"[{case.name}] {kind:5s} K={k} N={n}: {rec.get('tflops', 0):.0f} TFLOP/s "
+      log(f"[{case.name}] {kind:12s} K={k} N={n}: {rec.get('tflops', 0):.0f} TFLOP/s "
           f"(dense {rec['dense_tflops']:.0f}) {rec.get('best')}")
       out.append(rec)
   return out
