@@ -8,7 +8,11 @@ is the test's tiny LM on a (data 2, expert 4) mesh spanning both processes, star
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+# 4 devices, and the test process's other XLA flags (conftest.py's compile settings): the
+# one-process reference it compares with was compiled with them.
+os.environ['XLA_FLAGS'] = ' '.join(
+    [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+    + ['--xla_force_host_platform_device_count=4'])
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

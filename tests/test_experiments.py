@@ -64,7 +64,10 @@ def test_verdict_needs_the_whole_interval_on_the_claimed_side():
   assert not common.lower_is_reproduced(clear, 'dense', 'moe', 'eval_loss')[0]
 
 
-def test_claims_end_to_end_at_cpu_scale_in_parallel(tmp_path, capsys):
+def test_claims_end_to_end_at_cpu_scale_in_parallel(tmp_path, capsys, monkeypatch):
+  # The claims' processes train for minutes: one device, as on a laptop, and XLA's default
+  # optimization (conftest.py's cheaper compile would slow their 200-step runs by ~30%).
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
   workdir = tmp_path / 'claims'
   argv = ['run', '--scale', 'cpu', '--claims', 'a,b', '--seeds', '2', '--jobs', '2', '--workdir',
           str(workdir), '--data_dir', str(tmp_path / 'tfds')]

@@ -1,4 +1,6 @@
 """The MoE layer end to end against the NumPy reference; causality, gradients, config errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +30,13 @@ SPECS = {
 
 
 def init(spec, x, seed=0):
-  return MoELayer(spec).init(jax.random.key(seed), x)
+  return jax.jit(MoELayer(spec).init)(jax.random.key(seed), x)
+
+
+def apply(spec, variables, x, **kwargs):
+  """MoELayer(spec).apply(variables, x, **kwargs), jitted: run eagerly, the layer executes op by
+  op, each op compiled on its own (the file took 200 s on CI's CPU that way)."""
+  return jax.jit(functools.partial(MoELayer(spec).apply, **kwargs))(variables, x)
 
 
 def silu(v):
@@ -78,14 +86,14 @@ def test_layer_matches_reference(name):
   spec = SPECS[name]
   x = jax.random.normal(jax.random.key(1), (B, L, D))
   variables = init(spec, x)
-  y, aux = MoELayer(spec).apply(variables, x)
+  y, aux = apply(spec, variables, x)
   np.testing.assert_allclose(y, reference_layer(spec, variables, x), atol=2e-5)
   assert set(aux['metrics']) >= {'tokens_per_expert', 'fraction_dropped', 'router_entropy',
                                  'max_over_mean_load', 'assignments_dropped'}
   assert aux['metrics']['tokens_per_expert'].shape == (spec.num_experts,)
 
-  grads = jax.grad(lambda v, x: jnp.sum(MoELayer(spec).apply(v, x)[0] ** 2)
-                   + MoELayer(spec).apply(v, x)[1]['loss'], argnums=(0, 1))(variables, x)
+  grads = jax.jit(jax.grad(lambda v, x: jnp.sum(MoELayer(spec).apply(v, x)[0] ** 2)
+                           + MoELayer(spec).apply(v, x)[1]['loss'], argnums=(0, 1)))(variables, x)
   leaves = jax.tree.leaves(grads)
   assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
   assert np.abs(np.asarray(grads[0]['params']['router']['kernel'])).sum() > 0
@@ -94,7 +102,7 @@ def test_layer_matches_reference(name):
 def test_dropped_tokens_get_zero_output():
   spec = MoESpec(num_experts=4, d_ff=32, k=1, capacity_factor=0.25)  # capacity 0.5 -> 1 of 8
   x = jax.random.normal(jax.random.key(2), (B, L, D))
-  y, aux = MoELayer(spec).apply(init(spec, x), x)
+  y, aux = apply(spec, init(spec, x), x)
   routed = np.abs(np.asarray(y)).sum(-1) > 0  # [B, L]
   assert 0 < routed.sum() <= B * 4  # at most one token per expert per sequence
   np.testing.assert_allclose(aux['metrics']['fraction_dropped'], 1 - routed.mean(), atol=1e-6)
@@ -108,8 +116,8 @@ def test_causal_variants_never_see_future_tokens(name):
   x = jax.random.normal(jax.random.key(3), (B, L, D))
   variables = init(spec, x)
   changed = x.at[:, L // 2:].set(jax.random.normal(jax.random.key(4), (B, L - L // 2, D)) * 3)
-  y0, _ = MoELayer(spec).apply(variables, x)
-  y1, _ = MoELayer(spec).apply(variables, changed)
+  y0, _ = apply(spec, variables, x)
+  y1, _ = apply(spec, variables, changed)
   np.testing.assert_allclose(y0[:, :L // 2], y1[:, :L // 2], atol=1e-6)
   assert not np.allclose(y0[:, L // 2:], y1[:, L // 2:])
 
@@ -119,8 +127,8 @@ def test_non_causal_soft_grouping_sees_future_tokens():
   spec = SPECS['soft'].replace(group_by='sequence')
   x = jax.random.normal(jax.random.key(3), (B, L, D))
   variables = init(spec, x)
-  y0, _ = MoELayer(spec).apply(variables, x)
-  y1, _ = MoELayer(spec).apply(variables, x.at[:, -1].set(5.0))
+  y0, _ = apply(spec, variables, x)
+  y1, _ = apply(spec, variables, x.at[:, -1].set(5.0))
   assert not np.allclose(y0[:, 0], y1[:, 0])
 
 
@@ -129,10 +137,10 @@ def test_aux_free_bias_updates_only_in_training():
   x = jax.random.normal(jax.random.key(5), (B, L, D)) + 1.0
   variables = init(spec, x)
   np.testing.assert_array_equal(variables['router_bias']['bias'], np.zeros(4))
-  (_, aux), state = MoELayer(spec).apply(variables, x, train=True, mutable=['router_bias'])
+  (_, aux), state = apply(spec, variables, x, train=True, mutable=['router_bias'])
   load = np.asarray(aux['metrics']['tokens_per_expert'])
   np.testing.assert_allclose(state['router_bias']['bias'], 0.01 * np.sign(load.mean() - load))
-  _, state = MoELayer(spec).apply(variables, x, train=False, mutable=['router_bias'])
+  _, state = apply(spec, variables, x, train=False, mutable=['router_bias'])
   np.testing.assert_array_equal(state['router_bias']['bias'], np.zeros(4))
 
 
@@ -140,12 +148,12 @@ def test_jitter_and_noise_use_the_router_rng():
   spec = SPECS['switch'].replace(jitter=0.1, noise_std=1.0)
   x = jax.random.normal(jax.random.key(6), (B, L, D))
   variables = init(spec, x)
-  outs = [MoELayer(spec).apply(variables, x, train=True, rngs={'router': jax.random.key(i)})[0]
+  outs = [apply(spec, variables, x, train=True, rngs={'router': jax.random.key(i)})[0]
           for i in (0, 0, 1)]
   np.testing.assert_array_equal(outs[0], outs[1])
   assert not np.allclose(outs[0], outs[2])
-  y_eval, _ = MoELayer(spec).apply(variables, x)  # no noise, no rng needed at eval
-  y_plain, _ = MoELayer(SPECS['switch']).apply(variables, x)
+  y_eval, _ = apply(spec, variables, x)  # no noise, no rng needed at eval
+  y_plain, _ = apply(SPECS['switch'], variables, x)
   np.testing.assert_array_equal(y_eval, y_plain)
 
 
