@@ -1,4 +1,5 @@
 """Dispatch/combine implementations compute the same function as the plain reference."""
+import functools
 import logging
 
 import jax
@@ -32,6 +33,7 @@ def one_group(tree):
   return jax.tree.map(lambda leaf: leaf[None], tree)
 
 
+@functools.partial(jax.jit, static_argnames=('module', 'impl'))  # eager would run op by op
 def run(plan, x, module, params, impl):
   return dispatch.moe_apply(one_group(plan), x[None], module.bind(params), impl)[0]
 
@@ -54,7 +56,7 @@ def test_sparse_plans_match_reference(impl):
   logits = jax.random.normal(jax.random.key(2), (T, E)) * 2
   module, params = make_experts()
   for name, (router, ref) in ROUTERS.items():
-    plan, combine = router(logits).plan, ref(np.asarray(logits))
+    plan, combine = jax.jit(router)(logits).plan, ref(np.asarray(logits))
     expected = reference.moe_output(np.asarray(x, np.float64), combine, expert_fns(params))
     np.testing.assert_allclose(run(plan, x, module, params, impl), expected, atol=1e-5,
                                err_msg=name)
@@ -109,7 +111,8 @@ def test_gradients_agree_across_implementations(name):
     plan = ROUTERS[name][0](logits).plan
     return jnp.sum(run(plan, x, module, params, impl) ** 2)
 
-  grads = [jax.grad(loss, argnums=(0, 1, 2))(params, x, logits, impl) for impl in impls]
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  grads = [grad(params, x, logits, impl) for impl in impls]
   for other in grads[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grads[0], other)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(grads))
