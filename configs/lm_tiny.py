@@ -64,10 +64,14 @@ def at_scale(config: ml_collections.ConfigDict, scale: str) -> None:
     config.train.update(steps=200, warmup_steps=10, learning_rate=1e-2, log_every=10,
                         eval_every=100, eval_batches=4)
   else:
-    config.data.update(name='english_mix', seq_len=256, batch_size=32)
-    config.model.update(d_model=256, num_layers=4, num_heads=4, d_ff=1024, moe_every=2)
-    config.moe.update(num_experts=8, d_ff=1024)
-    # 1,200 x 8,192 = 9.8M tokens: 0.2 of a pass over English mix's 50M training bytes.
-    config.train.update(steps=1200, warmup_steps=100, learning_rate=3e-3, log_every=10,
-                        eval_every=300, eval_batches=16)  # 16 x 32 x 256 of the ~0.5M held out
+    # Sized for runs that settle (experiments/PROTOCOL.md): a 34M-parameter dense model, batches of
+    # 64 x 512 = 32,768 bytes, 1,500 steps = 49M bytes, about one pass over English mix's 50.4M
+    # training bytes; bf16 compute with float32 weights (the router is float32 whatever the dtype).
+    config.deterministic = False  # the pilot's seed noise includes XLA:GPU's reduction order
+    config.data.update(name='english_mix', seq_len=512, batch_size=64)
+    config.model.update(d_model=512, num_layers=8, num_heads=8, d_ff=2048, moe_every=2,
+                        dtype='bfloat16')
+    config.moe.update(num_experts=8, d_ff=2048)
+    config.train.update(steps=1500, warmup_steps=75, learning_rate=1e-3, log_every=10,
+                        eval_every=250, eval_batches=12)  # 12 x 64 x 512 of the ~0.5M held out
   config.train.update(checkpoint_every=0, progress=False)  # final checkpoint only

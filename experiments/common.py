@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import time
 from typing import Callable, Sequence
 
 import ml_collections
@@ -25,7 +24,6 @@ from scipy import stats
 
 from configs import lm_tiny, vit_digits
 from configs.common import SCALES  # noqa: F401 (the scales of every claim; --scale)
-from moe_jax import reproducibility, run_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASES = {'lm': lm_tiny, 'vit': vit_digits}  # each task's base config (`at_scale` presets)
@@ -53,40 +51,44 @@ def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
   return config
 
 
-# --- Running -----------------------------------------------------------------------------------
+# --- Running ---------------------------------------------------------------------------------
 
 
-def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: int | None = None,
-              data_dir: str | None = None, log: Callable = print) -> 'Verdict':
-  """Trains every member x seed of `module.get_config(scale)` into `workdir` and returns the
-  verdict. seeds: use only the first `seeds` seeds; data_dir: the TFDS data dir of every run."""
-  claim = module.get_config(scale)
-  chosen = list(claim.seeds)[:seeds] if seeds else list(claim.seeds)
+def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: Sequence[int] | None = None,
+              data_dir: str | None = None, jobs: int = 1, log: Callable = print) -> 'Verdict':
+  """Trains every member x seed of `module.get_config(scale)` into `workdir` (the claims' root;
+  runs go to `workdir/<key>_<claim>/`, see `experiments.runs`) and returns the verdict.
+  seeds: the seeds to run (default: the claim's own)."""
+  from experiments import runs as runs_lib
+  key = runs_lib.key_of(module)
+  chosen = list(seeds if seeds is not None else module.get_config(scale).seeds)
   if len(chosen) < 2:
-    raise ValueError(f'--seeds={seeds} is too few: an interval needs at least 2 seeds.')
-  if data_dir is not None:
-    claim.base.data.data_dir = data_dir
-  reproducibility.configure_from(claim.base)  # before building members starts JAX's backends
-  from moe_jax import sweep, train  # heavy imports only when a claim runs
-  members = sweep.build_members(claim)  # validates and checks equal FLOPs before any training
+    raise ValueError(f'seeds={chosen} are too few: an interval needs at least 2 seeds.')
+  runs = runs_lib.claim_runs(key, scale, chosen, workdir, data_dir)
   workdir.mkdir(parents=True, exist_ok=True)
+  runs_lib.train_all(runs, scale=scale, workdir=workdir, jobs=jobs, data_dir=data_dir, log=log)
+  return verdict_of(module, runs)
+
+
+def collect(runs) -> dict:
+  """{member: {'description', 'runs': [run_numbers of each seed, in seed order]}} of `runs`."""
+  from moe_jax import sweep
   results = {}
-  for name, config in members.items():
-    results[name] = []
-    for seed in chosen:
-      directory = workdir / name / f'seed_{seed}'
-      config = ml_collections.ConfigDict(config.to_dict())
-      config.seed = seed
-      if run_dir.finished_summary(directory, config.train.steps) is not None:
-        log(f'  {name} seed {seed}: finished earlier, reused')
-      else:
-        start = time.perf_counter()
-        train.train(config, directory)
-        log(f'  {name} seed {seed}: trained in {time.perf_counter() - start:.0f} s')
-      results[name].append(run_numbers(directory))
-    results[name] = {'description': sweep.describe(config), 'runs': results[name]}
+  for run in runs:
+    entry = results.setdefault(run.member, {'description': sweep.describe(run.config), 'runs': []})
+    entry['runs'].append({**run_numbers(run.directory), 'seed': run.seed})
+  return results
+
+
+def verdict_of(module, runs) -> 'Verdict':
+  """The claim's verdict over its finished `runs`, checked against overfitting."""
+  results = collect(runs)
   train_s = sum(run.get('wall_s') or 0.0 for result in results.values() for run in result['runs'])
-  return dataclasses.replace(check_not_overfit(module.verdict(results), results), train_s=train_s)
+  metric = getattr(module, 'METRIC', 'eval_loss')
+  per_seed = {name: {run['seed']: run[metric] for run in result['runs']}
+              for name, result in results.items()}
+  return dataclasses.replace(check_not_overfit(module.verdict(results), results), train_s=train_s,
+                             metric=metric, per_seed=per_seed)
 
 
 # A run whose final held-out loss is more than this far (relative) above its best evaluation has
@@ -96,7 +98,7 @@ OVERFIT_TOLERANCE = 0.01
 
 def check_not_overfit(verdict: 'Verdict', results: dict) -> 'Verdict':
   """`verdict`, or, if any run's held-out loss rose above its best by > OVERFIT_TOLERANCE, the
-  same verdict marked not reproduced and INVALID, naming the worst run of each member."""
+  same verdict marked invalid, naming the worst run of each member."""
   worst = {name: max(run['overfit'] for run in result['runs']) for name, result in results.items()}
   over = {name: rise for name, rise in worst.items() if rise > OVERFIT_TOLERANCE}
   note = ('held-out loss at the end vs its best evaluation, worst seed: ' + ', '.join(
@@ -104,7 +106,7 @@ def check_not_overfit(verdict: 'Verdict', results: dict) -> 'Verdict':
   if not over:
     return dataclasses.replace(verdict, notes=verdict.notes + (note,))
   return dataclasses.replace(
-      verdict, reproduced=False, notes=verdict.notes + (note,),
+      verdict, outcome='invalid', notes=verdict.notes + (note,),
       summary=verdict.summary + f'; INVALID comparison: the runs overfit (held-out loss rose '
       f'{max(over.values()):.1%} above its best in {", ".join(over)}); train for fewer steps')
 
@@ -173,19 +175,82 @@ def paired(results: dict, member: str, baseline: str, metric: str) -> Interval:
                                  values(results, baseline, metric)))
 
 
+# The outcomes of a claim. reproduced: the 95% interval of the paired difference lies wholly on
+# the claimed side of the margin; refuted: wholly on the other side; inconclusive: it straddles the
+# margin, and the minimum detectable effect (`minimum_detectable_effect`) says how large an
+# effect these seeds could have found. invalid: the comparison itself failed a check (overfit
+# runs, unequal parameters). not tested: the claim's regime is out of this table's reach.
+OUTCOMES = ('reproduced', 'refuted', 'inconclusive', 'invalid', 'not tested')
+POWER = 0.8
+
+
+def minimum_detectable_effect(sd: float, n: int, power: float = POWER) -> float:
+  """The smallest true mean difference that a two-sided 95% paired t-interval over n seeds
+  excludes from the far side with probability `power`, given the sd of the paired differences:
+  (t(0.975, n-1) + t(power, n-1)) * sd / sqrt(n)."""
+  if n < 2:
+    return math.inf
+  return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """One tested difference `member - baseline` of `metric`, claimed below `margin`."""
+  outcome: str
+  line: str
+  diff: Interval
+  mde: float
+
+
+def compare_lower(results: dict, member: str, baseline: str, metric: str, *,
+                  margin: float = 0.0, what: str = 'eval loss') -> Comparison:
+  """Whether `member` has a lower `metric` than `baseline` by the paired 95% interval: below
+  `margin` wholly (reproduced; margin 0: 'beats', m > 0: 'worse by less than m'), above it wholly
+  (refuted), or neither (inconclusive, with the minimum detectable effect at POWER)."""
+  diffs = np.subtract(values(results, member, metric), values(results, baseline, metric))
+  diff = Interval.of(diffs)
+  mde = minimum_detectable_effect(float(np.std(diffs, ddof=1)), len(diffs)) if len(diffs) > 1 \
+      else math.inf
+  if diff.high < margin:
+    outcome, why = 'reproduced', ''
+  elif diff.low > margin:
+    outcome, why = 'refuted', ''
+  else:
+    outcome, why = 'inconclusive', f'; minimum detectable effect {mde:.4f} at {POWER:.0%} power'
+  per_seed = ', '.join(f'{d:+.4f}' for d in diffs)
+  line = (f'{what} {member} − {baseline} = {diff.format()} (95% CI [{diff.low:.4f}, '
+          f'{diff.high:.4f}], n={diff.n}; per seed {per_seed}); claimed < {margin:g}: '
+          f'{outcome}{why}')
+  return Comparison(outcome, line, diff, mde)
+
+
+def combined(outcomes: Sequence[str]) -> str:
+  """All claimed parts must hold: reproduced if every part is, refuted if any part is, else
+  inconclusive."""
+  if all(o == 'reproduced' for o in outcomes):
+    return 'reproduced'
+  return 'refuted' if 'refuted' in outcomes else 'inconclusive'
+
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-  """A claim's outcome: 'reproduced' or 'not reproduced', the key numbers in one line, and the
-  rows of its table ({member: {column: text}})."""
-  reproduced: bool
+  """A claim's outcome (one of OUTCOMES), the key numbers in one line, and the rows of its table
+  ({member: {column: text}})."""
+  outcome: str
   summary: str
   rows: dict
   notes: tuple[str, ...] = ()
-  train_s: float = 0.0  # the runs' summed wall time (set by `run_claim`)
+  train_s: float = 0.0  # the runs' summed wall time (set by `verdict_of`)
+  metric: str = 'eval_loss'  # the claim's metric and its value per member and seed (`verdict_of`)
+  per_seed: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.outcome not in OUTCOMES:
+      raise ValueError(f'verdict outcome {self.outcome!r} is not one of {OUTCOMES}')
 
   @property
   def label(self) -> str:
-    return 'reproduced' if self.reproduced else 'not reproduced'
+    return self.outcome
 
 
 def member_rows(results: dict, metrics: Sequence[tuple[str, str, int]]) -> dict:
@@ -204,22 +269,3 @@ def member_rows(results: dict, metrics: Sequence[tuple[str, str, int]]) -> dict:
       row[title] = Interval.of(values(results, name, metric)).format(digits)
     rows[name] = row
   return rows
-
-
-def lower_is_reproduced(results: dict, member: str, baseline: str, metric: str, *,
-                        margin: float = 0.0, what: str = 'eval loss') -> tuple[bool, str]:
-  """Whether `member` has a lower `metric` than `baseline` (margin 0: 'beats'; margin m > 0:
-  'matches or beats', i.e. worse by less than m): the whole 95% interval of the paired
-  difference lies below `margin`. Returns (reproduced, one line of numbers)."""
-  diff = paired(results, member, baseline, metric)
-  ok = diff.high < margin
-  if ok:
-    why = ''
-  elif diff.mean < margin:
-    why = ' (in the claimed direction, but the interval reaches the margin: not significant)'
-  else:
-    why = ' (the opposite direction)'
-  bound = f' < {margin:g}' if margin else ' < 0'
-  line = (f'{what} {member} − {baseline} = {diff.format()} (95% CI [{diff.low:.4f}, '
-          f'{diff.high:.4f}], n={diff.n}); needs the CI{bound}{why}')
-  return ok, line

@@ -17,6 +17,9 @@ SOURCE = 'Dai et al. 2024, DeepSeekMoE (sec. 3, table 1)'
 PARAMS_TOLERANCE = 0.05
 
 
+# The paired differences (member, baseline, metric) the verdict tests, each claimed < its margin.
+COMPARISONS = [('fine_grained_shared', 'gshard_top2', 'eval_loss')]
+
 def get_config(scale: str = 'cpu'):
   return common.sweep_config('lm', scale, flops_match='active', members={
       'gshard_top2': {'moe': {'router': 'token_choice', 'num_experts': 8, 'k': 2,
@@ -27,13 +30,13 @@ def get_config(scale: str = 'cpu'):
 
 
 def verdict(results) -> common.Verdict:
-  ok, line = common.lower_is_reproduced(results, 'fine_grained_shared', 'gshard_top2',
-                                        'eval_loss')
+  test = common.compare_lower(results, 'fine_grained_shared', 'gshard_top2', 'eval_loss')
+  outcome, line = test.outcome, test.line
   params = {name: r['runs'][0]['params_total'] for name, r in results.items()}
   gap = params['fine_grained_shared'] / params['gshard_top2'] - 1
   notes = (f'total params fine_grained_shared / gshard_top2 - 1 = {gap:+.2%} '
            f'(tolerance {PARAMS_TOLERANCE:.0%})',)
   if abs(gap) > PARAMS_TOLERANCE:
-    ok, line = False, line + f'; INVALID comparison: total params differ by {gap:+.1%}'
-  return common.Verdict(ok, line, common.member_rows(
+    outcome, line = 'invalid', line + f'; INVALID comparison: total params differ by {gap:+.1%}'
+  return common.Verdict(outcome, line, common.member_rows(
       results, [('eval_loss', 'eval loss', 4), ('dropped', 'dropped', 3)]), notes)

@@ -15,6 +15,12 @@ from experiments import common
 STATEMENT = ('Soft MoE beats sparse token-choice (top-2) and expert-choice routers on a ViT at '
              'equal FLOPs per token (lower test loss).')
 SOURCE = 'Puigcerver et al. 2023, From Sparse to Soft Mixtures of Experts (sec. 3, fig. 3)'
+# Why this table cannot test the claim (experiments/PROTOCOL.md): the paper's gains are for ViTs
+# of S/16 and larger with 32-256 experts trained on JFT-4B for 300k+ steps; the largest image set
+# available offline here is Fashion-MNIST (60,000 28x28 grey images), on which 8-expert ViTs of
+# ~1M parameters saturate within a few epochs.
+NOT_AT_PAPER_SCALE = ('not tested at the paper\'s scale: its gains are for ViT-S/16 and larger '
+                      'with 32-256 experts on JFT-4B; offline data here stops at Fashion-MNIST.')
 
 
 MEMBERS = {
@@ -24,15 +30,19 @@ MEMBERS = {
 }
 
 
+# The paired differences (member, baseline, metric) the verdict tests, each claimed < its margin.
+COMPARISONS = [('soft_moe', 'token_choice_top2', 'eval_loss'), ('soft_moe', 'expert_choice', 'eval_loss')]
+
 def get_config(scale: str = 'cpu'):
   return common.sweep_config('vit', scale, MEMBERS, flops_match='executed',
                              seeds=range(3) if scale == 'cpu' else range(4))
 
 
 def verdict(results) -> common.Verdict:
-  checks = [common.lower_is_reproduced(results, 'soft_moe', other, 'eval_loss', what='test loss')
-            for other in ('token_choice_top2', 'expert_choice')]
-  return common.Verdict(all(ok for ok, _ in checks), '; '.join(line for _, line in checks),
+  tests = [common.compare_lower(results, 'soft_moe', other, 'eval_loss', what='test loss')
+           for other in ('token_choice_top2', 'expert_choice')]
+  return common.Verdict('not tested', NOT_AT_PAPER_SCALE + ' Measured here: ' + '; '.join(
+      test.line for test in tests),
                         common.member_rows(results, [('eval_loss', 'test loss', 4),
                                                      ('eval_accuracy', 'test accuracy', 3),
                                                      ('dropped', 'dropped', 3)]))
