@@ -22,6 +22,6 @@ import pytest  # noqa: E402
 def _fresh_jax_caches():
   """Drops JAX's compiled executables after each test file: the one pytest process of the suite
   (CI: 2 cores) otherwise accumulates hundreds of compiled models, and XLA:CPU once crashed
-  (segmentation fault in compilation) late in a session-5 CI run."""
+  (segmentation fault in compilation) late in a run of the whole suite."""
   yield
   jax.clear_caches()

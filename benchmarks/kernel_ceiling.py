@@ -1,4 +1,4 @@
-"""Device-time bounds for issue #5: our kernels against cuBLAS and jax's Mosaic GPU matmul.
+"""Device-time bounds of the MoE layer: our kernels against cuBLAS and jax's Mosaic GPU matmul.
 
 Answers "is the gap to the dense ceiling in our grouped kernels, in Mosaic GPU, or in the expert
 shapes themselves?". Everything is timed with CUPTI (`mosaic.gpu.profiler.measure`: summed GPU

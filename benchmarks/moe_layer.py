@@ -13,10 +13,10 @@ the same layer with the expert products on `jax.lax.ragged_dot` ('ragged') or on
 `tokamax.ragged_dot` ('tokamax', an optional dependency: skipped when it is not installed; its
 default implementation choice and configs, or its own autotuner with --tokamax-autotune).
 'blocked_unfused' / 'blocked_fused' (dropless) are 'blocked' with gate and up as two grouped
-matmuls (before issue #14) / always fused (`fast_dispatch.FUSE_GATE_UP`; 'blocked' fuses by shape),
+matmuls / always fused (`fast_dispatch.FUSE_GATE_UP`; 'blocked' fuses by the expert width f),
 for the A/B of the fused gate+up kernels.
 
-  python benchmarks/moe_layer.py --out moe_layer.json     # GPU: the issue's cases and a small one
+  python benchmarks/moe_layer.py --out moe_layer.json     # GPU: mixtral, fine64, switch64, small
   python benchmarks/moe_layer.py --small                  # CPU smoke run, seconds
 """
 from __future__ import annotations
@@ -486,7 +486,7 @@ def table(results: list[dict]) -> str:
 
 
 def peer_table(results: list[dict]) -> str:
-  """The issue-#14 view: fwd+bwd ratio to the dense FFN of each dispatch and peer, per case."""
+  """The peer view: fwd+bwd ratio to the dense FFN of each dispatch and peer, per case."""
   cols = [('dropless', FAST), ('top_k', FAST), ('dropless', UNFUSED), ('dropless', FUSED),
           ('dropless', 'ragged'), ('dropless', 'tokamax')]
   names = {'dropless': 'dropless', 'top_k': 'cf 1.25'}

@@ -18,8 +18,8 @@
    efficiency = (one-device time) / (m-device time) at equal tokens per device: 1.0 is perfect.
    The one-device time runs the layer without shard_map; m = 1 also times the sharded path on a
    one-device mesh (path 'sharded'): shard_map around the one-device dispatcher, since an expert
-   axis of one shard exchanges nothing (session 6; before, the rows went through the exchange and
-   back: docs/parallelism.md has those times). The exchange itself is timed from m = 2 on.
+   axis of one shard exchanges nothing (docs/parallelism.md has the times of the exchange path
+   on one GPU). The exchange itself is timed from m = 2 on.
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ from moe_layer import elapsed, log  # noqa: E402
 PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (no sparsity)
 PEAK_NAME = 'H100/H200 SXM dense bf16 989 TFLOP/s'
 
-# Model shapes (`--shapes`). 'base': the ~1B model of sessions 1-4 (its width, depth and expert
+# Model shapes (`--shapes`). 'base': the ~1B model of docs/performance.md (its width, depth, expert
 # width follow --d-ff / --layers). 'mixtral': Mixtral-8x7B's block (d 4096, 32 heads, 8 experts of
 # f 14336, top-2) at 2 blocks, so that float32 parameters and AdamW state (~46 GB) fit one GPU.
 # 'deepseek': DeepSeekMoE-16B's block (d 2048, 16 heads, 64 experts of f 1408, top-6, 2 shared

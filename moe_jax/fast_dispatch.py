@@ -34,11 +34,11 @@ from moe_jax.kernels import grouped_matmul as gm
 from moe_jax.routing.plan import DroplessPlan, SlotPlan
 
 # SwiGLU's gate and up as one fused kernel on Hopper (`grouped_matmul.swiglu`): True, False (two
-# grouped matmuls, the path before issue #14; benchmarks/moe_layer.py's 'blocked_unfused' A/B) or
-# 'auto': fused only where it measured faster (session 5, H200, fwd+bwd): when f is not a multiple
-# of 256, so the unfused gate / up kernels cannot use 256-wide CTA tiles (fine64, f=1408: 9.87 vs
-# 10.11 ms). Where they can, the fused kernels' 64-wide wgmma tiles lose (mixtral 28.73 vs
-# 28.16 ms, switch64 12.39 vs 11.66 ms). docs/performance.md, session 5.
+# grouped matmuls; benchmarks/moe_layer.py's 'blocked_unfused' A/B) or 'auto': fused only where f
+# is not a multiple of 256, so the unfused gate / up kernels cannot use 256-wide CTA tiles (fine64,
+# f=1408: forward 3.41-3.62 vs 3.79-3.81 ms, fwd+bwd level). Where they can, the fused kernels'
+# 64-wide wgmma tiles lose (fwd+bwd, mixtral 28.63 vs 28.07 ms, switch64 12.30 vs 11.50 ms; one
+# H200, 2026-12-02). docs/performance.md, "The fused SwiGLU gate/up kernels".
 FUSE_GATE_UP: bool | str = 'auto'
 
 

@@ -14,7 +14,7 @@ benchmarks):
             On an axis of one shard (m = 1) it is the default on every backend: the rows stay on
             the device, so a gather and a scatter are the whole exchange. (XLA:GPU's in-process
             ragged all-to-all kernel took 51 ms there for what the gather and scatter move in well
-            under 1 ms: session 6, docs/parallelism.md.)
+            under 1 ms, on one H200: docs/parallelism.md.)
 
 `Slices` describes one exchange as seen by every shard, and its return trip (`reverse`).
 """

@@ -1,4 +1,4 @@
-"""The `moe-jax` command line in daily use (issue 16): short errors for a user's mistakes, Ctrl-C,
+"""The `moe-jax` command line in daily use: short errors for a user's mistakes, Ctrl-C,
 the non-finite loss guard, TensorBoard events, `moe-jax config` (presets, configs/ as a package).
 
 Every run is the same tiny LM (8 steps), so the compiled steps are shared by all tests here.

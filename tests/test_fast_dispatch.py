@@ -192,7 +192,7 @@ def test_backward_kernels_interpret():
   _close(gm.tgmm(lhs, g, layout, backend='interpret'), gm.tgmm(lhs, g, layout))
 
 
-# Fused SwiGLU gate / up (issue #14).
+# Fused SwiGLU gate / up.
 
 def _gate_up_problem(f=128):
   layout, x, w_gate, _, rows = block_problem(INTERPRET_LAYOUT, 128, 128, f, seed=4)

@@ -4,7 +4,7 @@ meshes each, and the plan's arithmetic against a real train step on CPU.
 Every count is the project's own (`Task.param_counts`, `Task.flops_per_token`: analytic, nothing
 allocated), and `test_counts_are_the_models` checks that arithmetic against the parameter shapes
 of the models themselves (`jax.eval_shape` of their init). The paper's numbers are the constants
-below, each with its source. Provenance (session 5, no network but the package registries): read
+below, each with its source. Provenance (no network but the package registries at the time): read
 from public copies of the sources: the HF switch-base config, the Switch-Base/Large checkpoint
 sizes, the Soft MoE training setup (vmoe); written from the papers' tables without re-reading
 them here, so a reader with the PDFs should check them first: GLaM / expert choice 143B / 9.8B,

@@ -28,7 +28,7 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 # Parameters after AdamW steps: Adam divides each gradient by its own running scale, so a gradient
 # near zero, summed in another order on another mesh, can move its weight by a visible fraction of
 # the learning rate. Seen: one element of 16,384 in an expert's w_gate, 2.5e-5 apart after three
-# aux-free steps (session 6's CPU host; the CI host stayed under 1e-5). Weights are ~0.4 in scale.
+# aux-free steps (on one CPU host; the CI host stayed under 1e-5). Weights are ~0.4 in scale.
 STATE_TOLERANCE = dict(rtol=1e-5, atol=1e-4)
 
 

@@ -1,4 +1,4 @@
-"""Readable results (issue 16, item 7) on hand-written run directories: no training needed."""
+"""Readable results (`moe-jax report`) on hand-written run directories: no training needed."""
 import csv
 import json
 

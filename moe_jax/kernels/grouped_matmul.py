@@ -11,7 +11,7 @@ one expert (`expert_band_order`), so each band streams one expert's weights thro
 * `gmm(lhs [M, K], rhs [E, N, K], layout, transpose_rhs=True)`   out[r] = lhs[r] @ rhs[expert(r)].T
 * `tgmm(lhs [M, P], rhs [M, Q], layout)               -> [E, P, Q]` out[e] = lhs_e.T @ rhs_e
 
-SwiGLU's gate and up projections run fused (`swiglu`, issue #14): one kernel (`gate_up`) computes
+SwiGLU's gate and up projections run fused (`swiglu`): one kernel (`gate_up`) computes
 both products of a tile from one load of x, two accumulators per warpgroup, and applies SwiGLU in
 its epilogue, h = (x @ w_up[e]) * silu(x @ w_gate[e]); in training it also writes the two products
 as gu = [gate | up] [M, 2f] for the backward pass. The backward runs one kernel for
@@ -143,7 +143,7 @@ GATE_UP_T_TILINGS = (Tiling(128, 128, tile_k=32, stages=4),
 TGMM_GATE_UP_TILINGS = (Tiling(128, 64, stages=4), Tiling(128, 64, stages=3),
                         Tiling(64, 64, stages=4))
 # gmm's tile order: 'expert_bands' (`expert_band_order`) or 'snake' (fixed bands over all rows, the
-# order before session 3; kept to measure the difference: benchmarks/moe_layer.py --row-order).
+# earlier order; kept to measure the difference: benchmarks/moe_layer.py --row-order).
 ROW_ORDER = 'expert_bands'
 # Measured winners by (kernel, block_rows, K, N), consulted before the candidate lists (see
 # `kernel_tilings`); benchmarks/moe_layer.py --tune fills it in-process.
@@ -540,7 +540,7 @@ def grouped_matmul(lhs, rhs, layout: BlockLayout, backend: str | None = None,
 
 
 # ------------------------------------------------------------------------------------------------
-# Fused SwiGLU gate / up (issue #14)
+# Fused SwiGLU gate / up
 # ------------------------------------------------------------------------------------------------
 
 
