@@ -30,7 +30,7 @@ import moe_layer  # noqa: E402
 from moe_layer import CASES, device_ms, gm, log, rel_err  # noqa: E402
 from moe_jax.experts import feed_forward  # noqa: E402
 
-SHAPES = {  # name: (M, K, N); the dense twins of the issue's expert matmuls
+SHAPES = {  # name: (M, K, N); the dense twins of the benchmark cases' expert matmuls
     'mixtral_up': (16384, 4096, 14336),
     'mixtral_down': (16384, 14336, 4096),
     'switch_up': (16384, 2048, 8192),

@@ -47,7 +47,7 @@ from moe_jax.spec import MoESpec  # noqa: E402
 FAST = 'blocked'
 TOKAMAX_AUTOTUNE = False  # --tokamax-autotune
 OVERHEADS = True  # --no-overheads: skip the router / permutation timings
-UNFUSED = 'blocked_unfused'  # FAST with gate and up as two grouped matmuls (before issue #14)
+UNFUSED = 'blocked_unfused'  # FAST with gate and up as two grouped matmuls
 FUSED = 'blocked_fused'  # FAST with gate and up always fused (the default fuses by shape)
 PEERS = ('ragged', 'tokamax')  # dropless only: jax.lax.ragged_dot, tokamax.ragged_dot
 LABELS = {'ragged': 'jax.lax.ragged_dot', 'tokamax': 'tokamax.ragged_dot'}

@@ -54,14 +54,34 @@ def test_spike_count_by_hand():
   assert common.spike_count(flat[:11] + [2.1] + [2.0] * 3) == 0  # +5%: noise
 
 
-def test_verdict_needs_the_whole_interval_on_the_claimed_side():
+def test_outcomes_need_the_whole_interval_on_one_side_of_the_margin():
   runs = lambda losses: {'description': '', 'runs': [{'eval_loss': x} for x in losses]}
   clear = {'moe': runs([1.0, 1.1, 1.2]), 'dense': runs([1.5, 1.6, 1.7])}
-  assert common.lower_is_reproduced(clear, 'moe', 'dense', 'eval_loss')[0]
+  assert common.compare_lower(clear, 'moe', 'dense', 'eval_loss').outcome == 'reproduced'
+  assert common.compare_lower(clear, 'dense', 'moe', 'eval_loss').outcome == 'refuted'
+  # Differences -0.5, +0.1, -0.1: the interval straddles 0, and the line says how large an effect
+  # three such seeds could detect instead of calling either direction.
   noisy = {'moe': runs([1.0, 1.7, 1.2]), 'dense': runs([1.5, 1.6, 1.3])}
-  ok, line = common.lower_is_reproduced(noisy, 'moe', 'dense', 'eval_loss')
-  assert not ok and 'not significant' in line
-  assert not common.lower_is_reproduced(clear, 'dense', 'moe', 'eval_loss')[0]
+  test = common.compare_lower(noisy, 'moe', 'dense', 'eval_loss')
+  assert test.outcome == 'inconclusive' and 'opposite' not in test.line
+  sd = np.std([-0.5, 0.1, -0.1], ddof=1)
+  assert test.mde == pytest.approx((4.302653 + 1.060660) * sd / np.sqrt(3), rel=1e-5)
+  assert f'minimum detectable effect {test.mde:.4f}' in test.line
+  assert 'per seed -0.5000, +0.1000, -0.1000' in test.line
+  # A margin moves the line the interval is read against: -0.5 +- ... is below 0.3 wholly.
+  assert common.compare_lower(clear, 'dense', 'moe', 'eval_loss', margin=0.6).outcome == 'reproduced'
+
+
+def test_minimum_detectable_effect_by_hand():
+  # (t(0.975, 4) + t(0.8, 4)) * sd / sqrt(5) = (2.776445 + 0.940965) * 0.01 / 2.236068
+  assert common.minimum_detectable_effect(0.01, 5) == pytest.approx(0.0016625, rel=1e-4)
+  assert common.minimum_detectable_effect(0.01, 1) == np.inf
+
+
+def test_combined_outcome_needs_every_part():
+  assert common.combined(['reproduced', 'reproduced']) == 'reproduced'
+  assert common.combined(['reproduced', 'inconclusive']) == 'inconclusive'
+  assert common.combined(['inconclusive', 'refuted']) == 'refuted'
 
 
 def test_claims_end_to_end_at_cpu_scale_in_parallel(tmp_path, capsys, monkeypatch):
@@ -74,12 +94,17 @@ def test_claims_end_to_end_at_cpu_scale_in_parallel(tmp_path, capsys, monkeypatc
   main(argv)
   out = capsys.readouterr().out
   for key, claim in (('a', 'moe_vs_dense'), ('b', 'expert_choice_vs_top2')):
-    assert f'({key}) {claim}: finished' in out  # each claim trained in its own process...
-    assert 'trained in' in (workdir / f'{key}_{claim}.log').read_text()
+    for member in (('dense', 'switch_top1') if key == 'a' else ('gshard_top2', 'expert_choice')):
+      for seed in (0, 1):  # each run trained in its own process...
+        assert f'({key}) {member} seed {seed}: finished' in out
+        assert 'trained in' in (workdir / f'{key}_{claim}' / member / f'seed_{seed}.log').read_text()
   assert 'trained in' not in out  # ...and the table pass only read the finished runs
   text = (workdir / 'claims.md').read_text()
   assert '| (a) moe_vs_dense |' in text and '| (b) expert_choice_vs_top2 |' in text
-  assert text.count('**reproduced**') + text.count('**not reproduced**') == 4  # row + section
+  outcomes = sum(text.count(f'**{o}**') for o in common.OUTCOMES)
+  assert outcomes == 4  # row + section of each claim
+  assert 'eval_loss per seed:' in text and '| seed 0 | seed 1 |' in text
+  assert text.count('| 2 |') == 2  # the seeds that ran, in each claim's row
   assert '| dense | dense f=256 |' in text and '| switch_top1 | token_choice k=1' in text
   assert '--jobs 2' in text
   runs = sorted(p.parent.relative_to(workdir / 'a_moe_vs_dense').as_posix()
@@ -101,12 +126,12 @@ def test_claims_end_to_end_at_cpu_scale_in_parallel(tmp_path, capsys, monkeypatc
 
 def test_overfit_runs_invalidate_a_verdict():
   runs = lambda rises: {'description': '', 'runs': [{'overfit': r} for r in rises]}
-  verdict = common.Verdict(True, 'moe beats dense', {})
+  verdict = common.Verdict('reproduced', 'moe beats dense', {})
   fine = common.check_not_overfit(verdict, {'moe': runs([0.0, 0.004]), 'dense': runs([0.0, 0.0])})
-  assert fine.reproduced and fine.summary == 'moe beats dense'
+  assert fine.outcome == 'reproduced' and fine.summary == 'moe beats dense'
   assert 'moe +0.4%' in fine.notes[-1]
   bad = common.check_not_overfit(verdict, {'moe': runs([0.0, 0.002]), 'dense': runs([0.05, 0.0])})
-  assert not bad.reproduced and 'INVALID' in bad.summary and 'dense' in bad.summary
+  assert bad.outcome == 'invalid' and 'INVALID' in bad.summary and 'dense' in bad.summary
   assert 'moe' not in bad.summary.split('INVALID')[1]
 
 
