@@ -108,11 +108,11 @@ def prepare_data(keys: list[str], scale: str, data_dir: str | None) -> None:
                           manual_dir=sweep.base.data.get('manual_dir'))
 
 
-def train_claims(keys: list[str], args, seeds_of) -> dict:
-  """Trains every run of the claims `keys` (seeds_of(module) each), all claims' runs in one pool
-  of `args.jobs` processes; returns {key: its runs}."""
+def train_claims(keys: list[str], args, seeds_of, pilot: bool = False) -> dict:
+  """Trains every run of the claims `keys` (seeds_of(module) each; their pilot members if
+  `pilot`), all claims' runs in one pool of `args.jobs` processes; returns {key: its runs}."""
   claim_runs = {key: runs_lib.claim_runs(key, args.scale, seeds_of(runs_lib.claim_module(key)),
-                                         args.workdir, args.data_dir) for key in keys}
+                                         args.workdir, args.data_dir, pilot) for key in keys}
   args.workdir.mkdir(parents=True, exist_ok=True)
   if args.jobs > 1:
     prepare_data(keys, args.scale, args.data_dir)
@@ -160,7 +160,7 @@ def pilot(keys: list[str], args) -> None:
   minimum detectable effect of n final seeds at that sd (finished runs only; unfinished ones
   are listed)."""
   seeds = [int(s) for s in args.seeds.split(',')] if args.seeds else list(PILOT_SEEDS)
-  claim_runs = train_claims(keys, args, lambda module: seeds)
+  claim_runs = train_claims(keys, args, lambda module: seeds, pilot=True)
   report, lines = {}, [f'# Pilot at `{args.scale}` scale, seeds {seeds}', '',
                        environment_line(args.workdir), '',
                        'sd: standard deviation of the per-seed paired difference; MDE(n): the '
@@ -170,7 +170,18 @@ def pilot(keys: list[str], args) -> None:
     module = runs_lib.claim_module(key)
     finished = [r for r in runs if runs_lib.is_finished(r)]
     results = common.collect(finished)
+    metric = getattr(module, 'METRIC', 'eval_loss')
+    lines += [f'## ({key}) {metric} of each pilot run', '',
+              '| member | ' + ' | '.join(f'seed {s}' for s in seeds) + ' |',
+              '|---' * (len(seeds) + 1) + '|']
+    for name, result in results.items():
+      by_seed = {r['seed']: r[metric] for r in result['runs']}
+      lines.append(f'| {name} | ' + ' | '.join(f'{by_seed[s]:.4f}' if s in by_seed else '–'
+                                               for s in seeds) + ' |')
+    lines.append('')
     for member, baseline, metric in module.COMPARISONS:
+      if member not in results or baseline not in results:
+        continue
       pairs = sorted(set(r['seed'] for r in results.get(member, {}).get('runs', [])) &
                      set(r['seed'] for r in results.get(baseline, {}).get('runs', [])))
       value = lambda name, seed: next(r[metric] for r in results[name]['runs'] if r['seed'] == seed)
@@ -198,7 +209,8 @@ def pilot(keys: list[str], args) -> None:
 
 def train_one(args) -> None:
   """`train-one` (what `--jobs` runs in each child): one run of one claim."""
-  runs = runs_lib.claim_runs(args.claim, args.scale, [args.seed], args.workdir, args.data_dir)
+  runs = runs_lib.claim_runs(args.claim, args.scale, [args.seed], args.workdir, args.data_dir,
+                             args.pilot)
   run, = [r for r in runs if r.member == args.member]
   runs_lib.train_one(run)
 
@@ -222,6 +234,7 @@ def main(argv=None) -> None:
   parser.add_argument('--claim', help=argparse.SUPPRESS)  # train-one's
   parser.add_argument('--member', help=argparse.SUPPRESS)
   parser.add_argument('--seed', type=int, help=argparse.SUPPRESS)
+  parser.add_argument('--pilot', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   keys = [key.strip() for key in args.claims.split(',') if key.strip()]
   unknown = [key for key in keys if key not in CLAIMS]

@@ -119,21 +119,40 @@ def spike_count(losses: Sequence[float], window: int = 10, threshold: float = 0.
                  for t in range(window, len(losses))))
 
 
+def lasting_jumps(losses: Sequence[float], window: int = 20, threshold: float = 0.1) -> int:
+  """Loss jumps that last, not single-step noise: logged steps t where the median of the next
+  `window` logged losses exceeds (1 + threshold) x the median of the previous `window`; one jump
+  counts once (the search resumes `window` steps after it)."""
+  losses, count, t = np.asarray(losses, float), 0, window
+  while t + window <= len(losses):
+    if np.median(losses[t:t + window]) > (1 + threshold) * np.median(losses[t - window:t]):
+      count, t = count + 1, t + window
+    else:
+      t += 1
+  return count
+
+
 def run_numbers(directory: pathlib.Path) -> dict:
-  """The numbers a verdict reads from one finished run directory: its summary (eval_loss, ...),
-  'dropped' (final fraction of tokens dropped, mean over MoE layers; 0 for dense), 'spikes'
-  (`spike_count` of the logged training losses), 'max_jump' (the largest relative rise of the
-  training loss over the median of the 10 previous logged losses) and 'overfit' (the final
-  held-out loss relative to the lowest of the run's evaluations, minus 1; 0 when the last is best)."""
+  """The numbers a verdict reads from one run directory, finished or diverged: its summary
+  (eval_loss, ...; NaN where a diverged run has none), 'dropped' (final fraction of tokens dropped,
+  mean over MoE layers; 0 for dense), 'spikes' (`spike_count` of the logged training losses),
+  'max_jump' (the largest relative rise of the training loss over the median of the 10 previous
+  logged losses), 'diverged' (the loss went non-finite: `experiments.runs.DIVERGED`),
+  'divergences' (1 if diverged or any `lasting_jumps`, else 0) and 'overfit' (the final held-out
+  loss relative to the lowest of the run's evaluations, minus 1; 0 when the last is best)."""
+  from experiments.runs import DIVERGED
   from moe_jax import report
-  run = report.read_run(directory)
-  losses = [m['train_loss'] for m in run['metrics']]
-  dropped = [values[-1] for values in report.moe_series(run['metrics'], 'fraction_dropped').values()]
+  diverged = (directory / DIVERGED).exists()
+  metrics = report.read_metrics(directory)
+  summary = {'eval_loss': math.nan} if diverged else report.read_run(directory)['summary']
+  losses = [m['train_loss'] for m in metrics]
+  dropped = [values[-1] for values in report.moe_series(metrics, 'fraction_dropped').values()]
   jumps = [losses[t] / np.median(losses[t - 10:t]) - 1 for t in range(10, len(losses))]
-  evals = [m['eval_loss'] for m in run['metrics'] if m.get('eval_loss') is not None]
-  return {**run['summary'], 'dropped': float(np.mean(dropped)) if dropped else 0.0,
+  evals = [m['eval_loss'] for m in metrics if m.get('eval_loss') is not None]
+  return {**summary, 'dropped': float(np.mean(dropped)) if dropped else 0.0,
           'spikes': spike_count(losses), 'max_jump': max(jumps, default=math.nan),
-          'overfit': evals[-1] / min(evals) - 1 if evals else 0.0}
+          'diverged': diverged, 'divergences': int(diverged or lasting_jumps(losses) > 0),
+          'overfit': 0.0 if diverged or not evals else evals[-1] / min(evals) - 1}
 
 
 # --- Statistics and verdicts -------------------------------------------------------------------
@@ -259,7 +278,10 @@ def member_rows(results: dict, metrics: Sequence[tuple[str, str, int]]) -> dict:
   (metric, column title, digits), mean ± 95% half-width over seeds."""
   rows = {}
   for name, result in results.items():
-    first = result['runs'][0]
+    first = next((run for run in result['runs'] if 'flops_active' in run), None)
+    if first is None:  # every seed diverged before its summary: nothing to count from
+      first = dict.fromkeys(('flops_active', 'flops_executed', 'params_total', 'params_active'),
+                            math.nan)
     row = {'ffn': result['description'],
            'FLOPs active': f"{first['flops_active'] / 1e6:.3f}M",
            'FLOPs executed': f"{first['flops_executed'] / 1e6:.3f}M",

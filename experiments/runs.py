@@ -34,6 +34,7 @@ class Run:
   seed: int
   config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
   directory: pathlib.Path
+  pilot: bool = False  # a run of the claim's pilot (`claim_runs`)
 
   @property
   def identity(self) -> str:
@@ -55,11 +56,13 @@ def key_of(module) -> str:
 
 
 def claim_runs(key: str, scale: str, seeds: Sequence[int], workdir: pathlib.Path,
-               data_dir: str | None = None) -> list[Run]:
+               data_dir: str | None = None, pilot: bool = False) -> list[Run]:
   """The runs of claim `key` at `scale` with `seeds`, members sized and checked at equal FLOPs
-  (`sweep.build_members`) before anything trains."""
+  (`sweep.build_members`) before anything trains. pilot: the claim's `pilot_config` where it has
+  one (a search for its regime), else its own members."""
   from moe_jax import sweep  # heavy imports only when a claim runs
-  claim = claim_module(key).get_config(scale)
+  module = claim_module(key)
+  claim = (getattr(module, 'pilot_config', module.get_config) if pilot else module.get_config)(scale)
   if data_dir is not None:
     claim.base.data.data_dir = data_dir
   runs = []
@@ -68,13 +71,18 @@ def claim_runs(key: str, scale: str, seeds: Sequence[int], workdir: pathlib.Path
       config = ml_collections.ConfigDict(config.to_dict())
       config.seed = int(seed)
       runs.append(Run(key, member, int(seed), config,
-                      claim_dir(workdir, key) / member / f'seed_{seed}'))
+                      claim_dir(workdir, key) / member / f'seed_{seed}', pilot))
   return runs
 
 
+DIVERGED = 'diverged.json'  # written into a run directory whose loss went non-finite
+
+
 def is_finished(run: Run) -> bool:
+  """Whether `run` trained all its steps, or stopped on a non-finite loss (a result too)."""
   from moe_jax import run_dir
-  return run_dir.finished_summary(run.directory, run.config.train.steps) is not None
+  return (run_dir.finished_summary(run.directory, run.config.train.steps) is not None or
+          (run.directory / DIVERGED).exists())
 
 
 def link_duplicates(runs: Sequence[Run]) -> list[Run]:
@@ -100,7 +108,12 @@ def train_one(run: Run, log: Callable = print) -> None:
   from moe_jax import reproducibility, train
   reproducibility.configure_from(run.config)
   start = time.perf_counter()
-  train.train(run.config, run.directory)
+  try:
+    train.train(run.config, run.directory)
+  except train.NonFiniteLoss as e:
+    (run.directory / DIVERGED).write_text(json.dumps({'message': str(e)}) + '\n')
+    log(f'  {run.member} seed {run.seed}: diverged after {time.perf_counter() - start:.0f} s: {e}')
+    return
   log(f'  {run.member} seed {run.seed}: trained in {time.perf_counter() - start:.0f} s')
 
 
@@ -108,6 +121,7 @@ def child_command(run: Run, scale: str, workdir: pathlib.Path, data_dir: str | N
   command = [sys.executable, '-m', 'experiments', 'train-one', '--claim', run.key, '--member',
              run.member, '--seed', str(run.seed), '--scale', scale, '--workdir',
              str(workdir.resolve())]
+  command += ['--pilot'] if run.pilot else []
   return command + (['--data_dir', str(pathlib.Path(data_dir).resolve())] if data_dir else [])
 
 

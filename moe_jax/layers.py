@@ -152,7 +152,7 @@ class MoELayer(nn.Module):
     if train and spec.jitter > 0:
       groups = groups * jax.random.uniform(self._router_key(), groups.shape,
                                            minval=1 - spec.jitter, maxval=1 + spec.jitter)
-    logits = projection(groups)
+    logits = projection(groups).astype(spec.router_dtype).astype(jnp.float32)
     if families.family(spec).logits == 'slots':
       logits = logits.reshape(*logits.shape[:-1], spec.num_experts, spec.slots_per_expert)
     return logits

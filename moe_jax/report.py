@@ -23,13 +23,19 @@ COLUMNS = ('run', 'ffn', 'eval_loss', 'train_loss', 'flops_active', 'flops_execu
            'params_total', 'params_active', 'dropped', 'max_over_mean_load', 'tokens_per_s')
 
 
+def read_metrics(run_dir: pathlib.Path) -> list[dict]:
+  """metrics.jsonl of a run directory: a dict per logged step ([] before the first)."""
+  path = run_dir / 'metrics.jsonl'
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [json.loads(line) for line in lines if line.strip()]
+
+
 def read_run(run_dir: pathlib.Path) -> dict:
   """{'name', 'summary': dict, 'metrics': [dict per logged step], 'config': dict ({} if no
-  config.json)} of one run directory."""
-  lines = (run_dir / 'metrics.jsonl').read_text().splitlines()
+  config.json)} of one finished run directory."""
   config = run_dir / 'config.json'
   return {'name': run_dir.name, 'summary': json.loads((run_dir / 'summary.json').read_text()),
-          'metrics': [json.loads(line) for line in lines if line.strip()],
+          'metrics': read_metrics(run_dir),
           'config': json.loads(config.read_text()) if config.exists() else {}}
 
 

@@ -54,6 +54,8 @@ class MoESpec:
       cosine_dim-dimensional projection of x and learned expert embeddings, times a learned
       temperature).
     cosine_dim: the projection width of router_logits='cosine'.
+    router_dtype: 'float32' (always, in normal use) or 'bfloat16': the router logits rounded to
+      bfloat16 before routing, to study the round-off that ST-MoE's router z-loss targets.
     hash_seed: picks the fixed token-id -> expert map of router='hash'.
     group_by: token groups routed together: 'sequence' (each sequence), 'position' (the same
       position across the batch: causal for expert choice and Soft MoE), 'batch' (all tokens).
@@ -83,6 +85,7 @@ class MoESpec:
   groups_per_token: int = 1
   router_logits: str = 'linear'
   cosine_dim: int = 16
+  router_dtype: str = 'float32'
   hash_seed: int = 0
   group_by: str = 'sequence'
   dispatch: str = 'gather'
@@ -97,6 +100,7 @@ class MoESpec:
     MOE.one_of('dispatch', self.dispatch, DISPATCHES)
     MOE.one_of('activation', self.activation, ('swiglu', 'gelu'))
     MOE.one_of('router_logits', self.router_logits, ROUTER_LOGITS)
+    MOE.one_of('router_dtype', self.router_dtype, ('float32', 'bfloat16'))
     MOE.one_of('balance_over', self.balance_over, BALANCE_SCOPES)
     for name in ('num_experts', 'd_ff', 'slots_per_expert', 'num_expert_groups',
                  'groups_per_token', 'cosine_dim'):
