@@ -10,11 +10,13 @@
 
 Config overrides are ml_collections' `--config.<field>=<value>`; `--config FILE:ARG` passes ARG to
 the file's get_config, whose presets it picks (e.g. `configs/lm_tiny.py:dropless` for
-`moe.capacity_factor=None`; configs/__init__.py). A config in a package (configs/) imports its
-siblings as Python. Each command is one `COMMANDS` entry: a function defining its flags on its own
-`FlagValues` and a function running with them. A user's mistake (a missing config file, a bad
-field value, a workdir that is a file, missing data, no runs to report) ends in one line on stderr
-and exit code 2, Ctrl-C in 130 and a non-finite loss in 1, with no traceback.
+`moe.capacity_factor=None`; configs/__init__.py). `--config.<field>=None` (or none) sets a field
+that may be None (typed optional, e.g. config.moe.capacity_factor). A config in a package
+(configs/, configs/papers/) imports its siblings as Python, from any folder. Each command is one
+`COMMANDS` entry: a function defining its flags on its own `FlagValues` and a function running with
+them. A user's mistake (a missing config file, a syntax error in it, a bad field value or name, a
+workdir that is a file, missing data, no runs to report) ends in one line on stderr and exit code
+2, Ctrl-C in 130 and a non-finite loss in 1, with no traceback.
 """
 from __future__ import annotations
 
@@ -102,9 +104,25 @@ def _report(fv: flags.FlagValues) -> None:
   print(report.written(fv.workdir))
 
 
+def _check_config(config) -> None:
+  """Raises the ValueError that `train` (or, for a sweep config, `sweep`) would raise for `config`,
+  naming the field: `train.check_config` on config.mesh as an `AbstractMesh` (no device used)."""
+  from moe_jax import parallel, sweep, train
+
+  if 'base' in config and 'members' in config:  # a sweep: each member as `sweep` builds it
+    configs = [sweep.member_config(config.base, overrides) for overrides in config.members.values()]
+  else:
+    configs = [config]
+  for member in configs:
+    train.check_config(member, parallel.abstract_mesh(member))
+
+
 def _show_config(fv: flags.FlagValues) -> None:
+  if 'jax' not in sys.modules:  # checking a config never needs an accelerator: keep JAX off it
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   from moe_jax import families, spec
 
+  _check_config(fv.config)  # a config that train would refuse is not printed
   print(fv.config)
   print('Router families (config.moe.router; moe_jax/families.py):')
   for name, family in families.FAMILIES.items():
@@ -160,23 +178,117 @@ class _StderrHandler(logging.StreamHandler):
     del value
 
 
-def _config_file(args: Sequence[str]) -> str | None:
-  """The FILE of `--config FILE[:ARG]` in args (ARG goes to the file's get_config)."""
+def _config_value(args: Sequence[str]) -> str | None:
+  """The FILE[:ARG] of `--config FILE[:ARG]` in args."""
   for i, arg in enumerate(args):
     if arg in ('--config', '-config') and i + 1 < len(args):
-      return args[i + 1].split(':', 1)[0]
+      return args[i + 1]
     if arg.startswith(('--config=', '-config=')):
-      return arg.split('=', 1)[1].split(':', 1)[0]
+      return arg.split('=', 1)[1]
   return None
 
 
+def _config_file(args: Sequence[str]) -> str | None:
+  """The FILE of `--config FILE[:ARG]` in args (ARG goes to the file's get_config)."""
+  value = _config_value(args)
+  return None if value is None else value.split(':', 1)[0]
+
+
 def _import_path_for(config_file: str) -> None:
-  """Puts the folder above the config file's package (the repository root for configs/*.py)
-  first on sys.path, so that the config imports its siblings (`from configs import lm_tiny`)
-  however moe-jax was started. A config file outside a package changes nothing."""
+  """Puts the folder above the config file's top-most package (the repository root for
+  configs/*.py and configs/papers/*.py) first on sys.path, so that the config imports its
+  siblings (`from configs import lm_tiny`, `from configs.papers import common`) however and from
+  wherever moe-jax was started. A config file outside a package changes nothing."""
   folder = pathlib.Path(config_file).resolve().parent
-  if (folder / '__init__.py').exists() and str(folder.parent) not in sys.path:
+  if not (folder / '__init__.py').exists():
+    return
+  while (folder.parent / '__init__.py').exists():
+    folder = folder.parent
+  if str(folder.parent) not in sys.path:
     sys.path.insert(0, str(folder.parent))
+
+
+_NONE = ('None', 'none')
+
+
+def _overrides(args: Sequence[str]) -> list[tuple[int, str, str | None]]:
+  """(index, path, value) of each `--config.<path>=<value>` or `--config.<path> <value>` in args
+  (value None for a bare boolean `--config.<path>`)."""
+  found = []
+  for i, arg in enumerate(args):
+    name, equals, value = arg.partition('=')
+    if name.startswith(('--config.', '-config.')):
+      path = name.split('.', 1)[1]
+      if not equals:
+        value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith('-') else None
+      found.append((i, path, value))
+  return found
+
+
+def _split_none_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Takes `--config.<path>=None` (or none) out of args: ml_collections parses a field by its
+  type, and a float or bool field refuses 'None' even where None is a valid value (e.g.
+  config.moe.capacity_factor: dropless). Returns (the other args, the paths to set to None after
+  parsing); an override of the same path later in args wins over a None."""
+  overrides, drop, paths = _overrides(args), set(), []
+  for n, (i, path, value) in enumerate(overrides):
+    if value in _NONE:
+      drop.update({i} if '=' in args[i] else {i, i + 1})
+      if not any(later == path for _, later, _ in overrides[n + 1:]):
+        paths.append(path)
+  return [arg for i, arg in enumerate(args) if i not in drop], paths
+
+
+def _set_none(config, path: str) -> None:
+  """Sets config field `path` to None; a flags.Error when the field cannot be None (it is not
+  typed as optional, e.g. `config_dict.placeholder(float)`, and does not hold None)."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+
+  *parents, field = path.split('.')
+  holder = config
+  for name in parents:
+    holder = holder[name]
+  value = dict(holder.items(preserve_field_references=True))[field]
+  if not (isinstance(value, config_dict.FieldReference) or value is None):
+    raise flags.Error(f'--config.{path}=None: config.{path} cannot be None (it holds '
+                      f'{value!r}); give a value of its type.')
+  holder[field] = None
+
+
+def _unknown_field(args: Sequence[str], message: str) -> str:
+  """The message for an override that names no config field: which override, and for a sweep
+  config (whose fields live under `base.`) the override to use instead."""
+  try:  # the config as its file gives it, without the overrides
+    value, fv = _config_value(args), flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, '', flag_values=fv,
+                                    sys_argv=[PROG, '--config', value])
+    fv([PROG, '--config', value])
+    config = fv.config
+  except Exception:  # pylint: disable=broad-exception-caught
+    return message
+
+  def missing(root, path: str) -> int | None:
+    """The index of the first name of `path` that root lacks, None when it has them all."""
+    for i, name in enumerate(path.split('.')):
+      if not hasattr(root, 'keys') or name not in root:
+        return i
+      root = root[name]
+    return None
+
+  for _, path, value in _overrides(args):
+    at = missing(config, path)
+    if at is None:
+      continue
+    if 'base' in config and 'members' in config and missing(config.base, path) is None:
+      value = '' if value is None else f'={value}'
+      return (f'--config.{path}: a sweep config has no field {path}: a sweep\'s fields live under '
+              f'base. (the config each member starts from); use --config.base.{path}{value}')
+    names = path.split('.')
+    where = '.'.join(['config', *names[:at]])
+    suggestion = message[message.find('Did you mean'):].splitlines()[0] if (
+        'Did you mean' in message) else ''
+    return f'--config.{path}: {where} has no field {names[at]!r}. {suggestion}'.rstrip()
+  return message
 
 
 def _run(name: str, fv: flags.FlagValues) -> int:
@@ -211,20 +323,42 @@ def main(argv: Sequence[str] | None = None) -> int:
   if '-h' in args or '--help' in args:
     print(f'usage: {PROG} {name} [flags]\n\n{fv.get_help()}')
     return 0
+  config_file = _config_file(args) if 'config' in fv else None
   try:
-    config_file = _config_file(args) if 'config' in fv else None
+    parsed, to_none = args, []
     if config_file is not None:  # ml_collections would say so only at the config's first use
       if not os.path.isfile(config_file):
         raise flags.Error(f'config file {config_file} not found')
       _import_path_for(config_file)
-    rest = fv(args)
+      parsed, to_none = _split_none_overrides(args)
+    rest = fv(parsed)
     if len(rest) > 1:
       raise flags.Error(f'unexpected arguments {rest[1:]}')
+    for path in to_none:
+      _set_none(fv.config, path)
+  except SyntaxError as e:  # in the config file, or a module it imports
+    where = f'config file {config_file}'
+    if e.filename and os.path.abspath(e.filename) != os.path.abspath(config_file):
+      where = f'{e.filename} (imported by config file {config_file})'
+    print(f'{PROG} {name}: {where}, line {e.lineno}: {e.msg}: fix the Python syntax there.',
+          file=sys.stderr)
+    return 2
+  except ImportError as e:  # the config file imports what is not there
+    print(f'{PROG} {name}: config file {config_file}: {e}. A config in a package (folders with '
+          '__init__.py) imports from the folder above its top package; fix the import or install '
+          'what it needs.', file=sys.stderr)
+    return 2
   except (flags.Error, KeyError, AttributeError) as e:  # the latter two: unknown config fields
     message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    if isinstance(e, AttributeError):  # ConfigDict's message is a repr: unquote it
+    if isinstance(e, AttributeError) and "has no attribute 'get_config'" in message:
+      message = f'config file {config_file} defines no get_config(): name an experiment config'
+    elif isinstance(e, AttributeError):  # ConfigDict's message is a repr: unquote it
       message = 'unknown config field ' + message.strip('\'').replace('\\n', ' ').replace(
           "\\'", "'")
+    if isinstance(e, KeyError):
+      message = 'unknown config field ' + message
+    if isinstance(e, KeyError) or message.startswith('unknown config field'):
+      message = _unknown_field(args, message)
     last = message.rstrip().splitlines()[-1]
     if 'Traceback' in message and last.startswith('ValueError: '):  # from get_config(ARG)
       message = last.removeprefix('ValueError: ')

@@ -135,8 +135,9 @@ def load_text_splits(
   Names in `moe_jax.datasets.LOCAL_BUILDERS` are prepared offline from `find_manual_dir(name,
   manual_dir)` into `data_dir` (TFDS default if None) as array_record, once: later calls reuse the
   prepared files. Other names load through stock `tfds.data_source`, which needs the network
-  (offline it fails with RuntimeError after TFDS's download retries, minutes); their examples are
-  joined with newlines, so this suits small corpora only.
+  (offline it fails with FileNotFoundError after TFDS's download retries, minutes); their examples
+  are joined with newlines, so this suits small corpora only. A name TFDS does not know (and finds
+  no prepared files of in `data_dir`) is a ValueError at once, listing the offline data sets.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -155,20 +156,46 @@ def load_text_splits(
         builder.download_and_prepare(download_config=config)
       sources = builder.as_data_source()
   else:
+    _check_stock_name(name, data_dir)
     try:
       sources = tfds.data_source(
           name, data_dir=data_dir, builder_kwargs={'file_format': 'array_record'}
       )
     except Exception as e:
-      raise RuntimeError(
-          f'Could not load stock TFDS data set {name!r} into data_dir={data_dir!r}: stock TFDS '
-          'needs the network (and some builders TensorFlow). Offline, only '
-          f'{sorted(builders)} are available.'
+      reason = (str(e).strip().splitlines() or [''])[0][:200]
+      raise FileNotFoundError(
+          f'Could not load stock TFDS data set {name!r} into config.data.data_dir={data_dir!r} '
+          f'({type(e).__name__}: {reason}): stock TFDS needs the network (and some builders '
+          f'TensorFlow). Offline, {_offline_names()} are available.'
       ) from e
   return {
       split: '\n'.join(ex['text'].decode('utf-8') for ex in source)
       for split, source in sources.items()
   }
+
+
+def _offline_names() -> str:
+  """The data sets of the project's local builders, text and images, in words."""
+  from moe_jax import image_datasets  # pylint: disable=g-import-not-at-top
+
+  return f'text {sorted(_local_builders())} and images {sorted(image_datasets.IMAGE_BUILDERS)}'
+
+
+def _check_stock_name(name: str, data_dir) -> None:
+  """Raises a ValueError at once, without the network, when `name` is neither a stock TFDS data
+  set (a builder TFDS registers) nor prepared in `data_dir` (files TFDS reads without its
+  builder)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f'config.data.name={name!r} is not a data set available offline ({_offline_names()}: '
+        'the project\'s local builders) nor a stock TFDS data set: choose one of those; a stock '
+        'TFDS set needs the network, or its prepared files in config.data.data_dir.') from None
+  except Exception:  # pylint: disable=broad-exception-caught
+    pass  # e.g. a community data set whose package is missing: tfds.data_source says so
 
 
 def encode(text: str) -> np.ndarray:

@@ -67,9 +67,13 @@ def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = Non
   if data * expert != len(devices):
     n = len(devices)
     hint = f'data={n // expert}, expert={expert}' if n % expert == 0 else f'data={n}, expert=1'
+    simulate = ''
+    if data * expert > n and all(d.platform == 'cpu' for d in devices):
+      simulate = (f' To try this mesh on a CPU, simulate {data * expert} devices: start the '
+                  f'command with XLA_FLAGS=--xla_force_host_platform_device_count={data * expert}.')
     raise ValueError(
         f'config.mesh.data={data} * config.mesh.expert={expert} = {data * expert} does not match '
-        f'the {n} devices: choose sizes whose product is {n} (e.g. {hint}).')
+        f'the {n} devices: choose sizes whose product is {n} (e.g. {hint}).{simulate}')
   return jax.make_mesh((data, expert), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices)
 

@@ -258,9 +258,27 @@ class StepsDone:
   time: run_dir.RunTime
 
 
-def _check_finite(unchecked: list[tuple], manager, workdir: pathlib.Path) -> None:
+def stability_advice(cfg: TrainConfig, z_loss_coef: float | None = None) -> str:
+  """The config changes that make a diverging run more stable, from its values `cfg` and
+  `z_loss_coef` (config.moe.z_loss_coef; None: a dense model, no router)."""
+  knobs = [f'a lower config.train.learning_rate (now {cfg.learning_rate}, e.g. '
+           f'{cfg.learning_rate / 3:.2g})']
+  warmup = min(max(2 * cfg.warmup_steps, cfg.steps // 10, 1), cfg.steps - 1)
+  if warmup > cfg.warmup_steps:
+    knobs.append(f'a longer config.train.warmup_steps (now {cfg.warmup_steps} of {cfg.steps} '
+                 f'steps, e.g. {warmup})')
+  knobs.append(f'a smaller config.train.clip_norm (now {cfg.clip_norm}, e.g. '
+               f'{cfg.clip_norm / 4:g})' if cfg.clip_norm > 0 else
+               'config.train.clip_norm=1.0 (now 0: no clipping)')
+  if z_loss_coef is not None:  # the router z-loss keeps router logits small
+    knobs.append(f'a larger config.moe.z_loss_coef (now {z_loss_coef}, e.g. '
+                 f'{10 * z_loss_coef if z_loss_coef > 0 else 1e-3:g}: smaller router logits)')
+  return ', '.join(knobs[:-1]) + ' or ' + knobs[-1]
+
+
+def _check_finite(unchecked: list[tuple], manager, workdir: pathlib.Path, advice: str) -> None:
   """Raises NonFiniteLoss at the first of `unchecked` (step, train loss, grad norm) with a
-  non-finite loss or norm."""
+  non-finite loss or norm; `advice`: `stability_advice`."""
   for step, loss, grad_norm in jax.device_get(unchecked):
     if not (np.isfinite(loss) and np.isfinite(grad_norm)):
       good = manager.latest_step()
@@ -269,8 +287,7 @@ def _check_finite(unchecked: list[tuple], manager, workdir: pathlib.Path) -> Non
       raise NonFiniteLoss(
           f'train loss {float(loss)}, gradient norm {float(grad_norm)} at step {step}: stopped '
           f'without saving that state; {kept}. The same command would resume from there and '
-          'likely meet it again: start a new --workdir with a lower config.train.learning_rate, '
-          'a larger config.moe.z_loss_coef (router logits) or config.train.clip_norm > 0.')
+          f'likely meet it again: start a new --workdir with {advice}.')
 
 
 def _checkpoint(manager, step: int, state, clock: run_dir.RunTime, workdir: pathlib.Path) -> None:
@@ -280,7 +297,7 @@ def _checkpoint(manager, step: int, state, clock: run_dir.RunTime, workdir: path
 
 def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager,
               workdir: pathlib.Path, schedule, tokens_per_step: int, call_start: float,
-              name: str = 'train') -> StepsDone:
+              name: str = 'train', z_loss_coef: float | None = None) -> StepsDone:
   """The training loop of every task: steps `state` from `start` to cfg.steps.
 
   step_fn(state, i) -> (state, metrics) runs optimizer step i (metrics as `train_step`'s);
@@ -291,10 +308,12 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
   shows progress when cfg.progress and stderr is a terminal. Only process 0 writes files (every process steps, evaluates and checkpoints).
 
   Before a step is logged or checkpointed, the losses and gradient norms of the steps since the
-  last check must be finite, else NonFiniteLoss (the bad state is not saved). Ctrl-C checkpoints
+  last check must be finite, else NonFiniteLoss (the bad state is not saved; its message names
+  the knobs of `stability_advice`, z_loss_coef: the MoE layers', None: dense). Ctrl-C checkpoints
   the last completed step and raises `Interrupted`. A ValueError from step_fn or evaluate comes
   from the model's code, not from the user's input: it is re-raised as a RuntimeError.
   """
+  advice = stability_advice(cfg, z_loss_coef)
   run_log = run_dir.RunLog(workdir, start)
   clock = run_dir.RunTime.resume(workdir, start, call_start)
   first_step_s, last_step, last_time = None, start, time.perf_counter()
@@ -317,7 +336,7 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
       logging_step = evaluating or step % cfg.log_every == 0
       saving = final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
       if logging_step or saving:
-        _check_finite(unchecked, manager, workdir)
+        _check_finite(unchecked, manager, workdir, advice)
         unchecked = []
       if logging_step:
         metrics = jax.device_get(metrics)  # waits for the step
@@ -340,7 +359,7 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
   except KeyboardInterrupt:
     state, step = done
     if step > (manager.latest_step() or 0):
-      _check_finite([u for u in unchecked if u[0] <= step], manager, workdir)
+      _check_finite([u for u in unchecked if u[0] <= step], manager, workdir, advice)
       _checkpoint(manager, step, state, clock, workdir)
     raise Interrupted(step) from None
   except ValueError as e:
@@ -415,10 +434,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
   patches); wall_s (all calls); first_step_s (this call's); resumed_from_step; router
   (`describe_router`); environment (`reproducibility.environment`).
 
-  Raises, before writing anything: ValueError for a bad config field or when workdir/config.json
-  holds a different config; NotADirectoryError when workdir is a file; FileNotFoundError when the
-  data set is not found. While training: `Interrupted` (Ctrl-C, after a checkpoint) and
-  `NonFiniteLoss` (see `run_steps`).
+  Raises, before writing anything: ValueError for a bad config field, when workdir/config.json
+  holds a different config, or when config.upcycle.from_workdir (relative: to the current
+  directory) holds no dense run to upcycle; NotADirectoryError when workdir is a file;
+  FileNotFoundError when the data set is not found. While training: `Interrupted` (Ctrl-C, after
+  a checkpoint) and `NonFiniteLoss` (see `run_steps`).
   """
   call_start = time.perf_counter()
   reproducibility.configure_from(config)  # before JAX starts its backends
@@ -427,6 +447,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
   workdir = run_dir.run_directory(workdir)
   data = task.load(config)
   _check_held_out(data, mesh)
+  inputs = task.input_spec(config)
+  dense_params = None
+  if dense_run is not None and not upcycling.latest_step(workdir):  # a new run: read and map
+    dense_params = upcycling.dense_params(dense_run)  # the dense weights before writing anything
+    upcycling.check_params(abstract_state(model, cfg, inputs, mesh)['params'], dense_params)
   old = run_dir.write_config(config, workdir, may_differ=MESH_FIELDS)
   if old is not None:
     _log_mesh_change(old, config, model.spec)
@@ -443,7 +468,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
       workdir / 'checkpoints',
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
   start = manager.latest_step() or 0
-  inputs = task.input_spec(config)
   if start:  # onto this mesh, whichever mesh wrote it
     target = abstract_state(model, cfg, inputs, mesh)
     state = manager.restore(start, args=ocp.args.StandardRestore(target))
@@ -451,9 +475,9 @@ def train(config, workdir: str | os.PathLike) -> dict:
              workdir / 'checkpoints', dict(mesh.shape))
   else:
     state = init_state(model, cfg, init_key, inputs, mesh)
-    if dense_run is not None:  # sparse upcycling: start from the dense run's weights
-      params = upcycling.upcycle_params(state['params'], upcycling.dense_params(dense_run),
-                                        init_key, config.upcycle.noise_std)
+    if dense_params is not None:  # sparse upcycling: start from the dense run's weights
+      params = upcycling.upcycle_params(state['params'], dense_params, init_key,
+                                        config.upcycle.noise_std)
       state['params'] = jax.device_put(params, parallel.param_shardings(params, mesh))
       log.info('upcycled the dense run %s (step %d) into %s', dense_run,
                upcycling.latest_step(dense_run), workdir)
@@ -471,6 +495,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   tokens_per_step = shape.batch_size * shape.seq_len
   loop = run_steps(state, step_fn, evaluate, cfg=cfg, start=start, manager=manager,
                    workdir=workdir, schedule=schedule, tokens_per_step=tokens_per_step,
-                   call_start=call_start, name=workdir.name)
+                   call_start=call_start, name=workdir.name,
+                   z_loss_coef=getattr(task.from_config(config)[1], 'z_loss_coef', None))
   return run_dir.write_summary(workdir, _summary(config, loop, task=task, cfg=cfg, start=start,
                                                  tokens_per_step=tokens_per_step))

@@ -28,11 +28,12 @@ SAME_MODEL = ('d_model', 'num_layers', 'num_heads', 'activation', 'vocab_size')
 
 
 def source(config) -> pathlib.Path | None:
-  """The dense run directory of `config.upcycle.from_workdir`, or None when not upcycling."""
+  """The dense run directory of `config.upcycle.from_workdir` as an absolute path (a relative one
+  is relative to the current directory), or None when not upcycling."""
   section = config.get('upcycle')
   if section is None or section.get('from_workdir') is None:
     return None
-  return pathlib.Path(section.from_workdir)
+  return pathlib.Path(section.from_workdir).expanduser().resolve()
 
 
 def check(config) -> pathlib.Path | None:
@@ -76,6 +77,15 @@ def dense_params(workdir: pathlib.Path) -> dict:
   """The params of the dense run's latest checkpoint, as saved (host arrays)."""
   manager = ocp.CheckpointManager(workdir / 'checkpoints')
   return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())['params']
+
+
+def check_params(params: Any, dense: Any) -> None:
+  """Raises `upcycle_params`'s ValueError, if any, for `params` (arrays or their shapes, e.g.
+  from `jax.eval_shape`) without computing anything."""
+  def mapped(dense):
+    upcycle_params(params, dense, jax.random.key(0))
+
+  jax.eval_shape(mapped, dense)
 
 
 def upcycle_params(params: Any, dense: Any, rng: jax.Array, noise_std: float = 0.0) -> Any:

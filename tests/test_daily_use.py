@@ -163,9 +163,14 @@ def test_non_finite_loss_stops_before_saving(data_dir, tmp_path, capsys, monkeyp
   step_patched(monkeypatch, 8, lambda state, metrics: (state, {**metrics, 'train_loss': jnp.nan}))
   workdir = tmp_path / 'run'
   assert cli.main(train_args(data_dir, workdir)) == 1
-  assert_short_error(capsys.readouterr().err, 'train loss nan', 'at step 8',
-                     'last good checkpoint, step 4', 'config.train.learning_rate',
-                     'config.moe.z_loss_coef', 'config.train.clip_norm')
+  err = capsys.readouterr().err
+  assert_short_error(err, 'train loss nan', 'at step 8', 'last good checkpoint, step 4',
+                     # the knobs that would change something, with the run's values
+                     'a lower config.train.learning_rate (now 0.003, e.g. 0.001)',
+                     'a longer config.train.warmup_steps (now 2 of 8 steps, e.g. 4)',
+                     'a smaller config.train.clip_norm (now 1.0, e.g. 0.25)',
+                     'a larger config.moe.z_loss_coef (now 0.001, e.g. 0.01')
+  assert 'clip_norm > 0' not in err  # clipping is on by default: no advice to turn it on
   assert checkpoints(workdir) == [4]  # the final step's state was not saved
   assert [r['step'] for r in read_metrics(workdir)] == list(range(1, 8))
   assert not (workdir / 'summary.json').exists()
@@ -192,22 +197,31 @@ def test_run_writes_tensorboard_events(straight_run):
 
 def test_config_command_prints_resolved_config_and_router_options(capsys):
   assert cli.main(['moe-jax', 'config', '--config', f'{lm_tiny.__file__}:dropless',
-                   '--config.moe.router=soft']) == 0
+                   '--config.moe.router=hash']) == 0
   out = capsys.readouterr().out
-  assert 'router: soft' in out and 'capacity_factor: null' in out and 'learning_rate:' in out
+  assert 'router: hash' in out and 'capacity_factor: null' in out and 'learning_rate:' in out
   for choice in (*spec.ROUTERS, *spec.GROUPINGS, *spec.PRIORITIES, 'dispatch:', 'z_loss_coef'):
     assert choice in out
   assert cli.main(['moe-jax', 'train', '--help']) == 0
   assert 'moe-jax config' in capsys.readouterr().out
+  # What train would refuse (Soft MoE has slots, not a dropless capacity), config refuses too.
+  assert cli.main(['moe-jax', 'config', '--config', f'{lm_tiny.__file__}:dropless',
+                   '--config.moe.router=soft']) == 2
+  out, err = capsys.readouterr()
+  assert out == '' and 'config.moe.capacity_factor=None is invalid: soft routing' in err
 
 
-def test_a_config_imports_its_package_however_moe_jax_started(monkeypatch, capsys):
-  """compare_routers.py imports configs.lm_tiny; a console script's sys.path lacks the repository
-  root, so moe-jax puts it there for a config file inside a package."""
+@pytest.mark.parametrize('config, printed', [('compare_routers.py', 'switch_top1'),
+                                             ('papers/switch_base.py', 'num_experts: 128')])
+def test_a_config_imports_its_package_however_moe_jax_started(monkeypatch, capsys, config,
+                                                              printed):
+  """compare_routers.py imports configs.lm_tiny, papers/switch_base.py configs.papers.common; a
+  console script's sys.path lacks the repository root, so moe-jax puts the folder above a config
+  file's top-most package there."""
   root = pathlib.Path(lm_tiny.__file__).resolve().parents[1]
   monkeypatch.setattr(sys, 'path', [p for p in sys.path
                                     if pathlib.Path(os.path.abspath(p or '.')).resolve() != root])
   for name in [name for name in sys.modules if name.split('.')[0] == 'configs']:
     monkeypatch.delitem(sys.modules, name)
-  assert cli.main(['moe-jax', 'config', '--config', str(root / 'configs' / 'compare_routers.py')]) == 0
-  assert str(root) in sys.path and 'switch_top1' in capsys.readouterr().out
+  assert cli.main(['moe-jax', 'config', '--config', str(root / 'configs' / config)]) == 0
+  assert str(root) in sys.path and printed in capsys.readouterr().out
