@@ -114,8 +114,8 @@ def main(argv=None) -> None:
 
 def prepare_data(keys: list[str], args) -> None:
   """Prepares (TFDS download_and_prepare, offline) every data set the claims `keys` read."""
-  from moe_jax import data, image_datasets
-  loaders = {'lm': data.load_text_splits, 'vit': image_datasets.load_image_splits}
+  from moe_jax.data import images as image_data, text
+  loaders = {'lm': text.load_text_splits, 'vit': image_data.load_image_splits}
   seen = set()
   for key in keys:
     sweep = importlib.import_module(f'experiments.{CLAIMS[key]}').get_config(args.scale)

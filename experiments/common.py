@@ -25,7 +25,8 @@ from scipy import stats
 
 from configs import lm_tiny, vit_digits
 from configs.common import SCALES  # noqa: F401 (the scales of every claim; --scale)
-from moe_jax import reproducibility, run_dir
+from moe_jax import reproducibility
+from moe_jax.run import run_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASES = {'lm': lm_tiny, 'vit': vit_digits}  # each task's base config (`at_scale` presets)
@@ -37,7 +38,7 @@ def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
                  base_changes: Callable | None = None) -> ml_collections.ConfigDict:
   """A claim's sweep: the task's base config at `scale` (`BASES`; changed by
   `base_changes(base)`), `members` sized and checked at equal FLOPs by the paper's convention
-  `flops_match` ('active' or 'executed', see moe_jax/flops.py), 3 seeds at cpu scale and 5 at gpu
+  `flops_match` ('active' or 'executed', see moe_jax/moe/flops.py), 3 seeds at cpu scale and 5 at gpu
   scale unless `seeds`."""
   config = ml_collections.ConfigDict()
   config.task = task
@@ -67,7 +68,7 @@ def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: int | None = 
   if data_dir is not None:
     claim.base.data.data_dir = data_dir
   reproducibility.configure_from(claim.base)  # before building members starts JAX's backends
-  from moe_jax import sweep, train  # heavy imports only when a claim runs
+  from moe_jax.run import sweep, train  # heavy imports only when a claim runs
   members = sweep.build_members(claim)  # validates and checks equal FLOPs before any training
   workdir.mkdir(parents=True, exist_ok=True)
   results = {}
@@ -123,7 +124,7 @@ def run_numbers(directory: pathlib.Path) -> dict:
   (`spike_count` of the logged training losses), 'max_jump' (the largest relative rise of the
   training loss over the median of the 10 previous logged losses) and 'overfit' (the final
   held-out loss relative to the lowest of the run's evaluations, minus 1; 0 when the last is best)."""
-  from moe_jax import report
+  from moe_jax.run import report
   run = report.read_run(directory)
   losses = [m['train_loss'] for m in run['metrics']]
   dropped = [values[-1] for values in report.moe_series(run['metrics'], 'fraction_dropped').values()]
