@@ -28,7 +28,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_layer  # noqa: E402
 from moe_layer import CASES, device_ms, gm, log, rel_err  # noqa: E402
-from moe_jax.experts import feed_forward  # noqa: E402
+from moe_jax.moe.experts import feed_forward  # noqa: E402
 
 SHAPES = {  # name: (M, K, N); the dense twins of the benchmark cases' expert matmuls
     'mixtral_up': (16384, 4096, 14336),

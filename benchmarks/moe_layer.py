@@ -36,13 +36,13 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_jax import dispatch as dispatch_lib  # noqa: E402
-from moe_jax import families as router_families  # noqa: E402
-from moe_jax import fast_dispatch, layers  # noqa: E402
-from moe_jax.experts import FeedForward  # noqa: E402
-from moe_jax.kernels import grouped_matmul as gm  # noqa: E402
+from moe_jax.moe import dispatch as dispatch_lib  # noqa: E402
+from moe_jax.moe import families as router_families  # noqa: E402
+from moe_jax.moe import fast_dispatch, layer  # noqa: E402
+from moe_jax.moe.experts import FeedForward  # noqa: E402
+from moe_jax.moe.kernels import grouped_matmul as gm  # noqa: E402
+from moe_jax.moe.spec import MoESpec  # noqa: E402
 from moe_jax.routing.plan import DroplessPlan  # noqa: E402
-from moe_jax.spec import MoESpec  # noqa: E402
 
 FAST = 'blocked'
 TOKAMAX_AUTOTUNE = False  # --tokamax-autotune
@@ -173,7 +173,7 @@ def make_layer(case: Case, family: str, impl: str, dtype, block_rows: int):
   del block_rows
   dispatch, context = IMPLS.get(impl, (impl, contextlib.nullcontext))
   spec = family_spec(case, family, dispatch)
-  module = layers.MoELayer(spec.replace(dispatch=dispatch), dtype=dtype)
+  module = layer.MoELayer(spec.replace(dispatch=dispatch), dtype=dtype)
 
   def apply(params, x):
     with context():
@@ -287,7 +287,7 @@ def overheads(case: Case, dtype, block_rows: int, iters: int) -> dict:
   """Router alone; dispatch+combine alone (identity experts) for 'gather' and the fast path."""
   x, ct = inputs(case, dtype)
   spec = family_spec(case, 'top_k', 'gather')
-  router = layers.RouterProjection(case.experts)
+  router = layer.RouterProjection(case.experts)
   rparams = router.init(jax.random.key(0), x)
 
   def plan_of(rp, xs):

@@ -13,7 +13,7 @@
    the exchange of one overlapping the experts of another) and with capacity 1.25 (dispatch
    'gather': capacity buffers by all_to_all):
    * 'layer': the MoE layer forward + backward;
-   * 'train': a full training step (`moe_jax.train.train_step`: forward, backward, AdamW) of a
+   * 'train': a full training step (`moe_jax.run.train.train_step`: forward, backward, AdamW) of a
      2-block LM with that MoE FFN in both blocks.
    efficiency = (one-device time) / (m-device time) at equal tokens per device: 1.0 is perfect.
    The one-device time runs the layer without shard_map; m = 1 also times the sharded path on a
@@ -35,10 +35,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from moe_jax import parallel, ragged_exchange, tasks, train
-from moe_jax.layers import MoELayer
 from moe_jax.models.transformer import Transformer, TransformerConfig
-from moe_jax.spec import MoESpec
+from moe_jax.moe import ragged_exchange
+from moe_jax.moe.layer import MoELayer
+from moe_jax.moe.spec import MoESpec
+from moe_jax.parallel import sharding
+from moe_jax.run import tasks, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import profile_layer  # noqa: E402  (kernel times from a jax.profiler trace)
@@ -103,8 +105,8 @@ def equality(n: int) -> list[dict]:
     ref_y = ref_apply(variables, x)[0]
     ref_g = jax.grad(loss_fn(ref_apply), argnums=(0, 1))(variables, x)
     for shape in sorted({(1, n), (n, 1)}):
-      mesh = parallel.make_mesh(*shape)
-      apply = jax.jit(parallel.shard_module(layer, mesh))
+      mesh = sharding.make_mesh(*shape)
+      apply = jax.jit(sharding.shard_module(layer, mesh))
       y = apply(variables, x)[0]
       g = jax.grad(loss_fn(apply), argnums=(0, 1))(variables, x)
       grad_diff = max(float(jnp.max(jnp.abs(a - b)))
@@ -134,9 +136,9 @@ def layer_step(family: Family, spec: MoESpec, mesh, tokens: int, seq: int, shard
   """(fn, args): forward + backward of the layer on `tokens` bf16 tokens over `mesh`."""
   layer = MoELayer(spec, dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(1), (tokens // seq, seq, family.d_model), jnp.bfloat16)
-  x = jax.device_put(x, parallel.batch_sharding(mesh))
-  variables = parallel.init_variables(layer, mesh, jax.random.key(0), x[:1])
-  apply = parallel.shard_module(layer, mesh, always_shard=sharded)
+  x = jax.device_put(x, sharding.batch_sharding(mesh))
+  variables = sharding.init_variables(layer, mesh, jax.random.key(0), x[:1])
+  apply = sharding.shard_module(layer, mesh, always_shard=sharded)
   return jax.jit(jax.grad(loss_fn(apply), argnums=(0, 1))), (variables, x)
 
 
@@ -148,7 +150,7 @@ def train_step(family: Family, spec: MoESpec, mesh, tokens: int, seq: int, shard
                                         moe_every=1, dtype='bfloat16'), spec)
   cfg = train.TrainConfig()
   batch = jax.random.randint(jax.random.key(1), (tokens // seq, seq + 1), 0, 256, jnp.int32)
-  batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   state = train.init_state(model, cfg, jax.random.key(0),
                            jax.ShapeDtypeStruct((1, seq), jnp.int32), mesh)
   step = lambda state, batch: train.train_step(state, batch, jax.random.key(2), task=tasks.LM,
@@ -172,7 +174,7 @@ def weak_scaling(args, families: dict[str, Family]) -> list[dict]:
         base = None
         m = 1
         while m <= n:
-          mesh = parallel.make_mesh(1, m, devices=jax.devices()[:m])
+          mesh = sharding.make_mesh(1, m, devices=jax.devices()[:m])
           chunk_counts = args.chunks if routing == 'dropless' else [1]
           paths = ['one-device', 'sharded'] if m == 1 and bench == 'layer' else [
               'one-device' if m == 1 else 'sharded']
@@ -196,7 +198,7 @@ def weak_scaling(args, families: dict[str, Family]) -> list[dict]:
 def profile_paths(args, families: dict[str, Family]) -> list[dict]:
   """Where the sharded path's time goes: kernel times of the layer's forward + backward, one
   device (no shard_map) against the sharded path on a one-device mesh, per family and routing."""
-  mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   summaries = []
   for name in args.families:
     for routing in args.routings:

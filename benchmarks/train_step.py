@@ -2,7 +2,7 @@
 
 The model is `moe_jax.models.transformer.Transformer` with an MoE FFN in every block (token choice,
 E=8, k=2, capacity factor 1.25), bf16 compute, float32 parameters, and the training step of
-`moe_jax.train` (next-byte cross-entropy + MoE aux loss, global-norm clipping, AdamW), jit'd with
+`moe_jax.run.train` (next-byte cross-entropy + MoE aux loss, global-norm clipping, AdamW), jit'd with
 the state donated. Tokens are random ints (vocab 256): this measures throughput, not learning.
 
 MFU = model FLOPs per step / step time / peak. Model FLOPs per step = 3 x forward FLOPs (fwd + bwd)
@@ -42,12 +42,13 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_jax import flops, reproducibility  # noqa: E402
+from moe_jax import reproducibility  # noqa: E402
 from moe_jax.models import transformer  # noqa: E402
 from moe_jax.models.transformer import Transformer, TransformerConfig  # noqa: E402
-from moe_jax.spec import MoESpec  # noqa: E402
-from moe_jax.tasks import cross_entropy  # noqa: E402
-from moe_jax.train import TrainConfig, make_optimizer  # noqa: E402
+from moe_jax.moe import flops  # noqa: E402
+from moe_jax.moe.spec import MoESpec  # noqa: E402
+from moe_jax.run.tasks import cross_entropy  # noqa: E402
+from moe_jax.run.train import TrainConfig, make_optimizer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe_layer import elapsed, log  # noqa: E402
@@ -127,7 +128,7 @@ class Case:
 
 
 def make_step(model: Transformer, tx):
-  """The training step of `moe_jax.train.train_step` (one device), with the state donated."""
+  """The training step of `moe_jax.run.train.train_step` (one device), with the state donated."""
 
   def loss_fn(params, batch):
     logits, aux = model.apply({'params': params}, batch[:, :-1], train=True)

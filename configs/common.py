@@ -65,7 +65,7 @@ def mesh() -> ml_collections.ConfigDict:
 
 
 def train(**overrides) -> ml_collections.ConfigDict:
-  """`config.train` (`moe_jax.train.TrainConfig`): the schedule every config starts from, but for
+  """`config.train` (`moe_jax.run.train.TrainConfig`): the schedule every config starts from, but for
   `overrides`."""
   config = ml_collections.ConfigDict()
   config.steps = 300

@@ -6,10 +6,10 @@ Members override the base LM (`lm_tiny.py`). With `size_experts=True` the sweep 
 member's expert width `moe.d_ff` so its FLOPs per token match the dense model's by the
 `flops_match` convention, then checks all members against the dense budget and refuses to start
 if any misses it by more than `flops_tolerance`. 'active' is the papers' convention (k expert FFNs
-per token for token choice, capacity padding not counted; see moe_jax/flops.py); the results table
+per token for token choice, capacity padding not counted; see moe_jax/moe/flops.py); the results table
 shows each member's active and executed FLOPs.
 
-Causality (moe_jax/causality.py, checked when each member's model is built): expert choice and
+Causality (moe_jax/moe/causality.py, checked when each member's model is built): expert choice and
 Soft MoE route the tokens at one position across the batch (`group_by='position'`), at the price of
 coupling the sequences of a batch; token-choice members route each sequence with
 `priority='token'` (from lm_tiny.py), so no token can take an earlier token's slot.

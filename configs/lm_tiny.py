@@ -9,13 +9,13 @@ capacity (moe.capacity_factor=None); `scale=cpu` or `scale=gpu`, the LM of the p
 
 `data.data_dir=None` prepares and reads TFDS files in TFDS's default data dir
 ($TFDS_DATA_DIR, else ~/tensorflow_datasets); `data.manual_dir=None` finds `input.txt` as
-`moe_jax.data.find_manual_dir` describes.
+`moe_jax.data.text.find_manual_dir` describes.
 """
 import ml_collections
 from ml_collections import config_dict
 
 from configs import common
-from moe_jax.spec import moe_config
+from moe_jax.moe.spec import moe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,8 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.attention = 'auto'  # 'auto': cuDNN fused attention on GPU in bf16, else 'xla'
   config.model.allow_future_leak = False  # True builds routing that sees later tokens (to study it)
 
-  # Every MoESpec field (moe_jax/spec.py documents them), defaults but for these.
-  # priority='token' keeps capacity-bound top-k causal (moe_jax/causality.py).
+  # Every MoESpec field (moe_jax/moe/spec.py documents them), defaults but for these.
+  # priority='token' keeps capacity-bound top-k causal (moe_jax/moe/causality.py).
   config.moe = moe_config(d_ff=256, priority='token')
 
   config.mesh = common.mesh()

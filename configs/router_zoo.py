@@ -10,7 +10,7 @@ the families (what each does to loss, load and drops), not a ranking; gaps of a 
 nat are within seed noise (experiments/README.md). `compare_routers.py` stays the quick main job.
 
 Members are sized to the dense model's FLOPs by the 'active' convention (k expert FFNs per token;
-moe_jax/flops.py) and the sweep checks it. Causality (moe_jax/causality.py): families whose
+moe_jax/moe/flops.py) and the sweep checks it. Causality (moe_jax/moe/causality.py): families whose
 decisions couple a group's tokens (expert choice, Soft MoE, Sinkhorn and BASE in training) route
 the tokens at one position across the batch (`group_by='position'`); top-k and hash members route
 each sequence with `priority='token'` (from lm_tiny.py) or dropless. Routers balanced by

@@ -6,7 +6,7 @@
 
 The MoE run copies every weight of the dense run's latest checkpoint; in each MoE block (every
 `model.moe_every`-th) the 8 experts start as copies of the block's dense FFN (same width,
-`moe.d_ff = model.d_ff`), the routers fresh (moe_jax/upcycling.py). Top-2 with renormalized weights
+`moe.d_ff = model.d_ff`), the routers fresh (moe_jax/run/upcycling.py). Top-2 with renormalized weights
 and no capacity, so the upcycled model starts as exactly the dense model (the paper's decoder used
 top-2 token choice; with a capacity, dropped tokens would change the first forward pass). The
 optimizer and the step count start anew, with a short warmup.

@@ -8,7 +8,7 @@ Presets (`--config configs/vit_digits.py:ARG`, comma-separated): `dropless`, tok
 a capacity (moe.capacity_factor=None, with --config.moe.router=token_choice); `scale=cpu` or
 `scale=gpu`, the ViT of the paper claims (experiments/) at that scale (`at_scale`).
 
-The digits ship inside scikit-learn (`moe_jax.image_datasets`); `data.data_dir=None` prepares the
+The digits ship inside scikit-learn (`moe_jax.data.images`); `data.data_dir=None` prepares the
 TFDS files in TFDS's default data dir. 2x2 patches give 16 tokens per image, routed per image
 (`group_by='sequence'`); Soft MoE with 8 experts x 2 slots has as many slots as tokens.
 """
@@ -16,7 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common
-from moe_jax.spec import moe_config
+from moe_jax.moe.spec import moe_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.pool = 'mean'
   config.model.dtype = 'float32'
 
-  # Every MoESpec field (moe_jax/spec.py documents them), defaults but for these.
+  # Every MoESpec field (moe_jax/moe/spec.py documents them), defaults but for these.
   config.moe = moe_config(router='soft', d_ff=128, slots_per_expert=2, activation='gelu')
 
   config.mesh = common.mesh()

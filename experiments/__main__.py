@@ -97,8 +97,8 @@ def seeds_ran(verdict: common.Verdict) -> int:
 def prepare_data(keys: list[str], scale: str, data_dir: str | None) -> None:
   """Prepares (TFDS download_and_prepare, offline) every data set the claims `keys` read, once,
   before child processes would race to prepare one data dir."""
-  from moe_jax import data, image_datasets
-  loaders = {'lm': data.load_text_splits, 'vit': image_datasets.load_image_splits}
+  from moe_jax.data import images as image_data, text
+  loaders = {'lm': text.load_text_splits, 'vit': image_data.load_image_splits}
   seen = set()
   for key in keys:
     sweep = runs_lib.claim_module(key).get_config(scale)

@@ -35,7 +35,7 @@ def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
                  base_changes: Callable | None = None) -> ml_collections.ConfigDict:
   """A claim's sweep: the task's base config at `scale` (`BASES`; changed by
   `base_changes(base)`), `members` sized and checked at equal FLOPs by the paper's convention
-  `flops_match` ('active' or 'executed', see moe_jax/flops.py), 3 seeds at cpu scale and 5 at gpu
+  `flops_match` ('active' or 'executed', see moe_jax/moe/flops.py), 3 seeds at cpu scale and 5 at gpu
   scale unless `seeds`."""
   config = ml_collections.ConfigDict()
   config.task = task
@@ -72,7 +72,7 @@ def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: Sequence[int]
 
 def collect(runs) -> dict:
   """{member: {'description', 'runs': [run_numbers of each seed, in seed order]}} of `runs`."""
-  from moe_jax import sweep
+  from moe_jax.run import sweep
   results = {}
   for run in runs:
     entry = results.setdefault(run.member, {'description': sweep.describe(run.config), 'runs': []})
@@ -141,7 +141,7 @@ def run_numbers(directory: pathlib.Path) -> dict:
   'divergences' (1 if diverged or any `lasting_jumps`, else 0) and 'overfit' (the final held-out
   loss relative to the lowest of the run's evaluations, minus 1; 0 when the last is best)."""
   from experiments.runs import DIVERGED
-  from moe_jax import report
+  from moe_jax.run import report
   diverged = (directory / DIVERGED).exists()
   metrics = report.read_metrics(directory)
   summary = {'eval_loss': math.nan} if diverged else report.read_run(directory)['summary']

@@ -60,7 +60,7 @@ def claim_runs(key: str, scale: str, seeds: Sequence[int], workdir: pathlib.Path
   """The runs of claim `key` at `scale` with `seeds`, members sized and checked at equal FLOPs
   (`sweep.build_members`) before anything trains. pilot: the claim's `pilot_config` where it has
   one (a search for its regime), else its own members."""
-  from moe_jax import sweep  # heavy imports only when a claim runs
+  from moe_jax.run import sweep  # heavy imports only when a claim runs
   module = claim_module(key)
   claim = (getattr(module, 'pilot_config', module.get_config) if pilot else module.get_config)(scale)
   if data_dir is not None:
@@ -80,7 +80,7 @@ DIVERGED = 'diverged.json'  # written into a run directory whose loss went non-f
 
 def is_finished(run: Run) -> bool:
   """Whether `run` trained all its steps, or stopped on a non-finite loss (a result too)."""
-  from moe_jax import run_dir
+  from moe_jax.run import run_dir
   return (run_dir.finished_summary(run.directory, run.config.train.steps) is not None or
           (run.directory / DIVERGED).exists())
 
@@ -105,7 +105,8 @@ def train_one(run: Run, log: Callable = print) -> None:
   if is_finished(run):
     log(f'  {run.member} seed {run.seed}: finished earlier, reused')
     return
-  from moe_jax import reproducibility, train
+  from moe_jax import reproducibility
+  from moe_jax.run import train
   reproducibility.configure_from(run.config)
   start = time.perf_counter()
   try:

@@ -15,5 +15,5 @@ Shape letters, the same in every docstring:
 
 A router sees one group: logits [T, E]. The MoE layer cuts [B, L, d] into G groups of T tokens
 (`MoESpec.group_by`: B sequences of L, L positions of B, or one group of B * L). The grouped matmul
-kernels (`kernels/`) use matmul letters of their own: [M, K] @ [E, K, N].
+kernels (`moe/kernels/`) use matmul letters of their own: [M, K] @ [E, K, N].
 """

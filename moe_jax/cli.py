@@ -67,9 +67,10 @@ def _config_and_workdir_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None
 
 
 def _train(fv: flags.FlagValues) -> None:
-  from moe_jax import distributed, train  # here, so that `moe-jax --help` does not import JAX
+  from moe_jax.parallel import multihost  # here, so that `moe-jax --help` does not import JAX
+  from moe_jax.run import train  # here, so that `moe-jax --help` does not import JAX
 
-  distributed.initialize_from_env()  # multi-host: before any mesh is built; else a no-op
+  multihost.initialize_from_env()  # multi-host: before any mesh is built; else a no-op
 
   summary = train.train(fv.config, fv.workdir)
   print(json.dumps(summary, indent=2))
@@ -82,9 +83,10 @@ def _sweep_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
 
 
 def _sweep(fv: flags.FlagValues) -> None:
-  from moe_jax import distributed, report, sweep
+  from moe_jax.parallel import multihost
+  from moe_jax.run import report, sweep
 
-  distributed.initialize_from_env()
+  multihost.initialize_from_env()
 
   print(sweep.run_sweep(fv.config, fv.workdir, only=fv.only))
   print(report.written(fv.workdir))
@@ -98,7 +100,7 @@ def _workdir_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
 
 
 def _report(fv: flags.FlagValues) -> None:
-  from moe_jax import report
+  from moe_jax.run import report
 
   print(report.write_report(fv.workdir))
   print(report.written(fv.workdir))
@@ -107,31 +109,32 @@ def _report(fv: flags.FlagValues) -> None:
 def _check_config(config) -> None:
   """Raises the ValueError that `train` (or, for a sweep config, `sweep`) would raise for `config`,
   naming the field: `train.check_config` on config.mesh as an `AbstractMesh` (no device used)."""
-  from moe_jax import parallel, sweep, train
+  from moe_jax.parallel import sharding
+  from moe_jax.run import sweep, train
 
   if 'base' in config and 'members' in config:  # a sweep: each member as `sweep` builds it
     configs = [sweep.member_config(config.base, overrides) for overrides in config.members.values()]
   else:
     configs = [config]
   for member in configs:
-    train.check_config(member, parallel.abstract_mesh(member))
+    train.check_config(member, sharding.abstract_mesh(member))
 
 
 def _show_config(fv: flags.FlagValues) -> None:
   if 'jax' not in sys.modules:  # checking a config never needs an accelerator: keep JAX off it
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from moe_jax import families, spec
+  from moe_jax.moe import families, spec
 
   _check_config(fv.config)  # a config that train would refuse is not printed
   print(fv.config)
-  print('Router families (config.moe.router; moe_jax/families.py):')
+  print('Router families (config.moe.router; moe_jax/moe/families.py):')
   for name, family in families.FAMILIES.items():
     options = ', '.join(family.options) or 'none'
     print(f'  {name:14s}{family.cite}. Options: {options}.')
   print(f'group_by: {", ".join(spec.GROUPINGS)}; score: {", ".join(spec.SCORES)}; priority: '
         f'{", ".join(spec.PRIORITIES)}; router_logits: {", ".join(spec.ROUTER_LOGITS)}; '
         f'balance_over: {", ".join(spec.BALANCE_SCOPES)}.\n'
-        'config.moe fields (moe_jax/spec.py, MoESpec):')
+        'config.moe fields (moe_jax/moe/spec.py, MoESpec):')
   attributes = spec.MoESpec.__doc__.split('Attributes:\n', 1)[1]
   print(textwrap.indent(textwrap.dedent(attributes).rstrip(), '  '))
 
@@ -139,10 +142,10 @@ def _show_config(fv: flags.FlagValues) -> None:
 def _plan(fv: flags.FlagValues) -> None:
   if 'jax' not in sys.modules:  # a plan never needs an accelerator: keep JAX off it
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from moe_jax import plan
+  from moe_jax.run import memory_plan
 
   name = config_flags.get_config_filename(fv['config'])
-  print(plan.render(plan.make_plan(fv.config, name=name)))
+  print(memory_plan.render(memory_plan.make_plan(fv.config, name=name)))
 
 
 COMMANDS: dict[str, Command] = {

@@ -2,7 +2,7 @@
 
 Usage: python tests/determinism_worker.py WORKDIR DATA_DIR STEPS on|off. Trains the gshard_top2
 member of claim (b) at gpu scale (English mix), cut to STEPS steps, with config.deterministic on or
-off, through `moe_jax.train.train`, which sets XLA's flags before JAX starts.
+off, through `moe_jax.run.train.train`, which sets XLA's flags before JAX starts.
 """
 import os
 import sys
@@ -10,7 +10,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import expert_choice_vs_top2  # noqa: E402
-from moe_jax import reproducibility, sweep, train  # noqa: E402
+from moe_jax import reproducibility  # noqa: E402
+from moe_jax.run import sweep, train  # noqa: E402
 
 
 def member_config(data_dir: str, steps: int, deterministic: bool):

@@ -3,7 +3,7 @@
 Usage: python tests/multihost_worker.py WORKDIR DATA_DIR, with $JAX_COORDINATOR_ADDRESS,
 $JAX_NUM_PROCESSES and $JAX_PROCESS_ID set. Each process holds 4 simulated CPU devices; the run
 is the test's tiny LM on a (data 2, expert 4) mesh spanning both processes, started through
-`moe_jax.distributed.initialize_from_env` exactly as `moe-jax train` starts it.
+`moe_jax.parallel.multihost.initialize_from_env` exactly as `moe-jax train` starts it.
 """
 import os
 import sys
@@ -16,13 +16,13 @@ os.environ['XLA_FLAGS'] = ' '.join(
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import distributed  # noqa: E402
+from moe_jax.parallel import multihost  # noqa: E402
 
-assert distributed.initialize_from_env()
+assert multihost.initialize_from_env()
 
 import jax  # noqa: E402
 
-from moe_jax import train  # noqa: E402
+from moe_jax.run import train  # noqa: E402
 from tests.test_multihost import multihost_config  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4

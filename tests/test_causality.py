@@ -10,7 +10,7 @@ evaluation mode. A paper config keeps its routing and its kind of model (grouped
 attention, dense first blocks, tied embeddings, encoder-decoder) at a test's depth and token
 layout (`at_test_scale`); an encoder-decoder's positions are its decoder's, and its encoder input
 (all of it earlier, by design) must move the logits. Setups that can leak are refused when built
-(`moe_jax.causality`), and with the opt-in flag the same check sees their leak: the test has the
+(`moe_jax.moe.causality`), and with the opt-in flag the same check sees their leak: the test has the
 power to fail.
 """
 import functools
@@ -29,8 +29,9 @@ import configs
 import configs.papers
 from configs import lm_tiny
 from experiments import CLAIMS, common
-from moe_jax import families, sweep
 from moe_jax.models import transformer
+from moe_jax.moe import families
+from moe_jax.run import sweep
 
 SHARPNESS = 30.0  # router weights x this: near one-hot routing, so capacity binds
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from moe_jax import cli, data
+from moe_jax import cli
+from moe_jax.data import text as text_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / 'configs'
@@ -98,7 +99,7 @@ def test_unknown_data_set_fails_at_once_naming_the_offline_ones(data_dir, tmp_pa
   result = moe_jax(tmp_path, 'train', '--config', CONFIGS / 'lm_tiny.py', '--workdir', 'run',
                    '--config.data.name=wikitext', f'--config.data.data_dir={data_dir}', *TINY)
   assert_one_message(result, "config.data.name='wikitext'", "'tiny_shakespeare'", "'english_mix'",
-                     "'digits'", 'network', 'config.data.data_dir')
+                     'network', 'config.data.data_dir')
   assert len(result.stderr.strip().splitlines()) == 1
   assert not (tmp_path / 'run').exists()
 
@@ -113,7 +114,7 @@ def test_a_stock_data_set_that_fails_to_load_is_one_line(tmp_path, monkeypatch):
 
   monkeypatch.setattr(tfds, 'data_source', offline)
   with pytest.raises(FileNotFoundError) as raised:
-    data.load_text_splits('imdb_reviews', data_dir=tmp_path)
+    text_data.load_text_splits('imdb_reviews', data_dir=tmp_path)
   message = str(raised.value)
   assert len(message.splitlines()) == 1
   for part in ("'imdb_reviews'", 'RuntimeError: Failed to resolve', 'network',

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from configs import lm_tiny
-from moe_jax import cli, data, spec, tensorboard_events, train
+from moe_jax import cli
+from moe_jax.data import text
+from moe_jax.moe import spec
+from moe_jax.run import events as tb_events, train
 
 TINY = ['--config.data.seq_len=32', '--config.data.batch_size=4', '--config.model.d_model=32',
         '--config.model.num_layers=2', '--config.model.num_heads=2', '--config.model.d_ff=64',
@@ -92,7 +95,7 @@ def test_report_without_runs_is_one_message(tmp_path, capsys):
 
 
 def test_missing_data_is_one_message_and_writes_no_config(tmp_path, capsys, monkeypatch):
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))  # holds no tiny_shakespeare/
+  monkeypatch.setenv(text.DATA_DIR_ENV, str(tmp_path))  # holds no tiny_shakespeare/
   workdir = tmp_path / 'run'
   assert cli.main(train_args(tmp_path / 'tfds', workdir)) == 2
   assert_short_error(capsys.readouterr().err, "Data set 'tiny_shakespeare' not found",
@@ -153,7 +156,7 @@ def test_ctrl_c_checkpoints_then_resume_matches_an_uninterrupted_run(
       np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, err_msg=key)
   # TensorBoard shows each step once: the points past step 5 of the first call are gone.
   def points(run):  # tokens/s is absent right after each call's first (compiling) step
-    return [(step, tag) for step, tag, _ in tensorboard_events.read_events(run)
+    return [(step, tag) for step, tag, _ in tb_events.read_events(run)
             if tag != 'train/tokens_per_s']
 
   assert points(workdir) == points(straight_run)
@@ -180,7 +183,7 @@ def test_non_finite_loss_stops_before_saving(data_dir, tmp_path, capsys, monkeyp
 
 
 def test_run_writes_tensorboard_events(straight_run):
-  events = tensorboard_events.read_events(straight_run)
+  events = tb_events.read_events(straight_run)
   steps = {}
   for step, tag, value in events:
     steps.setdefault(tag, []).append(step)

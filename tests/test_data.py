@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from moe_jax import data
-from moe_jax.datasets import TinyShakespeareManual
+from moe_jax.data import text
+from moe_jax.data.text_builders import TinyShakespeareManual
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 INPUT_TXT = SHARED_DATA / 'tiny_shakespeare' / 'input.txt'
@@ -31,8 +31,8 @@ def prepared(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(socket.socket, 'connect', _no_network)
     mp.setattr(socket, 'getaddrinfo', _no_network)
-    mp.delenv(data.DATA_DIR_ENV, raising=False)
-    splits = data.load_text_splits('tiny_shakespeare', data_dir=data_dir)
+    mp.delenv(text.DATA_DIR_ENV, raising=False)
+    splits = text.load_text_splits('tiny_shakespeare', data_dir=data_dir)
   return data_dir, splits
 
 
@@ -66,43 +66,43 @@ def test_second_load_reuses_prepared_files(prepared, monkeypatch, tmp_path):
 
   monkeypatch.setattr(TinyShakespeareManual, '_split_generators', fail)
   # The source file is not even needed once prepared.
-  assert data.load_text_splits(data_dir=data_dir, manual_dir=tmp_path) == splits
+  assert text.load_text_splits(data_dir=data_dir, manual_dir=tmp_path) == splits
   assert {p: p.stat().st_mtime_ns for p in data_dir.rglob('*') if p.is_file()} == files
 
 
 def test_find_manual_dir_resolution(monkeypatch, tmp_path):
-  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-  assert data.find_manual_dir('tiny_shakespeare') == INPUT_TXT.parent.resolve()
+  monkeypatch.delenv(text.DATA_DIR_ENV, raising=False)
+  assert text.find_manual_dir('tiny_shakespeare') == INPUT_TXT.parent.resolve()
   (tmp_path / 'tiny_shakespeare').mkdir()
   shutil.copy(INPUT_TXT, tmp_path / 'tiny_shakespeare')
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-  assert data.find_manual_dir('tiny_shakespeare') == tmp_path / 'tiny_shakespeare'
+  monkeypatch.setenv(text.DATA_DIR_ENV, str(tmp_path))
+  assert text.find_manual_dir('tiny_shakespeare') == tmp_path / 'tiny_shakespeare'
   # An explicit manual dir wins; it may hold the file or a <name>/ folder with it.
-  assert data.find_manual_dir('tiny_shakespeare', SHARED_DATA) == INPUT_TXT.parent.resolve()
-  assert data.find_manual_dir('tiny_shakespeare', INPUT_TXT.parent) == INPUT_TXT.parent.resolve()
+  assert text.find_manual_dir('tiny_shakespeare', SHARED_DATA) == INPUT_TXT.parent.resolve()
+  assert text.find_manual_dir('tiny_shakespeare', INPUT_TXT.parent) == INPUT_TXT.parent.resolve()
 
 
 @pytest.mark.parametrize('via', ['argument', 'env'])
 def test_missing_data_set_names_it_and_the_fix(via, monkeypatch, tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(empty))
+  monkeypatch.setenv(text.DATA_DIR_ENV, str(empty))
   manual_dir = empty if via == 'argument' else None
   with pytest.raises(FileNotFoundError) as info:
-    data.load_text_splits(data_dir=tmp_path / 'tfds', manual_dir=manual_dir)
+    text.load_text_splits(data_dir=tmp_path / 'tfds', manual_dir=manual_dir)
   message = str(info.value)
-  for part in ['tiny_shakespeare', str(empty), '--config.data.manual_dir', data.DATA_DIR_ENV]:
+  for part in ['tiny_shakespeare', str(empty), '--config.data.manual_dir', text.DATA_DIR_ENV]:
     assert part in message
 
 
 def test_encode_decode_round_trip():
-  ids = data.encode(TEXT)
+  ids = text.encode(TEXT)
   assert ids.dtype == np.uint8 and ids.shape == (len(TEXT.encode('utf-8')),)
-  assert data.VOCAB_SIZE == 256
-  assert data.decode(ids) == TEXT
-  assert data.decode(data.encode('Roméo — ')) == 'Roméo — '
+  assert text.VOCAB_SIZE == 256
+  assert text.decode(ids) == TEXT
+  assert text.decode(text.encode('Roméo — ')) == 'Roméo — '
   with pytest.raises(ValueError):
-    data.decode([256])
+    text.decode([256])
 
 
 def _min_row_gap(starts: np.ndarray) -> int:
@@ -113,60 +113,60 @@ def _min_row_gap(starts: np.ndarray) -> int:
 
 def test_train_batch(prepared):
   train = prepared[1]['train']
-  tokens = data.encode(train)
-  batch = data.train_batch(tokens, step=7, batch_size=4, seq_len=32, seed=0)
+  tokens = text.encode(train)
+  batch = text.train_batch(tokens, step=7, batch_size=4, seq_len=32, seed=0)
   assert batch.shape == (4, 33) and batch.dtype == np.int32
-  np.testing.assert_array_equal(batch, data.train_batch(tokens, 7, 4, 32, seed=0))
-  assert not np.array_equal(batch, data.train_batch(tokens, 8, 4, 32, seed=0))
-  assert not np.array_equal(batch, data.train_batch(tokens, 7, 4, 32, seed=1))
+  np.testing.assert_array_equal(batch, text.train_batch(tokens, 7, 4, 32, seed=0))
+  assert not np.array_equal(batch, text.train_batch(tokens, 8, 4, 32, seed=0))
+  assert not np.array_equal(batch, text.train_batch(tokens, 7, 4, 32, seed=1))
   for row in batch:
     # Each row is a contiguous slice of the split, so targets row[1:] follow inputs row[:-1].
-    assert data.decode(row) in train
+    assert text.decode(row) in train
 
 
 def test_rows_of_a_training_batch_are_never_neighbouring_text(prepared):
   """Routing that couples a batch's rows must not see a row's own continuation in another row."""
-  tokens = data.encode(prepared[1]['train'])
-  starts = np.stack([data.train_window_starts(len(tokens), step, 8, 128, seed=3)
+  tokens = text.encode(prepared[1]['train'])
+  starts = np.stack([text.train_window_starts(len(tokens), step, 8, 128, seed=3)
                      for step in range(200)])
-  assert _min_row_gap(starts) >= data.MIN_ROW_GAP_WINDOWS * 128
+  assert _min_row_gap(starts) >= text.MIN_ROW_GAP_WINDOWS * 128
   assert starts.min() >= 0 and starts.max() <= len(tokens) - 129
   assert len(np.unique(starts[:, 0])) > 190  # still random windows, step by step
   with pytest.raises(ValueError, match='config.data.batch_size'):
-    data.train_batch(tokens[:4000], 0, batch_size=8, seq_len=128, seed=0)
+    text.train_batch(tokens[:4000], 0, batch_size=8, seq_len=128, seed=0)
 
 
 def test_eval_batches(prepared):
-  tokens = data.encode(prepared[1]['validation'])
-  batches = data.eval_batches(tokens, batch_size=3, seq_len=16, num_batches=2)
+  tokens = text.encode(prepared[1]['validation'])
+  batches = text.eval_batches(tokens, batch_size=3, seq_len=16, num_batches=2)
   assert batches.shape == (2, 3, 17) and batches.dtype == np.int32
-  np.testing.assert_array_equal(batches, data.eval_batches(tokens, 3, 16, 2))
-  starts = data.eval_window_starts(len(tokens), 3, 16, 2)
+  np.testing.assert_array_equal(batches, text.eval_batches(tokens, 3, 16, 2))
+  starts = text.eval_window_starts(len(tokens), 3, 16, 2)
   for batch, row_starts in zip(batches, starts):
     for row, start in zip(batch, row_starts):
       np.testing.assert_array_equal(row, tokens[start:start + 17])  # a contiguous window
   # Whole windows: no two windows share an input or a target, so each target is scored once.
   assert np.all(starts % 16 == 0) and len(np.unique(starts)) == starts.size
   with pytest.raises(ValueError, match='config.train.eval_batches'):
-    data.eval_batches(tokens[:150], 3, 16, 2)
+    text.eval_batches(tokens[:150], 3, 16, 2)
 
 
 def test_rows_of_an_eval_batch_are_never_each_others_continuation(prepared):
   """Before: row j + 1 of a batch was row j's continuation, which group_by='position' saw."""
-  tokens = data.encode(prepared[1]['validation'])
-  starts = data.eval_window_starts(len(tokens), batch_size=8, seq_len=128, num_batches=8)
-  assert _min_row_gap(starts) >= data.MIN_ROW_GAP_WINDOWS * 128
+  tokens = text.encode(prepared[1]['validation'])
+  starts = text.eval_window_starts(len(tokens), batch_size=8, seq_len=128, num_batches=8)
+  assert _min_row_gap(starts) >= text.MIN_ROW_GAP_WINDOWS * 128
   # ... and each batch's rows are as far apart as the held-out text allows.
   assert _min_row_gap(starts) == (len(tokens) - 1) // 128 // 8 * 128
 
 
 def test_shipped_copy_is_the_last_fallback(monkeypatch, tmp_path):
   """With no manual dir, no $MOE_JAX_DATA_DIR and no ../shared, the package's own copy is used."""
-  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-  monkeypatch.setattr(data, '_REPO_ROOT', tmp_path / 'clone')
+  monkeypatch.delenv(text.DATA_DIR_ENV, raising=False)
+  monkeypatch.setattr(text, '_REPO_ROOT', tmp_path / 'clone')
   monkeypatch.chdir(tmp_path)
-  found = data.find_manual_dir('tiny_shakespeare')
-  assert found == data.SHIPPED_DATA / 'tiny_shakespeare'
+  found = text.find_manual_dir('tiny_shakespeare')
+  assert found == text.SHIPPED_DATA / 'tiny_shakespeare'
   listed = re.search(r'tiny_shakespeare/input.txt \|[^|]*\| ([0-9a-f]{64}) \|',
                      (SHARED_DATA / 'README.md').read_text()).group(1)
   assert hashlib.sha256((found / 'input.txt').read_bytes()).hexdigest() == listed
@@ -174,7 +174,7 @@ def test_shipped_copy_is_the_last_fallback(monkeypatch, tmp_path):
 
 def test_preparing_a_local_builder_is_quiet(tmp_path, capfd, caplog):
   """No "Downloading and preparing" line, no progress-bar debris off a terminal, no absl warning."""
-  data.load_text_splits('tiny_shakespeare', data_dir=tmp_path)
+  text.load_text_splits('tiny_shakespeare', data_dir=tmp_path)
   out, err = capfd.readouterr()
   assert out == '' and '\x1b[' not in err and '\r' not in err, (out, err)
   assert not [r for r in caplog.records if r.name == 'absl' and r.levelno >= logging.WARNING]

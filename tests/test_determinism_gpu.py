@@ -16,7 +16,7 @@ import sys
 import jax
 import pytest
 
-from moe_jax import data
+from moe_jax.data import text
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
 
@@ -36,7 +36,7 @@ def _spread(a: list[dict], b: list[dict], key: str) -> float:
 
 def test_same_seed_twice_is_bitwise_identical_with_the_switch_on(tmp_path):
   data_dir = str(tmp_path / 'tfds')
-  data.load_text_splits('english_mix', data_dir=data_dir)  # prepared once, before the runs
+  text.load_text_splits('english_mix', data_dir=data_dir)  # prepared once, before the runs
   env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.2')
   env.pop('XLA_FLAGS', None)
   runs = {f'{mode}{i}': tmp_path / f'{mode}{i}' for mode in ('on', 'off') for i in (1, 2)}

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch, fast_dispatch, routing, spec, validate
-from moe_jax.experts import Experts
+from moe_jax import routing, validate
+from moe_jax.moe import dispatch, fast_dispatch, spec
+from moe_jax.moe.experts import Experts
 from tests import reference
 
 T, E, D, F = 12, 4, 8, 16

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from moe_jax import data, datasets
+from moe_jax.data import text, text_builders
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 ENGLISH_MIX = SHARED_DATA / 'english_mix'
@@ -18,7 +18,7 @@ if not SHARED_DATA.is_dir():
   pytest.skip(f'offline data {SHARED_DATA} is absent (CI has it as ../shared beside the clone)',
               allow_module_level=True)
 
-FILES = datasets.EnglishMix.MANUAL_FILES
+FILES = text_builders.EnglishMix.MANUAL_FILES
 SLICE_BYTES = 1_000_000  # > 100 blocks of 8 KiB: blocks 98 and 99 of each file exist
 
 
@@ -51,9 +51,9 @@ def _prepare(data_dir: pathlib.Path, manual_dir: pathlib.Path):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(socket.socket, 'connect', _no_network)
     mp.setattr(socket, 'getaddrinfo', _no_network)
-    mp.delenv(data.DATA_DIR_ENV, raising=False)
-    splits = data.load_text_splits('english_mix', data_dir=data_dir, manual_dir=manual_dir)
-  sources = datasets.EnglishMix(data_dir=data_dir, file_format='array_record').as_data_source()
+    mp.delenv(text.DATA_DIR_ENV, raising=False)
+    splits = text.load_text_splits('english_mix', data_dir=data_dir, manual_dir=manual_dir)
+  sources = text_builders.EnglishMix(data_dir=data_dir, file_format='array_record').as_data_source()
   examples = {split: [ex['text'].decode('utf-8') for ex in source]
               for split, source in sources.items()}
   return splits, examples
@@ -65,7 +65,7 @@ def prepared(slices, tmp_path_factory):
 
 
 def test_block_split_rule():
-  assert [datasets.block_split(i) for i in (0, 97, 98, 99, 100, 198, 199, 1098, 12399)] == [
+  assert [text_builders.block_split(i) for i in (0, 97, 98, 99, 100, 198, 199, 1098, 12399)] == [
       'train', 'train', 'validation', 'test', 'train', 'validation', 'test', 'validation', 'test']
 
 
@@ -73,7 +73,7 @@ def test_block_split_rule():
 def test_blocks_rejoin_exactly_and_are_cut_at_newlines(fortunes, as_text):
   text = fortunes.decode('utf-8') if as_text else fortunes
   newline = '\n' if as_text else b'\n'
-  blocks = datasets.text_blocks(text)
+  blocks = text_builders.text_blocks(text)
   assert newline.join(blocks) == text  # consecutive, nothing lost or repeated
   start = 0
   for block in blocks[:-1]:
@@ -81,22 +81,22 @@ def test_blocks_rejoin_exactly_and_are_cut_at_newlines(fortunes, as_text):
     assert text[start:start + 1] == newline  # each block is cut at a newline...
     start += 1
     # ... the first one at least BLOCK_SIZE from the block's start.
-    assert len(block) >= datasets.BLOCK_SIZE - 1
-    assert newline not in block[datasets.BLOCK_SIZE - 1:]
-  assert len(blocks[-1]) < datasets.BLOCK_SIZE + 500
+    assert len(block) >= text_builders.BLOCK_SIZE - 1
+    assert newline not in block[text_builders.BLOCK_SIZE - 1:]
+  assert len(blocks[-1]) < text_builders.BLOCK_SIZE + 500
 
 
 def test_text_blocks_edge_cases():
-  assert datasets.text_blocks('') == ['']
-  assert datasets.text_blocks('no newline at all', 4) == ['no newline at all']
-  assert datasets.text_blocks('ab\ncd\n\nefg\nh', 1) == ['ab', 'cd', '', 'efg', 'h']
-  assert datasets.text_blocks(b'ab\ncd\nef\n', 4) == [b'ab\ncd', b'ef\n']
+  assert text_builders.text_blocks('') == ['']
+  assert text_builders.text_blocks('no newline at all', 4) == ['no newline at all']
+  assert text_builders.text_blocks('ab\ncd\n\nefg\nh', 1) == ['ab', 'cd', '', 'efg', 'h']
+  assert text_builders.text_blocks(b'ab\ncd\nef\n', 4) == [b'ab\ncd', b'ef\n']
   with pytest.raises(ValueError, match='block_size'):
-    datasets.text_blocks('x', 0)
+    text_builders.text_blocks('x', 0)
 
 
 def test_held_out_share_is_one_percent_at_full_size(fortunes):
-  splits = datasets.split_blocks(fortunes)
+  splits = text_builders.split_blocks(fortunes)
   assert [i for i, _ in splits['validation']] == [98, 198, 298]
   assert [i for i, _ in splits['test']] == [99, 199, 299]
   assert len(splits['train']) == 296
@@ -104,7 +104,7 @@ def test_held_out_share_is_one_percent_at_full_size(fortunes):
     share = sum(len(block) for _, block in splits[split]) / len(fortunes)
     assert 0.009 < share < 0.011, (split, share)
   # Pure: the same text gives the same split.
-  assert datasets.split_blocks(fortunes) == splits
+  assert text_builders.split_blocks(fortunes) == splits
 
 
 def test_prepared_splits_are_the_block_split_of_each_file(slices, prepared):
@@ -112,7 +112,7 @@ def test_prepared_splits_are_the_block_split_of_each_file(slices, prepared):
   splits, examples = prepared
   expected = {'train': [], 'validation': [], 'test': []}
   for name in FILES:
-    for split, blocks in datasets.split_blocks(texts[name]).items():  # bytes, as the builder
+    for split, blocks in text_builders.split_blocks(texts[name]).items():  # bytes, as the builder
       expected[split] += [block.decode('utf-8', errors='replace') for _, block in blocks]
   assert examples == expected  # one example per block, in file order
   assert {split: len(blocks) for split, blocks in expected.items() if split != 'train'} == {
@@ -129,8 +129,8 @@ def test_prepared_splits_are_disjoint_and_cover_the_text(slices, prepared):
   # Putting each file's blocks back at their indices restores the file.
   by_split = {split: iter(blocks) for split, blocks in examples.items()}
   for name in FILES:
-    blocks = datasets.text_blocks(texts[name])
-    rebuilt = [next(by_split[datasets.block_split(i)]) for i in range(len(blocks))]
+    blocks = text_builders.text_blocks(texts[name])
+    rebuilt = [next(by_split[text_builders.block_split(i)]) for i in range(len(blocks))]
     assert '\n'.join(rebuilt) == texts[name].decode('utf-8', errors='replace')
   assert all(next(it, None) is None for it in by_split.values())  # nothing left over
 
@@ -140,9 +140,9 @@ def test_preparation_is_deterministic(slices, prepared, tmp_path):
 
 
 def test_found_in_shared_data(monkeypatch):
-  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-  assert data.find_manual_dir('english_mix') == ENGLISH_MIX.resolve()
-  assert data.find_manual_dir('english_mix', SHARED_DATA) == ENGLISH_MIX.resolve()
+  monkeypatch.delenv(text.DATA_DIR_ENV, raising=False)
+  assert text.find_manual_dir('english_mix') == ENGLISH_MIX.resolve()
+  assert text.find_manual_dir('english_mix', SHARED_DATA) == ENGLISH_MIX.resolve()
 
 
 def test_missing_file_is_a_clear_error(slices, tmp_path, monkeypatch):
@@ -150,11 +150,11 @@ def test_missing_file_is_a_clear_error(slices, tmp_path, monkeypatch):
   partial.mkdir()
   for name in FILES[:2]:
     (partial / name).write_bytes((slices[0] / name).read_bytes())
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+  monkeypatch.setenv(text.DATA_DIR_ENV, str(tmp_path))
   with pytest.raises(FileNotFoundError) as info:
-    data.load_text_splits('english_mix', data_dir=tmp_path / 'tfds')
+    text.load_text_splits('english_mix', data_dir=tmp_path / 'tfds')
   message = str(info.value)
   assert f'{partial} (lacks fortunes.txt.gz)' in message
-  for part in ['english_mix/gcide.txt.gz', '--config.data.manual_dir', data.DATA_DIR_ENV,
+  for part in ['english_mix/gcide.txt.gz', '--config.data.manual_dir', text.DATA_DIR_ENV,
                'no download']:
     assert part in message

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import dispatch, parallel, ragged_exchange, routing
-from moe_jax.layers import MoELayer
-from moe_jax.spec import MoESpec
+from moe_jax import routing
+from moe_jax.moe import dispatch, ragged_exchange
+from moe_jax.moe.layer import MoELayer
+from moe_jax.moe.spec import MoESpec
+from moe_jax.parallel import sharding
 from tests.test_parallel import evaluate
 from tests.test_parallel_train import TOLERANCE, config, run_steps
 
@@ -114,7 +116,7 @@ def sharded(spec, mesh):
     layer = MoELayer(spec)
     apply = lambda v, x: layer.apply(v, x, train=True, mutable=mutable)
   else:
-    apply = parallel.shard_moe_layer(MoELayer(spec), mesh, train=True, mutable=mutable)
+    apply = sharding.shard_moe_layer(MoELayer(spec), mesh, train=True, mutable=mutable)
   return jax.jit(functools.partial(evaluate, apply, mutable=mutable))
 
 
@@ -130,7 +132,7 @@ CASES = [(shape, name) for name in FAMILIES for shape in MESHES]
 @pytest.mark.parametrize('shape,name', CASES, ids=[f'{d}x{e}-{n}' for (d, e), n in CASES])
 def test_dropless_expert_parallel_matches_one_device(shape, name):
   spec = FAMILIES[name]
-  got = sharded(spec, parallel.make_mesh(*shape))(*inputs(spec))
+  got = sharded(spec, sharding.make_mesh(*shape))(*inputs(spec))
   for what, g, w in zip(('output', 'aux', 'grads', 'state'), got, one_device(name)):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5,
                                    err_msg=f'{name} on {shape}: {what}'), g, w)
@@ -141,7 +143,7 @@ def test_dropless_expert_parallel_matches_one_device(shape, name):
 def test_dropless_rows_travel_by_ragged_all_to_all():
   """The real collective lowers in the sharded layer (XLA:CPU cannot compile it), forward and
   backward; by default the CPU runs the stand-in."""
-  spec, mesh = FAMILIES['top2'], parallel.make_mesh(2, 4)
+  spec, mesh = FAMILIES['top2'], sharding.make_mesh(2, 4)
   hlo = lambda: sharded(spec, mesh).lower(*inputs(spec)).as_text()  # traced anew
   assert 'ragged_all_to_all' not in hlo()
   with ragged_exchange.force('ragged'):
@@ -151,7 +153,7 @@ def test_dropless_rows_travel_by_ragged_all_to_all():
 def test_one_shard_expert_axis_exchanges_nothing():
   """On an 8x1 mesh every device holds every expert: the layer runs its one-device dispatcher,
   with no exchange in its program (and equals one device: the test above, 8x1)."""
-  spec, mesh = FAMILIES['top2'], parallel.make_mesh(8, 1)
+  spec, mesh = FAMILIES['top2'], sharding.make_mesh(8, 1)
   with ragged_exchange.force('ragged'):
     hlo = sharded(spec, mesh).lower(*inputs(spec)).as_text()
   assert 'all_to_all' not in hlo  # neither ragged_all_to_all nor the stand-in's all_to_all
@@ -178,17 +180,17 @@ def test_dropless_train_step_matches_one_device():
 
 def test_experts_must_divide_over_the_expert_axis():
   spec = FAMILIES['top2'].replace(num_experts=6)
-  x, mesh = jnp.zeros((BATCH, SEQ, D_MODEL)), parallel.make_mesh(2, 4)
+  x, mesh = jnp.zeros((BATCH, SEQ, D_MODEL)), sharding.make_mesh(2, 4)
   error = r'config\.mesh\.expert=4 .*does not divide config\.moe\.num_experts=6'
   with pytest.raises(ValueError, match=error):  # checked before anything runs
-    parallel.shard_moe_layer(MoELayer(spec), mesh)({}, x)
+    sharding.shard_moe_layer(MoELayer(spec), mesh)({}, x)
 
   def body(x):  # the dispatcher on its own
     plan = routing.token_choice(jnp.zeros((SEQ, 6)), k=2, capacity_factor=None).plan
     d = dispatch.dispatcher(jax.tree.map(lambda a: a[None], plan), 'blocked', expert_axis='expert')
     return d.dispatch(x)
   with pytest.raises(ValueError, match=error):
-    jax.jit(jax.shard_map(body, mesh=mesh, in_specs=parallel.BATCH, out_specs=parallel.BATCH))(x)
+    jax.jit(jax.shard_map(body, mesh=mesh, in_specs=sharding.BATCH, out_specs=sharding.BATCH))(x)
 
 
 @pytest.mark.parametrize('changes, error', [

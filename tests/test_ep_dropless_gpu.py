@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import fast_dispatch, parallel, ragged_exchange
-from moe_jax.layers import MoELayer
+from moe_jax.moe import fast_dispatch, ragged_exchange
+from moe_jax.moe.layer import MoELayer
+from moe_jax.parallel import sharding
 from tests.test_ep_dropless import (BATCH, FAMILIES, inputs, ragged_problem,
                                     reference_ragged_all_to_all, run_exchange)
 from tests.test_parallel import evaluate
@@ -36,12 +37,12 @@ def test_collective_matches_stand_in(m):
 @pytest.mark.parametrize('chunks', [1, 3])
 def test_layer_with_collective_matches_stand_in(m, chunks):
   spec = FAMILIES['fine_shared'].replace(num_chunks=chunks)
-  mesh = parallel.make_mesh(1, m, devices=jax.devices()[:m])
+  mesh = sharding.make_mesh(1, m, devices=jax.devices()[:m])
   results = {}
   with jax.default_matmul_precision('highest'):
     for impl in ('ragged', 'padded'):
       with ragged_exchange.force(impl):
-        apply = parallel.shard_module(MoELayer(spec), mesh, train=True, always_shard=True)
+        apply = sharding.shard_module(MoELayer(spec), mesh, train=True, always_shard=True)
         fn = functools.partial(evaluate, apply, mutable=False)
         results[impl] = jax.jit(fn)(*inputs(spec))
     layer = MoELayer(spec)
@@ -60,14 +61,14 @@ def test_kernels_behind_the_collective(m, fuse, monkeypatch):
   agree to bf16 rounding."""
   monkeypatch.setattr(fast_dispatch, 'FUSE_GATE_UP', fuse)
   spec = FAMILIES['top2'].replace(d_ff=256)
-  mesh = parallel.make_mesh(1, m, devices=jax.devices()[:m])
+  mesh = sharding.make_mesh(1, m, devices=jax.devices()[:m])
   x = jax.random.normal(jax.random.key(1), (BATCH, 128, 256), jnp.bfloat16)
   layer = MoELayer(spec, dtype=jnp.bfloat16)
   variables = layer.init(jax.random.key(0), x)
   results = {}
   for impl in ('ragged', 'padded'):
     with ragged_exchange.force(impl):
-      apply = parallel.shard_module(layer, mesh, always_shard=True)
+      apply = sharding.shard_module(layer, mesh, always_shard=True)
       loss = lambda v, x: jnp.sum(apply(v, x)[0].astype(jnp.float32) ** 2)
       results[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
   for got, want in zip(jax.tree.leaves(results['ragged']), jax.tree.leaves(results['padded'])):

@@ -12,8 +12,8 @@ import pytest
 
 from experiments import CLAIMS, common
 from experiments.__main__ import main
-from moe_jax import sweep, tasks
 from moe_jax.models import transformer
+from moe_jax.run import sweep, tasks
 
 
 @pytest.mark.parametrize('scale', common.SCALES)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moe_jax import dispatch, fast_dispatch, routing
-from moe_jax.experts import feed_forward
-from moe_jax.kernels import grouped_matmul as gm
+from moe_jax import routing
+from moe_jax.moe import dispatch, fast_dispatch
+from moe_jax.moe.experts import feed_forward
+from moe_jax.moe.kernels import grouped_matmul as gm
 
 G, N, D, F, E, K = 2, 16, 8, 12, 4, 2
 

@@ -1,8 +1,8 @@
 """FLOP and parameter counts against hand-computed cases; equal-FLOPs sizing and its check."""
 import pytest
 
-from moe_jax import flops
-from moe_jax.spec import MoESpec
+from moe_jax.moe import flops
+from moe_jax.moe.spec import MoESpec
 
 D = 64
 SHAPE = flops.Shape(batch_size=8, seq_len=32)

@@ -13,8 +13,8 @@ import struct
 import numpy as np
 import pytest
 
-from moe_jax import data, image_datasets
-from moe_jax.image_datasets import FashionMnistManual
+from moe_jax.data import images as image_data, text
+from moe_jax.data.images import FashionMnistManual
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
 FASHION = SHARED_DATA / 'fashion_mnist'
@@ -57,8 +57,8 @@ def prepared(manual_dir, tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(socket.socket, 'connect', _no_network)
     mp.setattr(socket, 'getaddrinfo', _no_network)
-    mp.delenv(data.DATA_DIR_ENV, raising=False)
-    splits = image_datasets.load_image_splits('fashion_mnist', data_dir=data_dir,
+    mp.delenv(text.DATA_DIR_ENV, raising=False)
+    splits = image_data.load_image_splits('fashion_mnist', data_dir=data_dir,
                                               manual_dir=manual_dir)
   return data_dir, splits
 
@@ -66,25 +66,25 @@ def prepared(manual_dir, tmp_path_factory):
 def test_parse_idx_header_and_big_endian_values():
   values = np.array([[1, -2, 300], [-40000 // 2, 5, 32767]], np.int16)
   raw = bytes([0, 0, 0x0B, 2]) + struct.pack('>II', 2, 3) + values.astype('>i2').tobytes()
-  parsed = image_datasets.parse_idx(raw)
+  parsed = image_data.parse_idx(raw)
   np.testing.assert_array_equal(parsed, values)
   assert parsed.dtype == np.int16 and parsed.dtype.isnative
   floats = bytes([0, 0, 0x0D, 1]) + struct.pack('>I', 2) + struct.pack('>ff', 0.5, -3.0)
-  np.testing.assert_array_equal(image_datasets.parse_idx(floats), [0.5, -3.0])
+  np.testing.assert_array_equal(image_data.parse_idx(floats), [0.5, -3.0])
 
 
 def test_read_idx_on_the_real_test_files():
-  labels = image_datasets.read_idx(FASHION / 't10k-labels-idx1-ubyte.gz')
+  labels = image_data.read_idx(FASHION / 't10k-labels-idx1-ubyte.gz')
   assert labels.shape == (10000,) and labels.dtype == np.uint8
   assert np.bincount(labels).tolist() == [1000] * 10
-  images = image_datasets.read_idx(FASHION / 't10k-images-idx3-ubyte.gz')
+  images = image_data.read_idx(FASHION / 't10k-images-idx3-ubyte.gz')
   assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
   raw = gzip.open(FASHION / 't10k-images-idx3-ubyte.gz').read()
   np.testing.assert_array_equal(images[123].ravel(),
                                 np.frombuffer(raw, np.uint8, 784, offset=16 + 123 * 784))
   # Not gzip'd works too.
   head = _head('t10k-labels-idx1-ubyte.gz', 50)
-  np.testing.assert_array_equal(image_datasets.parse_idx(head), labels[:50])
+  np.testing.assert_array_equal(image_data.parse_idx(head), labels[:50])
 
 
 @pytest.mark.parametrize('corrupt, message', [
@@ -98,14 +98,14 @@ def test_bad_idx_file_is_a_clear_error_naming_it(corrupt, message, tmp_path):
   path = tmp_path / 'labels-idx1-ubyte.gz'
   path.write_bytes(gzip.compress(corrupt(_head('t10k-labels-idx1-ubyte.gz', 50))))
   with pytest.raises(ValueError, match=f'{re.escape(str(path))}.*{message}'):
-    image_datasets.read_idx(path)
+    image_data.read_idx(path)
 
 
 def test_broken_gzip_and_mismatched_files_are_clear_errors(manual_dir, tmp_path):
   broken = tmp_path / 'broken.gz'
   broken.write_bytes((manual_dir / 't10k-labels-idx1-ubyte.gz').read_bytes()[:40])
   with pytest.raises(ValueError, match=f'{re.escape(str(broken))}: broken gzip file'):
-    image_datasets.read_idx(broken)
+    image_data.read_idx(broken)
   # Labels for 200 images beside images of 300: the label file is named.
   for name in FashionMnistManual.SPLIT_FILES['test']:
     (tmp_path / name).write_bytes((manual_dir / name).read_bytes())
@@ -113,20 +113,20 @@ def test_broken_gzip_and_mismatched_files_are_clear_errors(manual_dir, tmp_path)
       (manual_dir / 'train-images-idx3-ubyte.gz').read_bytes())
   with pytest.raises(ValueError, match=r't10k-labels-idx1-ubyte\.gz holds uint8 \(200,\); '
                                        r'expected uint8 \[300\] labels'):
-    image_datasets.read_fashion_mnist(tmp_path, 'test')
+    image_data.read_fashion_mnist(tmp_path, 'test')
   # A labels file where images belong.
   (tmp_path / 't10k-images-idx3-ubyte.gz').write_bytes(
       (manual_dir / 't10k-labels-idx1-ubyte.gz').read_bytes())
   with pytest.raises(ValueError, match=r't10k-images-idx3-ubyte\.gz holds uint8 \(200,\); '
                                        r'expected uint8 \[N, 28, 28\] images'):
-    image_datasets.read_fashion_mnist(tmp_path, 'test')
+    image_data.read_fashion_mnist(tmp_path, 'test')
 
 
 def test_prepared_splits_are_the_idx_images_and_labels(manual_dir, prepared):
   _, splits = prepared
   assert set(splits) == {'train', 'test'}
   for split, (images, labels) in splits.items():
-    real_images, real_labels = image_datasets.read_fashion_mnist(manual_dir, split)
+    real_images, real_labels = image_data.read_fashion_mnist(manual_dir, split)
     assert images.shape == (COUNTS[split], 28, 28, 1) and images.dtype == np.float32
     assert labels.shape == (COUNTS[split],) and labels.dtype == np.int32
     assert images.min() == 0.0 and images.max() == 1.0  # MAX_VALUE 255 scales to [0, 1]
@@ -145,22 +145,22 @@ def test_features_and_class_names(prepared):
       'Ankle boot']
   assert info.features['image'].shape == (28, 28, 1) and info.features['image'].np_dtype == np.uint8
   assert {name: split.num_examples for name, split in info.splits.items()} == COUNTS
-  assert image_datasets.image_info('fashion_mnist') == ((28, 28, 1), 10)
+  assert image_data.image_info('fashion_mnist') == ((28, 28, 1), 10)
   assert FashionMnistManual.MAX_VALUE == 255
 
 
 def test_find_manual_dir_order(manual_dir, monkeypatch, tmp_path):
-  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-  assert image_datasets.find_manual_dir('fashion_mnist') == FASHION.resolve()
+  monkeypatch.delenv(text.DATA_DIR_ENV, raising=False)
+  assert image_data.find_manual_dir('fashion_mnist') == FASHION.resolve()
   # Relative to the current directory too, when not beside the repo.
-  monkeypatch.setattr(data, '_REPO_ROOT', tmp_path / 'elsewhere')
+  monkeypatch.setattr(text, '_REPO_ROOT', tmp_path / 'elsewhere')
   monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])  # the clone, beside ../shared
-  assert image_datasets.find_manual_dir('fashion_mnist') == FASHION.resolve()
+  assert image_data.find_manual_dir('fashion_mnist') == FASHION.resolve()
   # digits keeps scikit-learn's copy as the last resort.
-  assert (image_datasets.find_manual_dir('digits') / 'digits.csv.gz').is_file()
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(manual_dir.parent))
-  assert image_datasets.find_manual_dir('fashion_mnist') == manual_dir.resolve()
-  assert image_datasets.find_manual_dir('fashion_mnist', FASHION) == FASHION.resolve()
+  assert (image_data.find_manual_dir('digits') / 'digits.csv.gz').is_file()
+  monkeypatch.setenv(text.DATA_DIR_ENV, str(manual_dir.parent))
+  assert image_data.find_manual_dir('fashion_mnist') == manual_dir.resolve()
+  assert image_data.find_manual_dir('fashion_mnist', FASHION) == FASHION.resolve()
 
 
 def _stock_must_not_run(*args, **kwargs):
@@ -168,23 +168,23 @@ def _stock_must_not_run(*args, **kwargs):
 
 
 def test_missing_files_are_a_clear_error(manual_dir, monkeypatch, tmp_path):
-  monkeypatch.setattr(image_datasets.tfds, 'data_source', _stock_must_not_run)
+  monkeypatch.setattr(image_data.tfds, 'data_source', _stock_must_not_run)
   (tmp_path / 'train-images-idx3-ubyte.gz').write_bytes(
       (manual_dir / 'train-images-idx3-ubyte.gz').read_bytes())
   with pytest.raises(FileNotFoundError) as info:
-    image_datasets.load_image_splits('fashion_mnist', data_dir=tmp_path / 'tfds',
+    image_data.load_image_splits('fashion_mnist', data_dir=tmp_path / 'tfds',
                                      manual_dir=tmp_path)
   message = str(info.value)
   assert (f'{tmp_path} (lacks train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, '
           't10k-labels-idx1-ubyte.gz)') in message
   assert f'{tmp_path / "fashion_mnist"} (no such folder)' in message
-  for part in ['--config.data.manual_dir=DIR', data.DATA_DIR_ENV, 'shared/data/fashion_mnist']:
+  for part in ['--config.data.manual_dir=DIR', text.DATA_DIR_ENV, 'shared/data/fashion_mnist']:
     assert part in message
 
 
 def _found_nowhere(monkeypatch, tmp_path):
-  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-  monkeypatch.setattr(data, '_REPO_ROOT', tmp_path / 'repo')
+  monkeypatch.delenv(text.DATA_DIR_ENV, raising=False)
+  monkeypatch.setattr(text, '_REPO_ROOT', tmp_path / 'repo')
   (tmp_path / 'cwd').mkdir()
   monkeypatch.chdir(tmp_path / 'cwd')
 
@@ -198,9 +198,9 @@ def test_found_nowhere_tries_stock_tfds_then_names_the_places(monkeypatch, tmp_p
     raise RuntimeError('Failed to resolve fashion-mnist.s3-website.eu-central-1.amazonaws.com\n'
                        'after 5 retries')
 
-  monkeypatch.setattr(image_datasets.tfds, 'data_source', offline)
+  monkeypatch.setattr(image_data.tfds, 'data_source', offline)
   with pytest.raises(FileNotFoundError) as info:
-    image_datasets.load_image_splits('fashion_mnist', data_dir=tmp_path / 'tfds')
+    image_data.load_image_splits('fashion_mnist', data_dir=tmp_path / 'tfds')
   assert calls == ['fashion_mnist']
   assert "Trying stock TFDS 'fashion_mnist' instead: it needs the network" in caplog.text
   message = str(info.value)
@@ -215,8 +215,8 @@ def test_found_nowhere_uses_stock_tfds_when_it_works(prepared, monkeypatch, tmp_
   data_dir, splits = prepared
   _found_nowhere(monkeypatch, tmp_path)
   stock = FashionMnistManual(data_dir=data_dir, file_format='array_record').as_data_source()
-  monkeypatch.setattr(image_datasets.tfds, 'data_source', lambda name, **kwargs: stock)
-  loaded = image_datasets.load_image_splits('fashion_mnist', data_dir=tmp_path / 'tfds')
+  monkeypatch.setattr(image_data.tfds, 'data_source', lambda name, **kwargs: stock)
+  loaded = image_data.load_image_splits('fashion_mnist', data_dir=tmp_path / 'tfds')
   for split in splits:
     for got, want in zip(loaded[split], splits[split]):
       np.testing.assert_array_equal(got, want)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.kernels import grouped_matmul as gm
+from moe_jax.moe.kernels import grouped_matmul as gm
 from tests.test_fast_dispatch import block_problem, rel_err
 
 pytestmark = pytest.mark.skipif(gm.default_backend() != 'mosaic',

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.layers import MoELayer
-from moe_jax.spec import MoESpec
+from moe_jax.moe.layer import MoELayer
+from moe_jax.moe.spec import MoESpec
 from tests import reference
 
 B, L, D = 4, 8, 16

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import lm_tiny
-from moe_jax import tasks
+from moe_jax.run import tasks
 
 VARIANTS = {  # dense: routing's causality is tests/test_causality.py's
     'latent': dict(model=dict(kv_lora_rank=16, q_lora_rank=24, rope_head_dim=8, head_dim=16)),

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from moe_jax import train
+from moe_jax.run import train
 from tests.test_train import read_metrics, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

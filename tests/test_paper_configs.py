@@ -25,8 +25,10 @@ import numpy as np
 import pytest
 
 from configs import lm_tiny
-from moe_jax import cli, parallel, plan, tasks, train
+from moe_jax import cli
 from moe_jax.models import transformer
+from moe_jax.parallel import sharding
+from moe_jax.run import memory_plan, tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAPER_CONFIGS = ROOT / 'configs' / 'papers'
@@ -143,7 +145,7 @@ def test_every_paper_config_has_its_paper_numbers_and_meshes():
 @pytest.mark.parametrize('name', sorted(PAPERS))
 def test_counts_match_the_paper(name):
   config, paper = paper_config(name), PAPERS[name]
-  train.check_config(config, parallel.abstract_mesh(config))  # validates as `moe-jax train`
+  train.check_config(config, sharding.abstract_mesh(config))  # validates as `moe-jax train`
   total, active = tasks.of(config).param_counts(config)
   assert close(total, paper.total), (name, total, paper)
   if paper.active is not None:
@@ -180,14 +182,14 @@ def test_counts_are_the_models(name):
 @pytest.mark.parametrize('name,mesh', [(n, m) for n, ms in sorted(MESHES.items()) for m in ms])
 def test_plan_answers_on_two_meshes(name, mesh):
   config = paper_config(name, data=mesh[0], expert=mesh[1])
-  result = plan.make_plan(config, name)
+  result = memory_plan.make_plan(config, name)
   total = tasks.of(config).param_counts(config)[0]
   assert result.mesh == mesh and result.params_total == total
   assert 0 < result.local_params <= total
   assert result.tokens_per_device * mesh[0] * mesh[1] == (
       config.data.batch_size * tasks.of(config).token_shape(config).seq_len)
-  assert set(result.fits()) == set(plan.ACCELERATORS)
-  assert 'fits (at most 90% of HBM)' in plan.render(result)
+  assert set(result.fits()) == set(memory_plan.ACCELERATORS)
+  assert 'fits (at most 90% of HBM)' in memory_plan.render(result)
 
 
 def test_plan_command_prints_the_plan_without_touching_a_device():
@@ -225,7 +227,7 @@ def test_plan_arithmetic_matches_a_real_step_on_cpu():
   config.data.update(seq_len=128, batch_size=64)
   config.model.update(num_layers=2, moe_every=2)
   config.mesh.update(data=2, expert=4)
-  result = plan.make_plan(config)
+  result = memory_plan.make_plan(config)
   task, cfg, model, mesh = train.check_config(config)
   inputs = task.input_spec(config)
   state = train.init_state(model, cfg, jax.random.key(0), inputs, mesh)
@@ -235,8 +237,8 @@ def test_plan_arithmetic_matches_a_real_step_on_cpu():
   memory = result.memory('tpu')  # CPU runs XLA's attention, as TPUs do
   assert held == pytest.approx(memory['parameters'] + memory['optimizer'], rel=1e-5)
   batch = jax.ShapeDtypeStruct((inputs.shape[0], inputs.shape[1] + 1), jnp.int32,
-                               sharding=parallel.batch_sharding(mesh))
-  compiled = train.train_step.lower(parallel.restore_target(state, mesh), batch,
+                               sharding=sharding.batch_sharding(mesh))
+  compiled = train.train_step.lower(sharding.restore_target(state, mesh), batch,
                                     jax.random.key(0), task=task, model=model, cfg=cfg,
                                     mesh=mesh).compile()
   stats = compiled.memory_analysis()

@@ -6,7 +6,7 @@ tests/test_parallel_train.py); switch, dropless, aux-free and the global-batch b
 checks the forward output, aux losses and metrics, and gradients w.r.t. params and inputs, against
 the single-device layer: on the whole batch for group_by='sequence', and on each device's sub-batch
 (outputs concatenated, aux averaged, load summed) for 'position' / 'batch' / dropless (see the
-`moe_jax.parallel` docstring). Aux-free: the bias after one update equals the unsharded one.
+`moe_jax.parallel.sharding` docstring). Aux-free: the bias after one update equals the unsharded one.
 """
 import functools
 
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import distributed, parallel, routing
-from moe_jax.layers import MoELayer
-from moe_jax.spec import MoESpec
+from moe_jax import routing
+from moe_jax.moe.layer import MoELayer
+from moe_jax.moe.spec import MoESpec
+from moe_jax.parallel import multihost, sharding
 
 BATCH, SEQ, D_MODEL = 16, 8, 16
 BASE = dict(num_experts=8, d_ff=32)
@@ -98,11 +99,11 @@ def reference(name):
 def test_sharded_layer_matches_single_device(shape, name):
   spec, _ = CASES[name]
   mutable = ['router_bias'] if spec.bias_update_rate else False
-  mesh = parallel.make_mesh(*shape)
-  apply = parallel.shard_moe_layer(MoELayer(spec), mesh, train=True, mutable=mutable)
+  mesh = sharding.make_mesh(*shape)
+  apply = sharding.shard_moe_layer(MoELayer(spec), mesh, train=True, mutable=mutable)
   got = jax.jit(functools.partial(evaluate, apply, mutable=mutable))(*inputs(name))
   want = reference(name)
-  assert got[0].sharding.is_equivalent_to(parallel.batch_sharding(mesh), 3)
+  assert got[0].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 3)
   names = ('output', 'aux', 'grads', 'state')
   for what, g, w in zip(names, got, want):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5,
@@ -114,9 +115,9 @@ def test_sharded_layer_matches_single_device(shape, name):
 def test_param_specs_and_placement():
   spec = CASES['shared'][0].replace(bias_update_rate=0.01, score='sigmoid')
   x = jnp.zeros((BATCH, SEQ, D_MODEL))
-  mesh = parallel.make_mesh(2, 4)
-  variables = parallel.init_variables(MoELayer(spec), mesh, jax.random.key(0), x)
-  specs = parallel.param_specs(variables)
+  mesh = sharding.make_mesh(2, 4)
+  variables = sharding.init_variables(MoELayer(spec), mesh, jax.random.key(0), x)
+  specs = sharding.param_specs(variables)
   assert specs['params']['experts'] == {k: P('expert') for k in ('w_in', 'w_out')}
   assert specs['params']['shared_experts'] == {k: P() for k in ('w_in', 'w_out')}
   assert specs['params']['router'] == {'kernel': P()}
@@ -130,30 +131,30 @@ def test_param_specs_and_placement():
 def test_mesh_size_must_match_device_count():
   with pytest.raises(ValueError, match=r'config\.mesh\.data=3 \* config\.mesh\.expert=2 = 6 does '
                      r'not match the 8 devices.*data=4, expert=2'):
-    parallel.make_mesh(3, 2)
+    sharding.make_mesh(3, 2)
   with pytest.raises(ValueError, match=r'config\.mesh\.expert=0'):
-    parallel.make_mesh(8, 0)
+    sharding.make_mesh(8, 0)
 
 
 def test_experts_must_divide_over_expert_axis():
-  mesh = parallel.make_mesh(1, 3, devices=jax.devices()[:3])
+  mesh = sharding.make_mesh(1, 3, devices=jax.devices()[:3])
   with pytest.raises(ValueError, match=r'config\.mesh\.expert=3 does not divide '
                      r'config\.moe\.num_experts=8'):
-    parallel.check_mesh(MoESpec(num_experts=8), mesh, batch_size=3)
+    sharding.check_mesh(MoESpec(num_experts=8), mesh, batch_size=3)
 
 
 def test_batch_must_divide_over_devices():
   with pytest.raises(ValueError, match=r'config\.data\.batch_size=12 is not divisible by '
                      r'config\.mesh\.data=2 \* config\.mesh\.expert=4 = 8'):
-    parallel.check_mesh(MoESpec(num_experts=8), parallel.make_mesh(2, 4), batch_size=12)
+    sharding.check_mesh(MoESpec(num_experts=8), sharding.make_mesh(2, 4), batch_size=12)
 
 
 def test_local_groups_too_small_for_capacity():
   spec = MoESpec(router='expert_choice', capacity_factor=1.0, num_experts=8, group_by='position')
   with pytest.raises(ValueError, match=r"config\.mesh\.data=2, config\.mesh\.expert=4 each "
                      r"device routes group_by='position' groups of 2 tokens.*capacity_factor"):
-    parallel.check_mesh(spec, parallel.make_mesh(2, 4), batch_size=16, seq_len=8)
-  parallel.check_mesh(spec, parallel.make_mesh(2, 4), batch_size=64, seq_len=8)  # 8 tokens: fine
+    sharding.check_mesh(spec, sharding.make_mesh(2, 4), batch_size=16, seq_len=8)
+  sharding.check_mesh(spec, sharding.make_mesh(2, 4), batch_size=64, seq_len=8)  # 8 tokens: fine
 
 
 class FakeInitialize:
@@ -179,7 +180,7 @@ class FakeInitialize:
 ])
 def test_initialize_from_env(environ, enable, expected):
   fake = FakeInitialize()
-  started = distributed.initialize_from_env(enable=enable, environ=environ, initialize=fake)
+  started = multihost.initialize_from_env(enable=enable, environ=environ, initialize=fake)
   assert started == (expected is not None)
   assert fake.calls == ([] if expected is None else [expected])
 
@@ -188,7 +189,7 @@ def test_initialize_explicit_coordinator_needs_process_fields():
   fake = FakeInitialize()
   with pytest.raises(ValueError, match=r'process_id is not: pass --process_id or set '
                      r'\$JAX_PROCESS_ID'):
-    distributed.initialize_from_env('10.0.0.1:1234', num_processes=2, environ={}, initialize=fake)
-  distributed.initialize_from_env('10.0.0.1:1234', 2, 0, environ={}, initialize=fake)
+    multihost.initialize_from_env('10.0.0.1:1234', num_processes=2, environ={}, initialize=fake)
+  multihost.initialize_from_env('10.0.0.1:1234', 2, 0, environ={}, initialize=fake)
   assert fake.calls == [{'coordinator_address': '10.0.0.1:1234', 'num_processes': 2,
                          'process_id': 0}]

@@ -16,7 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import vit_digits
-from moe_jax import cli, data, parallel, train, train_vit
+from moe_jax import cli
+from moe_jax.data import text
+from moe_jax.parallel import sharding
+from moe_jax.run import train
 from tests.test_train import read_metrics, tiny_config
 
 ROUTERS = {
@@ -46,7 +49,7 @@ def run_steps(config, num_steps=3):
   batches = jax.random.randint(jax.random.key(1), (num_steps, batch_size, seq_len + 1), 0, 256)
   metrics = []
   for i, batch in enumerate(batches):
-    batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     state, step_metrics = train.train_step(state, batch, jax.random.key(i), task=task,
                                            model=model, cfg=cfg, mesh=mesh)
     metrics.append(step_metrics)
@@ -66,9 +69,9 @@ SHARDED = [((2, 4), router) for router in ROUTERS] + [((8, 1), 'token_choice')]
                          ids=[f'{d}x{e}-{router}' for (d, e), router in SHARDED])
 def test_sharded_steps_match_one_device(shape, router):
   state, metrics = run_steps(config(shape, router))
-  mesh = parallel.make_mesh(*shape)
+  mesh = sharding.make_mesh(*shape)
   laid_out = jax.tree.map(lambda leaf, want: leaf.sharding.is_equivalent_to(want, leaf.ndim),
-                          state, parallel.param_shardings(state, mesh))
+                          state, sharding.param_shardings(state, mesh))
   assert all(jax.tree.leaves(laid_out))  # experts over 'expert', the rest replicated
   w_in = state['params']['block_1']['moe']['experts']['w_in']
   assert w_in.addressable_shards[0].data.shape[0] == 8 // shape[1]
@@ -133,7 +136,7 @@ def test_bad_mesh_config_fails_before_any_work(tmp_path, monkeypatch, overrides,
   def no_work(*args, **kwargs):
     raise AssertionError('train() went past its config checks')
 
-  monkeypatch.setattr(data, 'load_text_splits', no_work)
+  monkeypatch.setattr(text, 'load_text_splits', no_work)
   with pytest.raises(ValueError, match=error):
     train.train(config((2, 4), **overrides), tmp_path / 'run')
   assert not (tmp_path / 'run').exists()
@@ -157,8 +160,7 @@ def test_vit_trains_on_a_mesh_as_on_one_device(image_data_dir, tmp_path):
   args = ['--config', vit_digits.__file__, f'--config.data.data_dir={image_data_dir}', *VIT]
   mesh = ['--config.mesh.data=2', '--config.mesh.expert=4']
   assert cli.main(['moe-jax', 'train', '--workdir', str(tmp_path / '2x4'), *args, *mesh]) == 0
-  # The old entry point is `moe-jax train` too.
-  assert train_vit.main(['train_vit', '--workdir', str(tmp_path / '1x1'), *args]) == 0
+  assert cli.main(['moe-jax', 'train', '--workdir', str(tmp_path / '1x1'), *args]) == 0
   expected, got = read_metrics(tmp_path / '1x1'), read_metrics(tmp_path / '2x4')
   assert [r['step'] for r in got] == [1, 2, 3, 4] and 'eval_accuracy' in got[-1]
   for mine, theirs in zip(got, expected):

@@ -5,7 +5,8 @@ import json
 import matplotlib.pyplot as plt
 import pytest
 
-from moe_jax import cli, report
+from moe_jax import cli
+from moe_jax.run import report
 
 
 def write_run(sweep, name, *, eval_loss, seed=0, moe=True, width=64):

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import flops, routing
-from moe_jax.layers import CosineProjection, MoELayer
-from moe_jax.spec import MoESpec
+from moe_jax import routing
+from moe_jax.moe import flops
+from moe_jax.moe.layer import CosineProjection, MoELayer
+from moe_jax.moe.spec import MoESpec
 from tests import reference
 from tests.test_routing import check_slot_plan_invariants, dense_combine, random_logits
 

@@ -7,8 +7,10 @@ import matplotlib.image
 import pytest
 
 from configs import compare_routers, router_zoo
-from moe_jax import cli, families, flops, report, sweep
+from moe_jax import cli
 from moe_jax.models import transformer
+from moe_jax.moe import families, flops
+from moe_jax.run import report, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 compare_config = compare_routers.get_config

@@ -13,8 +13,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import lm_tiny
-from moe_jax import cli, data, train
+from moe_jax import cli
+from moe_jax.data import text
 from moe_jax.models import transformer
+from moe_jax.run import train
 
 
 def tiny_config(data_dir, **overrides):
@@ -117,7 +119,7 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypat
   expected = read_metrics(tmp_path / 'straight')
 
   batch_steps = []
-  real_train_batch = data.train_batch
+  real_train_batch = text.train_batch
 
   def train_batch(tokens, step, *args, **kwargs):
     batch_steps.append(step)
@@ -125,7 +127,7 @@ def test_kill_and_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypat
       raise Killed
     return real_train_batch(tokens, step, *args, **kwargs)
 
-  monkeypatch.setattr(data, 'train_batch', train_batch)
+  monkeypatch.setattr(text, 'train_batch', train_batch)
   kill = True
   with pytest.raises(Killed):
     train.train(config, tmp_path / 'resumed')

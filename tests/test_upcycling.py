@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import upcycle
-from moe_jax import cli, train, upcycling
+from moe_jax import cli
+from moe_jax.run import train, upcycling
 from tests.test_train import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

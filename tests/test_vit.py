@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from configs import vit_digits
-from moe_jax import image_datasets, report, run_dir, sweep, train
+from moe_jax.data import images as image_data
 from moe_jax.models import vit
+from moe_jax.run import report, run_dir, sweep, train
 
 
 def tiny_config(data_dir, **overrides):
@@ -35,31 +36,31 @@ def tiny_config(data_dir, **overrides):
 
 
 def test_splits_are_the_real_digits_disjoint(image_data_dir):
-  splits = image_datasets.load_image_splits('digits', data_dir=image_data_dir)
+  splits = image_data.load_image_splits('digits', data_dir=image_data_dir)
   (train_x, train_y), (test_x, test_y) = splits['train'], splits['test']
   assert train_x.shape == (1437, 8, 8, 1) and test_x.shape == (360, 8, 8, 1)
   assert train_x.dtype == np.float32 and 0 <= train_x.min() and train_x.max() == 1.0
   assert set(np.unique(train_y)) == set(np.unique(test_y)) == set(range(10))
   as_rows = lambda x, y: {(*np.round(a.ravel() * 16).astype(int), int(b)) for a, b in zip(x, y)}
-  shipped = image_datasets.read_digits_csv(
-      image_datasets.find_manual_dir('digits') / 'digits.csv.gz')
+  shipped = image_data.read_digits_csv(
+      image_data.find_manual_dir('digits') / 'digits.csv.gz')
   assert as_rows(train_x, train_y) | as_rows(test_x, test_y) == set(map(tuple, shipped))
   assert not as_rows(train_x, train_y) & as_rows(test_x, test_y)  # no image in both splits
 
 
 def test_missing_data_set_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'(?s)no digits\.csv\.gz in any of.*Fix: pip install scikit-learn'):
-    image_datasets.load_image_splits('digits', data_dir=tmp_path / 'tfds', manual_dir=tmp_path)
+    image_data.load_image_splits('digits', data_dir=tmp_path / 'tfds', manual_dir=tmp_path)
   with pytest.raises(ValueError, match=r"config\.data\.name='mnist'.*choose one of "
                                        r"\['digits', 'fashion_mnist'\]"):
-    image_datasets.load_image_splits('mnist', data_dir=tmp_path)
+    image_data.load_image_splits('mnist', data_dir=tmp_path)
 
 
 def test_manual_dir_file_is_read(tmp_path):
-  shipped = image_datasets.find_manual_dir('digits') / 'digits.csv.gz'
+  shipped = image_data.find_manual_dir('digits') / 'digits.csv.gz'
   rows = gzip.open(shipped, 'rt').read().splitlines()[:400]
   (tmp_path / 'digits.csv.gz').write_bytes(gzip.compress('\n'.join(rows).encode()))
-  splits = image_datasets.load_image_splits('digits', data_dir=tmp_path / 'tfds',
+  splits = image_data.load_image_splits('digits', data_dir=tmp_path / 'tfds',
                                             manual_dir=tmp_path)
   assert len(splits['train'][1]) == 40 and len(splits['test'][1]) == 360
 
@@ -135,7 +136,7 @@ def test_run_directory_reads_like_an_lm_run(short_run):
 def test_kill_and_resume_matches_uninterrupted_run(image_data_dir, tmp_path, monkeypatch):
   config = tiny_config(image_data_dir, **{'moe.router': 'token_choice', 'moe.jitter': 0.1})
   train.train(config, tmp_path / 'straight')
-  real_batch = image_datasets.train_batch
+  real_batch = image_data.train_batch
 
   class Killed(Exception):
     pass
@@ -145,10 +146,10 @@ def test_kill_and_resume_matches_uninterrupted_run(image_data_dir, tmp_path, mon
       raise Killed
     return real_batch(images, labels, step, *args)
 
-  monkeypatch.setattr(image_datasets, 'train_batch', killed_at_6)
+  monkeypatch.setattr(image_data, 'train_batch', killed_at_6)
   with pytest.raises(Killed):
     train.train(config, tmp_path / 'resumed')
-  monkeypatch.setattr(image_datasets, 'train_batch', real_batch)
+  monkeypatch.setattr(image_data, 'train_batch', real_batch)
   summary = train.train(config, tmp_path / 'resumed')
   assert summary['resumed_from_step'] == 4
   read = lambda name: [json.loads(line) for line in

@@ -17,7 +17,7 @@ from ml_collections import config_dict
 from configs import common
 from moe_jax.models.transformer import TransformerConfig
 from moe_jax.models.vit import ViTConfig
-from moe_jax.spec import moe_config
+from moe_jax.moe.spec import moe_config
 from moe_jax.validate import Section
 
 
@@ -92,7 +92,7 @@ def t5(size: str, moe: dict | None = None, arg: str | None = None) -> ml_collect
 # Switch routing (Fedus et al. 2022, section 2): top-1 token choice in float32, capacity factor
 # 1.25 in training, load-balancing loss coefficient 0.01, multiplicative router-input jitter of
 # 1e-2, no z-loss (ST-MoE added it later). Tokens claim slots in sequence order, so the decoder
-# stays causal (moe_jax/causality.py).
+# stays causal (moe_jax/moe/causality.py).
 SWITCH_MOE = dict(router='token_choice', num_experts=128, k=1, capacity_factor=1.25,
                   jitter=0.01, load_balancing_coef=0.01, z_loss_coef=0.0, priority='token',
                   activation='gelu')

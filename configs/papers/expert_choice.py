@@ -6,7 +6,7 @@ average: the activated count is that of two experts.
 
 Deviation: the paper's groups span the batch, which lets a token's routing depend on later
 tokens; here a group is one position across the batch (group_by='position'), which keeps the
-decoder causal (moe_jax/causality.py) at the price of coupling the sequences of a batch.
+decoder causal (moe_jax/moe/causality.py) at the price of coupling the sequences of a batch.
 """
 from configs.papers import common
 

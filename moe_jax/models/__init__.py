@@ -3,7 +3,7 @@
 Both are a stack of pre-norm blocks whose FFN is dense or MoE (`run_blocks`, `ffn`); a block or
 model module has fields config (num_layers, d_ff, activation, dtype, is_moe(block)), spec (a
 `MoESpec`, or None for a dense FFN), expert_axis and batch_axes (`MoELayer`'s: set by
-`parallel.expert_parallel` to run inside `jax.shard_map`).
+`sharding.expert_parallel` to run inside `jax.shard_map`).
 """
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from moe_jax.experts import FeedForward
-from moe_jax.layers import MoELayer
-from moe_jax.spec import MoESpec
+from moe_jax.moe.experts import FeedForward
+from moe_jax.moe.layer import MoELayer
+from moe_jax.moe.spec import MoESpec
 
 
 @dataclasses.dataclass(frozen=True)
 class Stack:
   """A stack of blocks as an example passes it: `layers` blocks (`moe_layers` of them MoE), each
   run on `tokens` tokens that attend to `keys` keys (cross-attention's included). A decoder-only
-  LM is one stack; an encoder-decoder two; for memory plans (`moe_jax.plan`)."""
+  LM is one stack; an encoder-decoder two; for memory plans (`moe_jax.run.memory_plan`)."""
   layers: int
   moe_layers: int
   tokens: int

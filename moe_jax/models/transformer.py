@@ -32,11 +32,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import causality, flops, reproducibility
-from moe_jax.data import VOCAB_SIZE
-from moe_jax.experts import ACTIVATIONS
+from moe_jax import reproducibility
+from moe_jax.data.text import VOCAB_SIZE
 from moe_jax.models import Stack, ffn, run_blocks
-from moe_jax.spec import MoESpec
+from moe_jax.moe import causality, flops
+from moe_jax.moe.experts import ACTIVATIONS
+from moe_jax.moe.spec import MoESpec
 from moe_jax.validate import Section, section_values
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -304,8 +305,8 @@ class Transformer(nn.Module):
   aux: as `models.run_blocks` (an encoder-decoder's layers are named 'encoder_block_i' and
   'block_i'). Training with a router that has jitter or noise needs the 'router' RNG stream;
   aux-loss-free balancing needs `mutable=['router_bias']` (see `MoELayer`). expert_axis /
-  batch_axes set (by `parallel.expert_parallel`), the MoE layers run expert-parallel inside
-  `jax.shard_map`; the rest is data-parallel on the local batch (`parallel.shard_module`).
+  batch_axes set (by `sharding.expert_parallel`), the MoE layers run expert-parallel inside
+  `jax.shard_map`; the rest is data-parallel on the local batch (`sharding.shard_module`).
 
   Building one whose routing can see later tokens raises ValueError naming the `config.moe`
   field (`causality.require_causal`) unless `config.allow_future_leak`.

@@ -19,10 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import flops, image_datasets
+from moe_jax.data import images as image_data
 from moe_jax.models import Stack, ffn, run_blocks
 from moe_jax.models.transformer import MODEL, check_block_stack, model_and_spec
-from moe_jax.spec import MoESpec
+from moe_jax.moe import flops
+from moe_jax.moe.spec import MoESpec
 from moe_jax.validate import section_values
 
 POOLS = ('mean', 'cls')
@@ -100,7 +101,7 @@ class Block(nn.Module):
 class ViT(nn.Module):
   """Image classifier. images [B, h, w, c] float -> (logits [B, num_classes] float32, aux).
 
-  aux: as `models.run_blocks`. expert_axis / batch_axes set (by `parallel.expert_parallel`), the
+  aux: as `models.run_blocks`. expert_axis / batch_axes set (by `sharding.expert_parallel`), the
   MoE layers run expert-parallel inside `jax.shard_map`; with `group_by='sequence'` (each image
   routed alone) that equals one device.
   """
@@ -133,14 +134,14 @@ def build(config) -> ViT:
   """The ViT described by a full experiment config (`config.model`, `config.moe`) for the images
   and classes of `config.data.name`; the patch size must tile the image."""
   model, spec = from_config(config)
-  image_shape, num_classes = image_datasets.image_info(config.data.name)
+  image_shape, num_classes = image_data.image_info(config.data.name)
   model.num_tokens(image_shape)
   return ViT(model, num_classes, spec)
 
 
 def input_spec(config) -> jax.ShapeDtypeStruct:
   """A batch of the ViT's inputs: [batch_size, H, W, C] images of `config.data.name`."""
-  image_shape, _ = image_datasets.image_info(config.data.name)
+  image_shape, _ = image_data.image_info(config.data.name)
   return jax.ShapeDtypeStruct((config.data.batch_size, *image_shape), jnp.float32)
 
 
@@ -186,7 +187,7 @@ def vit_params(spec: MoESpec | None, model: ViTConfig, image_shape, num_classes:
 
 def _counts(config, count, **kwargs):
   model, spec = from_config(config)
-  image_shape, num_classes = image_datasets.image_info(config.data.name)
+  image_shape, num_classes = image_data.image_info(config.data.name)
   return count(spec, model, image_shape, num_classes, config.data.batch_size, **kwargs)
 
 
@@ -203,7 +204,7 @@ def param_counts(config) -> tuple[int, float]:
 def stacks(config) -> list[Stack]:
   """The ViT's blocks: one stack on the tokens of an image, which attend to each other."""
   model, spec = from_config(config)
-  image_shape, _ = image_datasets.image_info(config.data.name)
+  image_shape, _ = image_data.image_info(config.data.name)
   n = model.num_tokens(image_shape)
   moe = flops.moe_blocks(model.num_layers, model.moe_every, model.first_dense_layers) if spec else 0
   return [Stack(model.num_layers, moe, n, n)]

@@ -2,7 +2,7 @@
 
 Every expert processes exactly C tokens (perfect balance); a token may get 0..E experts. The choice
 looks at the whole token group, so within a sequence it sees future tokens. The causal variant
-used for language models groups tokens by *position across the batch* (see `moe_jax.layers`):
+used for language models groups tokens by *position across the batch* (see `moe_jax.moe.layer`):
 experts then compete only over tokens at the same position of different sequences, which never
 reveals the future but couples the sequences of a batch and needs batch size >> E / capacity.
 """

@@ -10,7 +10,7 @@ evaluation, top-k of the activations (Megatron's inference path).
 
 Causality: the normalization couples every token of a group, so in training a token's experts
 depend on later tokens unless the group holds one position of every sequence
-(`group_by='position'`; `moe_jax/causality.py`).
+(`group_by='position'`; `moe_jax/moe/causality.py`).
 """
 from __future__ import annotations
 

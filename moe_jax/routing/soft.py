@@ -2,7 +2,7 @@
 
 Fully differentiable, never drops a token, balanced by construction. Each slot mixes every token of
 its group, so it is not causal; language models use groups of one position across the batch
-(see `moe_jax.layers`), which keeps causality at the price of coupling the batch's sequences.
+(see `moe_jax.moe.layer`), which keeps causality at the price of coupling the batch's sequences.
 """
 from __future__ import annotations
 

@@ -5,11 +5,13 @@ A family routes one group of T tokens (`Family.route`, a pure function of the gr
 logits), says how many expert slots it runs (`slots`), how many experts a token uses by the papers'
 convention (`per_token`), whether its decisions couple the tokens of a group (`couples_group`:
 then only `group_by='position'` is causal) and checks its own options (`check`).
+
+`spec` arguments are `moe_jax.moe.spec.MoESpec`s; that module imports this one, not the reverse.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +20,6 @@ from moe_jax import routing
 from moe_jax.routing.balanced import balanced_capacity
 from moe_jax.routing.token_choice import capacity_for
 from moe_jax.validate import Section
-
-if TYPE_CHECKING:
-  from moe_jax.spec import MoESpec
 
 MOE = Section('moe')
 
@@ -69,32 +68,32 @@ class Family:
   check: Callable = lambda spec: None
 
 
-def _top_k_slots(spec: MoESpec, n: int) -> int | None:
+def _top_k_slots(spec, n: int) -> int | None:
   return capacity_for(n, spec.num_experts, spec.capacity_factor, spec.k)
 
 
-def _one_slot_each(spec: MoESpec, n: int) -> int | None:
+def _one_slot_each(spec, n: int) -> int | None:
   return capacity_for(n, spec.num_experts, spec.capacity_factor, 1)
 
 
-def _check_k(spec: MoESpec) -> None:
+def _check_k(spec) -> None:
   if not 1 <= spec.k <= spec.num_experts:
     MOE.fail('k', spec.k, f'choose 1 <= k <= num_experts={spec.num_experts}')
 
 
-def _check_k_is_one(spec: MoESpec) -> None:
+def _check_k_is_one(spec) -> None:
   if spec.k != 1:
     MOE.fail('k', spec.k, f'{spec.router} routing sends each token to one expert: set k=1')
 
 
-def _check_base(spec: MoESpec) -> None:
+def _check_base(spec) -> None:
   _check_k_is_one(spec)
   if spec.capacity_factor != 1.0:
     MOE.fail('capacity_factor', spec.capacity_factor, 'BASE layers give every expert ceil(T / E) '
              'tokens of a group by construction: set capacity_factor=1.0')
 
 
-def _route_token_choice(spec: MoESpec, group: Group) -> routing.RouterOutput:
+def _route_token_choice(spec, group: Group) -> routing.RouterOutput:
   return routing.token_choice(
       group.logits, k=spec.k, capacity_factor=spec.capacity_factor, score=spec.score,
       renormalize=spec.renormalize, priority=spec.priority, selection_bias=group.bias,
@@ -141,17 +140,17 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family(spec: MoESpec) -> Family:
+def family(spec) -> Family:
   """The `Family` of `spec.router`."""
   return FAMILIES[spec.router]
 
 
-def route(spec: MoESpec, group: Group) -> routing.RouterOutput:
+def route(spec, group: Group) -> routing.RouterOutput:
   """Routes one group of tokens by `spec`'s family."""
   return family(spec).route(spec, group)
 
 
-def route_shapes(spec: MoESpec, num_tokens: int) -> routing.RouterOutput:
+def route_shapes(spec, num_tokens: int) -> routing.RouterOutput:
   """The shapes of routing one group of `num_tokens` tokens, traced without running (raises the
   router's ValueError when the group cannot be routed, e.g. a capacity that rounds to 0)."""
   kind, n, e = family(spec).logits, num_tokens, spec.num_experts

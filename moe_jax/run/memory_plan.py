@@ -2,7 +2,7 @@
 
 Counts come from the project's analytic code (`Task.param_counts`, `Task.flops_per_token`), the
 mesh from `config.mesh` as an `AbstractMesh`: nothing is allocated, so a laptop can plan a pod.
-Memory per device follows the trainer's layout (moe_jax/parallel.py): the routed experts'
+Memory per device follows the trainer's layout (moe_jax/parallel/sharding.py): the routed experts'
 weights are sharded over config.mesh.expert, every other weight is replicated, and the batch is
 split over all data * expert devices. Bytes per device:
 
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe_jax import flops, parallel, tasks, train
+from moe_jax.moe import flops
+from moe_jax.parallel import sharding
+from moe_jax.run import tasks, train
 
 GiB = 2 ** 30
 # HBM per chip (vendor figures): TPU v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB;
@@ -125,8 +127,8 @@ def activation_bytes(config, task: tasks.Task, model, spec, local_batch: int,
 def make_plan(config, name: str = '') -> Plan:
   """The `Plan` of a full experiment config on its `config.mesh`, validated first (as `moe-jax
   train` does, against an `AbstractMesh`): a bad field is a ValueError naming it."""
-  task, _, _, mesh = train.check_config(config, parallel.abstract_mesh(config))
-  data, expert = mesh.shape[parallel.DATA], mesh.shape[parallel.EXPERT]
+  task, _, _, mesh = train.check_config(config, sharding.abstract_mesh(config))
+  data, expert = mesh.shape[sharding.DATA], mesh.shape[sharding.EXPERT]
   model, spec = task.from_config(config)
   total, active = task.param_counts(config)
   moe_layers = sum(stack.moe_layers for stack in task.stacks(config))

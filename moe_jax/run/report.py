@@ -1,6 +1,6 @@
 """Tables and plots from run directories.
 
-A run directory holds `summary.json` and `metrics.jsonl` (see moe_jax/train.py). `write_report`
+A run directory holds `summary.json` and `metrics.jsonl` (see moe_jax/run/train.py). `write_report`
 turns every run under a sweep directory into `results.md`, `results.csv`, `eval_loss.png`
 (eval loss against step, one line per run), `expert_load.png` (heat map of each MoE layer's final
 share of tokens per expert) and `dropped.png` (fraction of tokens dropped against step). Each run
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-# flops_active / flops_executed: forward FLOPs per token by each convention of moe_jax/flops.py
+# flops_active / flops_executed: forward FLOPs per token by each convention of moe_jax/moe/flops.py
 # (active: k experts per token, the papers'; executed: capacity padding counts).
 COLUMNS = ('run', 'ffn', 'eval_loss', 'train_loss', 'flops_active', 'flops_executed',
            'params_total', 'params_active', 'dropped', 'max_over_mean_load', 'tokens_per_s')
@@ -285,7 +285,7 @@ def context(runs: list[dict], workdir: pathlib.Path) -> str:
       f"tokens of `{data.get('name')}` = {tokens:,} training tokens; seed(s) {seeds}.",
       (f"Members are sized to equal *{match.pop()}* FLOPs per token" if len(match) == 1 else
        'FLOPs per token') + ' (active: k expert FFNs per token, the papers\' convention; '
-      'executed: capacity padding counts; moe_jax/flops.py); both are in the table.',
+      'executed: capacity padding counts; moe_jax/moe/flops.py); both are in the table.',
       f"deterministic={first.get('deterministic')}; jax {env.get('jax')}, jaxlib "
       f"{env.get('jaxlib')} on {env.get('device_count')} x {env.get('device_kind')}.",
   ]

@@ -20,14 +20,14 @@ when no routing decision for a token depends on a token at a later position:
   `group_by='position'` is causal (`Family.couples_group`).
 
 `group_by='position'` couples the sequences of a batch at one position: causal, provided the rows of
-a batch are different text (not one row's continuation); `moe_jax.data` lays out batches so.
+a batch are different text (not one row's continuation); `moe_jax.data.text` lays out batches so.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from moe_jax import families
-from moe_jax.spec import MoESpec
+from moe_jax.moe import families
+from moe_jax.moe.spec import MoESpec
 
 
 @dataclasses.dataclass(frozen=True)

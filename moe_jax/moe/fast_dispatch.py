@@ -5,7 +5,7 @@ factor of 1.25 costs at least 25% more expert FLOPs than the routing uses; dropl
 on `jax.lax.ragged_dot`, which XLA's GPU backend expands per expert. Here every kept assignment
 becomes one row of a buffer sorted by expert, each expert's rows start on a block boundary
 (`block_rows`), and the expert FFN runs as grouped matmuls over those blocks
-(`moe_jax.kernels.grouped_matmul`: Pallas Mosaic GPU kernels on Hopper, an XLA reference
+(`moe_jax.moe.kernels.grouped_matmul`: Pallas Mosaic GPU kernels on Hopper, an XLA reference
 elsewhere). Padding is under one block per expert, and blocks beyond the used ones are skipped.
 
 Routing is unchanged: a `SlotPlan` (token choice with capacity, expert choice) keeps exactly the
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moe_jax import ragged_exchange
-from moe_jax.kernels import grouped_matmul as gm
+from moe_jax.moe import ragged_exchange
+from moe_jax.moe.kernels import grouped_matmul as gm
 from moe_jax.routing.plan import DroplessPlan, SlotPlan
 
 # SwiGLU's gate and up as one fused kernel on Hopper (`grouped_matmul.swiglu`): True, False (two

@@ -1,7 +1,7 @@
 """The MoE layer: router projection, a router family, dispatch, experts, combine.
 
 Tokens are routed in groups (`MoESpec.group_by`); every group gets its own routing decision and
-capacity. One dispatcher (`moe_jax.dispatch`) runs the experts for all groups at once.
+capacity. One dispatcher (`moe_jax.moe.dispatch`) runs the experts for all groups at once.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax import dispatch, families, routing
-from moe_jax.experts import Experts, FeedForward
-from moe_jax.spec import MoESpec
+from moe_jax import routing
+from moe_jax.moe import dispatch, families
+from moe_jax.moe.experts import Experts, FeedForward
+from moe_jax.moe.spec import MoESpec
 
 
 def to_groups(x: jax.Array, group_by: str) -> jax.Array:
@@ -100,7 +101,7 @@ class MoELayer(nn.Module):
   With `spec.bias_update_rate > 0` the selection bias lives in the 'router_bias' collection and is
   updated by the sign rule in training when that collection is mutable (outside the gradient).
 
-  Expert parallelism (run inside `jax.shard_map`, see `moe_jax.parallel`): `expert_axis` names the
+  Expert parallelism (run inside `jax.shard_map`, see `moe_jax.parallel.sharding`): `expert_axis` names the
   mesh axis the experts are sharded over. Each shard routes its own groups and runs its E / n
   experts; capacity buffers travel by all_to_all, dropless rows by ragged all-to-all
   (`dispatch.dispatcher`). `batch_axes`

@@ -1,7 +1,7 @@
 """TFDS text builders of the project's own, which read local files and need no TensorFlow.
 
 Each is prepared offline as `array_record` from a manual dir holding its `MANUAL_FILES` and read
-back with `builder.as_data_source()`; `moe_jax.data.load_text_splits(name)` does both for the
+back with `builder.as_data_source()`; `moe_jax.data.text.load_text_splits(name)` does both for the
 names in `LOCAL_BUILDERS`:
 
 - `tiny_shakespeare` (`TinyShakespeareManual`): the stock builder downloads `input.txt` and reads

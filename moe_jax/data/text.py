@@ -2,7 +2,7 @@
 
 `tiny_shakespeare` (1.1 MB) and `english_mix` (51.4 MB: GCIDE, WordNet glosses, fortunes; 1% each
 of validation and test held out by contiguous blocks) are prepared by the project's own builders
-(`moe_jax.datasets.LOCAL_BUILDERS`) from local files (found by `find_manual_dir`, by default in
+(`moe_jax.data.text_builders.LOCAL_BUILDERS`) from local files (found by `find_manual_dir`, by default in
 `../shared/data/<name>/`) into `array_record` files and read back with `as_data_source()`. Any
 other name goes to stock TFDS, which needs the network. Tokens are UTF-8 bytes
 (`VOCAB_SIZE = 256`). Batches are `[batch_size, seq_len + 1]` int32 windows: inputs
@@ -26,13 +26,13 @@ VOCAB_SIZE = 256
 STREAMING_ONLY = ('c4',)
 DATA_DIR_ENV = 'MOE_JAX_DATA_DIR'
 log = logging.getLogger(__name__)
-_REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHIPPED_DATA = pathlib.Path(__file__).resolve().parent / 'shipped_data'  # Tiny Shakespeare's text
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SHIPPED_DATA = pathlib.Path(__file__).resolve().parents[1] / 'shipped_data'  # Tiny Shakespeare's text
 
 
 def _local_builders() -> dict:
   """The project's own TFDS builders (imported on use: the model and training step need no TFDS)."""
-  from moe_jax.datasets import LOCAL_BUILDERS  # pylint: disable=g-import-not-at-top
+  from moe_jax.data.text_builders import LOCAL_BUILDERS  # pylint: disable=g-import-not-at-top
   return LOCAL_BUILDERS
 
 
@@ -132,7 +132,7 @@ def load_text_splits(
 ) -> dict[str, str]:
   """Returns {split: text} for data set `name`, e.g. {'train', 'validation', 'test'}.
 
-  Names in `moe_jax.datasets.LOCAL_BUILDERS` are prepared offline from `find_manual_dir(name,
+  Names in `moe_jax.data.text_builders.LOCAL_BUILDERS` are prepared offline from `find_manual_dir(name,
   manual_dir)` into `data_dir` (TFDS default if None) as array_record, once: later calls reuse the
   prepared files. Other names load through stock `tfds.data_source`, which needs the network
   (offline it fails with FileNotFoundError after TFDS's download retries, minutes); their examples
@@ -175,10 +175,8 @@ def load_text_splits(
 
 
 def _offline_names() -> str:
-  """The data sets of the project's local builders, text and images, in words."""
-  from moe_jax import image_datasets  # pylint: disable=g-import-not-at-top
-
-  return f'text {sorted(_local_builders())} and images {sorted(image_datasets.IMAGE_BUILDERS)}'
+  """The text data sets of the project's local builders, in words."""
+  return f'the text data sets {sorted(_local_builders())}'
 
 
 def _check_stock_name(name: str, data_dir) -> None:

@@ -47,9 +47,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moe_jax import families, flops
-from moe_jax.layers import MoELayer
-from moe_jax.spec import MoESpec
+from moe_jax.moe import families, flops
+from moe_jax.moe.layer import MoELayer
+from moe_jax.moe.spec import MoESpec
 from moe_jax.validate import Section
 
 DATA, EXPERT = 'data', 'expert'

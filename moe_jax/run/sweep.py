@@ -1,9 +1,9 @@
 """Equal-FLOPs sweeps: build every member's config, size and check FLOPs, train each, report.
 
-A sweep config has `base` (a full experiment config of any task, `moe_jax.tasks`), `members`
+A sweep config has `base` (a full experiment config of any task, `moe_jax.run.tasks`), `members`
 ({name: overrides of base}), `size_experts`, `flops_tolerance` and `flops_match`: the FLOPs
 convention members are sized and checked by, 'active' (the papers': k experts per token) or
-'executed' (capacity padding counts; see moe_jax/flops.py). Absent, 'active'. Nothing is trained
+'executed' (capacity padding counts; see moe_jax/moe/flops.py). Absent, 'active'. Nothing is trained
 until every member is built, validated and found within tolerance of the dense budget; a crashed
 sweep resumes where it stopped (finished members are left as they are, an unfinished one resumes
 from its last checkpoint, and a member whose run directory holds a different config is refused).
@@ -16,7 +16,9 @@ import time
 
 import ml_collections
 
-from moe_jax import families, flops, report, reproducibility, tasks
+from moe_jax import reproducibility
+from moe_jax.moe import families, flops
+from moe_jax.run import report, tasks
 
 
 def member_config(base: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
@@ -48,7 +50,7 @@ def build_members(sweep: ml_collections.ConfigDict) -> dict[str, ml_collections.
     ValueError: a member's config is invalid, or its model FLOPs/token differ from the dense
       model's by more than `flops_tolerance` (every offending member is named).
   """
-  from moe_jax import train  # heavy imports only when building a sweep
+  from moe_jax.run import train  # heavy imports only when building a sweep
 
   convention = flops_match(sweep)
   task = tasks.of(sweep.base)
@@ -105,7 +107,7 @@ def describe(config: ml_collections.ConfigDict) -> str:
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str | pathlib.Path,
               only: list[str] | None = None) -> str:
   """Trains every member into `workdir/<name>`, then writes and returns the results table."""
-  from moe_jax import train
+  from moe_jax.run import train
 
   workdir = pathlib.Path(workdir)
   reproducibility.configure_from(sweep.base)  # before building members starts JAX's backends

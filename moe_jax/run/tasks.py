@@ -1,4 +1,4 @@
-"""What one trainer (`moe_jax.train`) and the sweeps (`moe_jax.sweep`) train: a task is a model
+"""What one trainer (`moe_jax.run.train`) and the sweeps (`moe_jax.run.sweep`) train: a task is a model
 family with its data and loss.
 
 `LM`: the transformer LM (`models.transformer`) on text as bytes, next-token cross-entropy (an
@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moe_jax import data, flops, image_datasets
+from moe_jax.data import images as image_data, text
 from moe_jax.models import transformer, vit
+from moe_jax.moe import flops
 
 Batch = Any  # one batch of a task's data: a pytree of [B, ...] host arrays
 
@@ -39,7 +40,7 @@ class Task:
   From a full experiment config: from_config -> (model config, MoESpec or None for a dense
   model); build -> the flax model, validating config.data, config.model and config.moe;
   input_spec -> a batch of model inputs (for init); flops_per_token(config, convention) and
-  param_counts -> (total, active) count the model (`moe_jax.flops` conventions); stacks -> its
+  param_counts -> (total, active) count the model (`moe_jax.moe.flops` conventions); stacks -> its
   blocks as `models.Stack`s (for memory plans); load -> `Data`,
   FileNotFoundError when the data set is missing. Of a batch: inputs -> the model's input;
   loss(logits, batch) -> (mean loss, {metric: value}), e.g. {'accuracy': ...}.
@@ -80,15 +81,15 @@ def _build_lm(config) -> transformer.Transformer:
 
 
 def _load_text(config) -> Data:
-  """Batches of [batch_size, input_len + seq_len + 1] bytes (`moe_jax.data`; input_len: an
+  """Batches of [batch_size, input_len + seq_len + 1] bytes (`moe_jax.data.text`; input_len: an
   encoder-decoder's encoder tokens, else 0); held out: the validation split."""
-  splits = data.load_text_splits(config.data.name, data_dir=config.data.data_dir,
+  splits = text.load_text_splits(config.data.name, data_dir=config.data.data_dir,
                                  manual_dir=config.data.manual_dir)
-  tokens = data.encode(splits['train'])
+  tokens = text.encode(splits['train'])
   size, length = config.data.batch_size, transformer.input_len(config) + config.data.seq_len
-  held_out = data.eval_batches(data.encode(splits['validation']), size, length,
+  held_out = text.eval_batches(text.encode(splits['validation']), size, length,
                                config.train.eval_batches)
-  return Data(lambda i: data.train_batch(tokens, i, size, length, config.seed), list(held_out))
+  return Data(lambda i: text.train_batch(tokens, i, size, length, config.seed), list(held_out))
 
 
 def cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:
@@ -118,16 +119,16 @@ def _build_vit(config) -> vit.ViT:
 
 
 def _load_images(config) -> Data:
-  """Batches of (images [B, H, W, C], labels [B]) (`moe_jax.image_datasets`); held out: the whole
+  """Batches of (images [B, H, W, C], labels [B]) (`moe_jax.data.images`); held out: the whole
   test split in config.train.eval_batches nearly equal batches, weighted by their sizes."""
-  with data.quiet_tfds():
-    splits = image_datasets.load_image_splits(config.data.name, data_dir=config.data.data_dir,
+  with text.quiet_tfds():
+    splits = image_data.load_image_splits(config.data.name, data_dir=config.data.data_dir,
                                               manual_dir=config.data.manual_dir)
   images, labels = splits['train']
   test_images, test_labels = splits['test']
   parts = config.train.eval_batches
   held_out = list(zip(np.array_split(test_images, parts), np.array_split(test_labels, parts)))
-  return Data(lambda i: image_datasets.train_batch(images, labels, i, config.data.batch_size,
+  return Data(lambda i: image_data.train_batch(images, labels, i, config.data.batch_size,
                                                    config.seed),
               held_out, [len(y) for _, y in held_out])
 
@@ -161,7 +162,7 @@ def get(name: str) -> Task:
 
 def of(config) -> Task:
   """The task of an experiment config: `config.task` where it has one, else 'vit' for an image
-  data set (`image_datasets.IMAGE_BUILDERS`, `STOCK_IMAGES`) and 'lm' for text."""
-  images = {**image_datasets.IMAGE_BUILDERS, **image_datasets.STOCK_IMAGES}
+  data set (`image_data.IMAGE_BUILDERS`, `STOCK_IMAGES`) and 'lm' for text."""
+  images = {**image_data.IMAGE_BUILDERS, **image_data.STOCK_IMAGES}
   default = 'vit' if config.data.name in images else 'lm'
   return get(config.get('task', default))

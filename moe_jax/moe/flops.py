@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from moe_jax import families
-from moe_jax.spec import MoESpec
+from moe_jax.moe import families
+from moe_jax.moe.spec import MoESpec
 
 
 @dataclasses.dataclass(frozen=True)

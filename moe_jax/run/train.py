@@ -1,8 +1,8 @@
-"""One trainer for every task (`moe_jax.tasks`: the LM on text, the ViT on images).
+"""One trainer for every task (`moe_jax.run.tasks`: the LM on text, the ViT on images).
 
 `train(config, workdir)` trains `config.train.steps` AdamW steps (linear warmup, cosine decay,
 global-norm clipping) on the task's loss plus the MoE auxiliary loss, into the run directory
-`workdir` (`moe_jax.run_dir`: config.json, metrics.jsonl, TensorBoard events, orbax checkpoints
+`workdir` (`moe_jax.run.run_dir`: config.json, metrics.jsonl, TensorBoard events, orbax checkpoints
 of {params, opt_state, model_state (router_bias)}, timing.json, summary.json).
 
 Training restarts from the latest checkpoint and continues exactly as an uninterrupted run
@@ -11,7 +11,7 @@ is fold_in(key, i). Records past the restored step are dropped first (metrics.js
 Ctrl-C checkpoints the current step first; a non-finite loss stops the run before it is saved.
 
 `config.mesh` = {data, expert} (absent: 1x1, one device) lays the run out on a device mesh
-(`moe_jax.parallel`, docs/parallelism.md): params and optimizer state by `parallel.param_shardings`,
+(`moe_jax.parallel.sharding`, docs/parallelism.md): params and optimizer state by `sharding.param_shardings`,
 the batch over every device, the MoE layers expert-parallel under `jax.shard_map`. A run may resume
 on a different mesh (config.mesh is exempt from the config.json check).
 """
@@ -35,8 +35,11 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
-from moe_jax import flops, parallel, reproducibility, run_dir, tasks, upcycling
+from moe_jax import reproducibility
 from moe_jax.models import describe_ffn, transformer
+from moe_jax.moe import flops
+from moe_jax.parallel import sharding
+from moe_jax.run import run_dir, tasks, upcycling
 from moe_jax.validate import Section, section_values
 
 log = logging.getLogger(__name__)
@@ -90,13 +93,13 @@ class Setup(NamedTuple):
 
 def check_config(config, mesh: Mesh | jax.sharding.AbstractMesh | None = None) -> Setup:
   """Validates every section of an experiment config, before any work; errors name the field.
-  mesh: the run's (default: `parallel.mesh_from_config`, which needs the devices it names; an
+  mesh: the run's (default: `sharding.mesh_from_config`, which needs the devices it names; an
   `AbstractMesh` checks a layout without them)."""
   task = tasks.of(config)
   cfg = TrainConfig.from_config(config.train)
   model = task.build(config)
-  mesh = parallel.mesh_from_config(config) if mesh is None else mesh
-  parallel.check_mesh(model.spec, mesh, config.data.batch_size, task.token_shape(config).seq_len)
+  mesh = sharding.mesh_from_config(config) if mesh is None else mesh
+  sharding.check_mesh(model.spec, mesh, config.data.batch_size, task.token_shape(config).seq_len)
   return Setup(task, cfg, model, mesh)
 
 
@@ -125,7 +128,7 @@ def init_state(model, cfg: TrainConfig, rng: jax.Array, inputs: jax.ShapeDtypeSt
   """{'params', 'opt_state', 'model_state'}; model_state holds the non-trainable collections.
 
   inputs: a batch of model inputs (`Task.input_spec`). With `mesh`, laid out by
-  `parallel.param_shardings` (the values do not depend on the mesh).
+  `sharding.param_shardings` (the values do not depend on the mesh).
   """
   return _init_state(rng, model=model, cfg=cfg, inputs=inputs, mesh=mesh)
 
@@ -134,16 +137,16 @@ def abstract_state(model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct, mesh: 
   """`init_state`'s shapes with `mesh`'s shardings: the orbax restore target on this mesh."""
   shapes = jax.eval_shape(functools.partial(init_state, model, cfg, inputs=inputs),
                           jax.random.key(0))
-  return parallel.restore_target(shapes, mesh)
+  return sharding.restore_target(shapes, mesh)
 
 
 def _apply(model, mesh: Mesh | None, variables, inputs, *, train: bool, rngs=None):
-  """model.apply(variables, inputs); on `mesh` through `parallel.shard_module`. Training, it
+  """model.apply(variables, inputs); on `mesh` through `sharding.shard_module`. Training, it
   returns ((logits, aux), updated router_bias collection); else (logits, aux)."""
   mutable = ['router_bias'] if train else False
   if mesh is None:
     return model.apply(variables, inputs, train=train, mutable=mutable, rngs=rngs)
-  return parallel.shard_module(model, mesh, train=train, mutable=mutable,
+  return sharding.shard_module(model, mesh, train=train, mutable=mutable,
                                seq_len=model.config.num_tokens(inputs.shape[1:]))(
                                    variables, inputs, rngs)
 
@@ -158,7 +161,7 @@ def _init_state(rng, *, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct,
   params = variables.pop('params')
   state = {'params': params, 'opt_state': make_optimizer(cfg).tx.init(params),
            'model_state': dict(variables)}
-  return state if mesh is None else parallel.constrain(state, mesh)
+  return state if mesh is None else sharding.constrain(state, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=('task', 'model', 'cfg', 'mesh'))
@@ -183,7 +186,7 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
   new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                'model_state': dict(model_state)}
   if mesh is not None:
-    new_state = parallel.constrain(new_state, mesh)
+    new_state = sharding.constrain(new_state, mesh)
   metrics = {'train_loss': loss, **{f'train_{name}': value for name, value in extra.items()},
              'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
              'layers': aux['layers']}
@@ -429,7 +432,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
   steps; train_loss, eval_loss (the final step's) and the task's other metrics (the ViT's
   train_accuracy, eval_accuracy); flops_active, flops_executed (forward FLOPs per token by each
-  convention of moe_jax/flops.py); params_total, params_active; tokens_per_s (training throughput
+  convention of moe_jax/moe/flops.py); params_total, params_active; tokens_per_s (training throughput
   over all calls, each call's first, compiling step and evaluations left out; a ViT's tokens are
   patches); wall_s (all calls); first_step_s (this call's); resumed_from_step; router
   (`describe_router`); environment (`reproducibility.environment`).
@@ -460,7 +463,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     log.info('%s finished all %d steps earlier: nothing to do', workdir, cfg.steps)
     return finished
 
-  place = functools.partial(jax.device_put, device=parallel.batch_sharding(mesh))
+  place = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
   eval_set = [place(batch) for batch in data.eval_batches]
   schedule = make_optimizer(cfg).schedule
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
@@ -478,7 +481,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     if dense_params is not None:  # sparse upcycling: start from the dense run's weights
       params = upcycling.upcycle_params(state['params'], dense_params, init_key,
                                         config.upcycle.noise_std)
-      state['params'] = jax.device_put(params, parallel.param_shardings(params, mesh))
+      state['params'] = jax.device_put(params, sharding.param_shardings(params, mesh))
       log.info('upcycled the dense run %s (step %d) into %s', dense_run,
                upcycling.latest_step(dense_run), workdir)
 

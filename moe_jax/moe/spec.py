@@ -9,7 +9,7 @@ import dataclasses
 import logging
 from typing import Any, Mapping
 
-from moe_jax import families
+from moe_jax.moe import families
 from moe_jax.validate import Section, log_once, section_values
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Image classification data through TFDS, offline and without TensorFlow.
 
 Two TFDS builders of the project's own (`IMAGE_BUILDERS`), each prepared as `array_record` from
-local files and read back with `as_data_source()`, like `moe_jax.datasets` does for text:
+local files and read back with `as_data_source()`, like `moe_jax.data.text_builders` does for text:
 
 - `digits` (`Digits8x8`): the 1,797 real 8x8 handwritten digits that scikit-learn ships inside its
   package (`sklearn/datasets/data/digits.csv.gz`: the UCI "optdigits" test set, 16 grey levels,
@@ -32,9 +32,9 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from moe_jax import data
+from moe_jax.data import text
 
-DATA_DIR_ENV = data.DATA_DIR_ENV
+DATA_DIR_ENV = text.DATA_DIR_ENV
 log = logging.getLogger(__name__)
 
 
@@ -240,14 +240,14 @@ def builder_class(name: str):
 def find_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """The folder holding all of `name`'s `MANUAL_FILES`.
 
-  Looks in `moe_jax.data.candidate_dirs(name, manual_dir)`, as for text: only the first of these
+  Looks in `moe_jax.data.text.candidate_dirs(name, manual_dir)`, as for text: only the first of these
   that is given counts: `manual_dir` (or its `<name>/`); else `$MOE_JAX_DATA_DIR/<name>/`; else
   `../shared/data/<name>/` relative to the repo root and to the current directory, and then, for
   digits, the installed scikit-learn's data folder. Raises FileNotFoundError naming the places
   looked in, what each lacks, and the fix.
   """
   builder = builder_class(name)
-  candidates = data.candidate_dirs(name, manual_dir)
+  candidates = text.candidate_dirs(name, manual_dir)
   default_places = manual_dir is None and not os.environ.get(DATA_DIR_ENV)
   fallback = getattr(builder, 'fallback_dir', None)
   no_sklearn = False
@@ -256,11 +256,11 @@ def find_manual_dir(name: str, manual_dir: str | os.PathLike | None = None) -> p
     no_sklearn = folder is None
     candidates += [folder] if folder is not None else []
   for folder in candidates:
-    if not data.missing_files(folder, builder.MANUAL_FILES):
+    if not text.missing_files(folder, builder.MANUAL_FILES):
       return pathlib.Path(folder).resolve()
   raise FileNotFoundError(
       f'Image data set {name!r} not found: no {", ".join(builder.MANUAL_FILES)} in any of\n'
-      + data.describe_candidates(candidates, builder.MANUAL_FILES)
+      + text.describe_candidates(candidates, builder.MANUAL_FILES)
       + ('  (scikit-learn is not installed)\n' if no_sklearn else '')
       + f'Fix: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS} Pass the dir as --config.data.manual_dir=DIR '
       f'or set {DATA_DIR_ENV}=DIR (with the files in DIR/{name}/).')

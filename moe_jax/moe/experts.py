@@ -2,7 +2,7 @@
 
 `FeedForward` is the dense FFN (also the shared, always-on experts of DeepSeekMoE: n shared experts
 of width f are exactly one FFN of width n * f). `Experts` holds E expert FFNs as stacked weights
-[E, d, f] and runs them on a dispatcher's rows with that dispatcher's matmul (`moe_jax.dispatch`).
+[E, d, f] and runs them on a dispatcher's rows with that dispatcher's matmul (`moe_jax.moe.dispatch`).
 """
 from __future__ import annotations
 

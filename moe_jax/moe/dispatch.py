@@ -34,7 +34,7 @@ from typing import Any, Callable, Protocol
 import jax
 import jax.numpy as jnp
 
-from moe_jax import fast_dispatch
+from moe_jax.moe import fast_dispatch
 from moe_jax.routing.plan import DroplessPlan, Plan, SlotPlan, SoftPlan
 from moe_jax.validate import log_once
 

@@ -1,7 +1,7 @@
 """Multi-process start-up: `jax.distributed.initialize()` before the mesh is built.
 
 Call `initialize_from_env()` first thing in main, before any JAX computation (even `jax.devices()`).
-Afterwards `jax.devices()` lists the devices of every process, `parallel.make_mesh` builds the
+Afterwards `jax.devices()` lists the devices of every process, `sharding.make_mesh` builds the
 global mesh over them, and nothing else changes. See docs/parallelism.md for launch recipes.
 
 Where the process layout comes from, first match wins:

@@ -3,8 +3,8 @@
   workdir/
     config.json      the full config; a later call with a different config is refused
     metrics.jsonl    one JSON object per logged step (`RunLog`)
-    events.out.tfevents.*  the same records for TensorBoard (`moe_jax.tensorboard_events`)
-    checkpoints/     orbax CheckpointManager (written by `moe_jax.train`)
+    events.out.tfevents.*  the same records for TensorBoard (`moe_jax.run.events`)
+    checkpoints/     orbax CheckpointManager (written by `moe_jax.run.train`)
     timing.json      wall and training seconds up to the latest checkpoint (`RunTime`)
     summary.json     the finished run's numbers (`write_summary`)
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from moe_jax import tensorboard_events
+from moe_jax.run import events
 
 
 def is_primary() -> bool:
@@ -128,7 +128,7 @@ class RunLog:
     self._files = None
     if is_primary():
       self._files = ((workdir / 'metrics.jsonl').open('a'),
-                     tensorboard_events.RunEvents(workdir, self.records))
+                     events.RunEvents(workdir, self.records))
 
   def write(self, record: dict) -> None:
     self.records.append(record)

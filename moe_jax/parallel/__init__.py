@@ -1,0 +1,1 @@
+"""Running on many devices and hosts: meshes and sharding rules, multi-host start-up."""

@@ -1,0 +1,1 @@
+"""Training and experiments: the trainer, tasks, run directories, sweeps, reports, memory plans."""
