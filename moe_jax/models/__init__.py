@@ -3,12 +3,15 @@
 Both are a stack of pre-norm blocks whose FFN is dense or MoE (`run_blocks`, `ffn`); a block or
 model module has fields config (num_layers, d_ff, activation, dtype, is_moe(block)), spec (a
 `MoESpec`, or None for a dense FFN), expert_axis and batch_axes (`MoELayer`'s: set by
-`sharding.expert_parallel` to run inside `jax.shard_map`).
+`sharding.expert_parallel` to run inside `jax.shard_map`). config.remat (`REMATS`) rematerializes
+each block in the backward pass (`remat_block`).
 """
 from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from moe_jax.moe.experts import FeedForward
@@ -25,6 +28,28 @@ class Stack:
   moe_layers: int
   tokens: int
   keys: int
+
+
+# config.model.remat: 'none' keeps every block's activations for the backward pass; 'full' keeps
+# only each block's input and recomputes the rest of the block (`jax.checkpoint`); a
+# `jax.checkpoint_policies` name keeps what that policy saves (e.g. the matmul outputs) and
+# recomputes the rest.
+REMAT_POLICIES = tuple(name for name in (
+    'dots_saveable', 'dots_with_no_batch_dims_saveable', 'checkpoint_dots',
+    'checkpoint_dots_with_no_batch_dims', 'nothing_saveable', 'everything_saveable')
+                       if hasattr(jax.checkpoint_policies, name))
+REMATS = ('none', 'full') + REMAT_POLICIES
+
+
+def remat_block(block, remat: str, train: bool, **block_inputs):
+  """block(x, train=train, **block_inputs) as a function of x, rematerialized by `remat` (one of
+  `REMATS`) inside its parent's compact __call__: flax's `nn.remat` of the call, with `train` a
+  Python constant and block_inputs (arrays or None) traced."""
+  call = lambda module, x, inputs: module(x, train=train, **inputs)
+  if remat != 'none':
+    policy = None if remat == 'full' else getattr(jax.checkpoint_policies, remat)
+    call = nn.remat(call, policy=policy)
+  return lambda x: call(block, x, block_inputs)
 
 
 def describe_ffn(model, spec: MoESpec | None) -> str:
@@ -59,8 +84,8 @@ def run_blocks(model, block_cls, x, *, train: bool, num_layers: int | None = Non
                prefix: str = 'block', **block_inputs):
   """x through `model`'s blocks `block_cls` named {prefix}_i, i < num_layers (default
   config.num_layers), the MoE ones (config.is_moe(i)) with model.spec, inside its compact
-  __call__; block_inputs go to every block's call (the LM's token_ids, the encoder output `memory`). Returns
-  (x, aux):
+  __call__; block_inputs go to every block's call (the LM's token_ids, the encoder output `memory`);
+  each block rematerialized by config.remat (`remat_block`). Returns (x, aux):
 
   aux = {'loss': sum of the MoE layers' weighted aux losses (0.0 for a dense model),
          'layers': {block_name: the MoE layer's metrics plus its unweighted
@@ -71,8 +96,8 @@ def run_blocks(model, block_cls, x, *, train: bool, num_layers: int | None = Non
   for i in range(cfg.num_layers if num_layers is None else num_layers):
     name = f'{prefix}_{i}'
     spec = model.spec if cfg.is_moe(i) else None
-    x, layer_aux = block_cls(cfg, spec, model.expert_axis, model.batch_axes, name=name)(
-        x, train=train, **block_inputs)
+    block = block_cls(cfg, spec, model.expert_axis, model.batch_axes, name=name)
+    x, layer_aux = remat_block(block, getattr(cfg, 'remat', 'none'), train, **block_inputs)(x)
     if layer_aux is not None:
       aux['loss'] = aux['loss'] + layer_aux['loss']
       aux['layers'][name] = {**layer_aux['metrics'],

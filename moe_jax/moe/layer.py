@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from moe_jax import routing
 from moe_jax.moe import dispatch, families
 from moe_jax.moe.experts import Experts, FeedForward
-from moe_jax.moe.spec import MoESpec
+from moe_jax.moe.spec import MoESpec, resolve_dispatch
 
 
 def to_groups(x: jax.Array, group_by: str) -> jax.Array:
@@ -131,7 +131,8 @@ class MoELayer(nn.Module):
 
     experts = Experts(self._num_local_experts(), x.shape[-1], spec.d_ff, spec.activation,
                       self.dtype, name='experts')
-    y = dispatch.moe_apply(out.plan, groups, experts, spec.dispatch, dtype=self.dtype,
+    executor = resolve_dispatch(spec, jax.default_backend(), self.dtype)
+    y = dispatch.moe_apply(out.plan, groups, experts, executor, dtype=self.dtype,
                            expert_axis=self.expert_axis, num_chunks=spec.num_chunks)
     if spec.num_shared_experts:
       y = y + FeedForward(spec.num_shared_experts * spec.d_ff, spec.activation, self.dtype,

@@ -9,6 +9,9 @@ import dataclasses
 import logging
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+
 from moe_jax.moe import families
 from moe_jax.validate import Section, log_once, section_values
 
@@ -18,7 +21,8 @@ ROUTERS = tuple(families.FAMILIES)
 GROUPINGS = ('sequence', 'position', 'batch')
 SCORES = ('softmax', 'sigmoid')
 PRIORITIES = ('choice', 'token', 'batch')
-DISPATCHES = ('gather', 'einsum', 'ragged', 'blocked')
+DISPATCHES = ('gather', 'einsum', 'ragged', 'blocked')  # the executors (dispatch.py)
+AUTO = 'auto'  # config.moe.dispatch: one of DISPATCHES or this (`resolve_dispatch`)
 ROUTER_LOGITS = ('linear', 'cosine')
 BALANCE_SCOPES = ('group', 'sequence', 'global')
 
@@ -59,8 +63,9 @@ class MoESpec:
     hash_seed: picks the fixed token-id -> expert map of router='hash'.
     group_by: token groups routed together: 'sequence' (each sequence), 'position' (the same
       position across the batch: causal for expert choice and Soft MoE), 'batch' (all tokens).
-    dispatch: 'gather', 'einsum', 'ragged' (see dispatch.py) or 'blocked' (fast_dispatch.py:
-      expert-sorted rows and grouped-matmul kernels that run only the used slots; any router).
+    dispatch: 'gather', 'einsum', 'ragged' (see dispatch.py), 'blocked' (fast_dispatch.py:
+      expert-sorted rows and grouped-matmul kernels that run only the used slots; any router) or
+      'auto': the backend's fast one, chosen when the layer is traced (`resolve_dispatch`).
     activation: 'swiglu' or 'gelu'.
     num_chunks: dropless routing only: the tokens run in this many chunks, so that under expert
       parallelism the exchange of one chunk overlaps the experts of another (dispatch.moe_apply).
@@ -97,7 +102,7 @@ class MoESpec:
     MOE.one_of('group_by', self.group_by, GROUPINGS)
     MOE.one_of('score', self.score, SCORES)
     MOE.one_of('priority', self.priority, PRIORITIES)
-    MOE.one_of('dispatch', self.dispatch, DISPATCHES)
+    MOE.one_of('dispatch', self.dispatch, DISPATCHES + (AUTO,))
     MOE.one_of('activation', self.activation, ('swiglu', 'gelu'))
     MOE.one_of('router_logits', self.router_logits, ROUTER_LOGITS)
     MOE.one_of('router_dtype', self.router_dtype, ('float32', 'bfloat16'))
@@ -132,7 +137,7 @@ class MoESpec:
     for name in ('jitter', 'noise_std', 'load_balancing_coef', 'z_loss_coef'):
       if getattr(self, name) < 0:
         MOE.fail(name, getattr(self, name), 'use a value >= 0')
-    if self.routing_group_by != self.group_by:
+    if self.dispatch == 'ragged' and self.group_by != 'batch':  # ('auto': no backend here)
       log_once(log, logging.INFO, f"config.moe.dispatch='ragged' routes one group: "
                f"group_by={self.group_by!r} runs as 'batch' (outputs are the same, the "
                'load-balancing loss is taken over the whole batch).')
@@ -162,10 +167,14 @@ class MoESpec:
 
   @property
   def routing_group_by(self) -> str:
-    """The grouping routing runs with: `group_by`, but 'batch' for dispatch='ragged', which routes
-    one group (logged once). Harmless: dropless routing is per token, so outputs do not change;
-    only the load-balancing loss is then taken over the whole batch."""
-    return 'batch' if self.dispatch == 'ragged' else self.group_by
+    """The grouping routing runs with: `group_by`, but 'batch' for dispatch='ragged' (and 'auto'
+    where it resolves to 'ragged': TPU), which routes one group (logged once). Harmless: dropless
+    routing is per token, so outputs do not change; only the load-balancing loss is then taken
+    over the whole batch."""
+    executor = self.dispatch
+    if executor == AUTO:
+      executor = resolve_dispatch(self, jax.default_backend())
+    return 'batch' if executor == 'ragged' else self.group_by
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'MoESpec':
@@ -174,6 +183,24 @@ class MoESpec:
 
   def replace(self, **changes) -> 'MoESpec':
     return dataclasses.replace(self, **changes)
+
+
+def resolve_dispatch(spec: MoESpec, backend: str, dtype: Any = jnp.bfloat16) -> str:
+  """The executor of `spec.dispatch` on `backend` (`jax.default_backend()`: 'cpu', 'gpu', 'tpu')
+  for experts computing in `dtype`: spec.dispatch itself unless it is 'auto', which picks
+
+    GPU  'blocked' (Pallas Mosaic-GPU grouped matmuls on Hopper, fast_dispatch.py) in bf16 / fp16;
+         'gather' in float32, where the kernels' bf16 timings do not apply
+    TPU  'ragged' (`jax.lax.ragged_dot`) for dropless routing, 'gather' for capacity plans
+    CPU  'gather' (and any other backend)
+  """
+  if spec.dispatch != AUTO:
+    return spec.dispatch
+  if backend in ('gpu', 'cuda', 'rocm'):
+    return 'blocked' if jnp.dtype(dtype).itemsize == 2 else 'gather'
+  if backend == 'tpu':
+    return 'ragged' if spec.capacity_factor is None else 'gather'
+  return 'gather'
 
 
 _OPTIONAL_TYPES = {'capacity_factor': float, 'renormalize': bool}  # fields that may be None

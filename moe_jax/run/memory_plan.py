@@ -7,14 +7,19 @@ weights are sharded over config.mesh.expert, every other weight is replicated, a
 split over all data * expert devices. Bytes per device:
 
   parameters     4 per weight (float32 whatever config.model.dtype, the compute dtype)
-  gradients      4 per weight, sharded as the parameters
+  gradients      4 per weight, sharded as the parameters; 8 with config.train.microbatches > 1
+                 (the accumulated sum and the current microbatch's)
   optimizer      AdamW's two float32 moments, 8 per weight
   updated state  parameters and optimizer again: the train step does not donate its input
                  state, so the old and the new one are both live when it ends
-  activations    what the backward pass keeps of the local batch (`activation_bytes`): an
-                 estimate, no rematerialization. On TPU (and CPU) attention keeps its float32
-                 score matrices; on GPU the LM's attention is cuDNN's fused kernel where
-                 'auto' picks it (`fused_attention_on_gpu`), which keeps none.
+  activations    what the backward pass keeps of one microbatch (the local batch / config.train.
+                 microbatches) (`activation_bytes`): an estimate. On TPU (and CPU) attention
+                 keeps its float32 score matrices; on GPU the LM's attention is cuDNN's fused
+                 kernel where 'auto' picks it (`fused_attention_on_gpu`), which keeps none.
+                 config.model.remat (`REMAT_KEEPS`): 'full' keeps each block's input and one
+                 block's activations at a time (the block the backward pass recomputes); the
+                 policies that save matmuls without batch dimensions keep all but the attention
+                 scores (one block's at a time); other policies are counted as no remat.
 
 `tests/test_paper_configs.py` checks the state against a real run's arrays, and the rest and the
 whole against XLA's memory analysis of the compiled train step on CPU.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 from moe_jax.moe import flops
+from moe_jax.moe.spec import resolve_dispatch
 from moe_jax.parallel import sharding
 from moe_jax.run import tasks, train
 
@@ -41,6 +47,12 @@ FFN_KEPT = {'swiglu': 4, 'gelu': 2}
 # Logits per example as the output layer keeps them (float32 logits and softmax: 8 bytes each).
 OUTPUTS = {'lm': lambda config, model: config.data.seq_len * model.vocab_size,
            'vit': lambda config, model: 0}
+# What a config.model.remat keeps of a block between the forward and the backward pass: 'input'
+# (the block's input alone), 'no scores' (all but the attention score matrices, which are dots
+# with batch dimensions), or, for the rest, 'all'.
+REMAT_KEEPS = {'full': 'input', 'nothing_saveable': 'input',
+               'dots_with_no_batch_dims_saveable': 'no scores',
+               'checkpoint_dots_with_no_batch_dims': 'no scores'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +68,15 @@ class Plan:
   local_params: int  # weights held by one device
   activations: dict[str, float]  # bytes, by accelerator kind ('tpu', 'gpu')
   notes: tuple[str, ...] = ()
+  microbatches: int = 1  # config.train.microbatches: activations are one microbatch's
+  remat: str = 'none'  # config.model.remat
 
   def memory(self, kind: str = 'tpu') -> dict[str, float]:
     """Bytes per device on an accelerator of `kind`: parameters, gradients, optimizer, updated
     state, activations."""
     params, opt = 4.0 * self.local_params, 8.0 * self.local_params
-    return {'parameters': params, 'gradients': params, 'optimizer': opt,
+    grads = params * (2 if self.microbatches > 1 else 1)  # + the accumulated sum
+    return {'parameters': params, 'gradients': grads, 'optimizer': opt,
             'updated state': params + opt, 'activations': self.activations[kind]}
 
   def total(self, kind: str = 'tpu') -> float:
@@ -85,12 +100,12 @@ def fused_attention_on_gpu(config, model) -> bool:
 
 
 def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: bool,
-                 act: int, scores: bool) -> float:
-  """Bytes one token keeps per block of `stack` for the backward pass (compute dtype `act`):
-  block input and its norms; queries, keys and values (per query head), attention output, scores
-  and their softmax in float32 and the probabilities in `act`; the FFN's hidden activations
-  (`FFN_KEPT`), and, in an MoE block, float32 router probabilities and the rows of the expert
-  slots the token's share of them fills."""
+                 act: int, scores: bool, backend: str) -> tuple[float, float]:
+  """Bytes one token keeps in one (dense, MoE) block of `stack` for the backward pass (compute
+  dtype `act`): block input and its norms; queries, keys and values (per query head), attention
+  output, scores and their softmax in float32 and the probabilities in `act`; the FFN's hidden
+  activations (`FFN_KEPT`), and, in an MoE block, float32 router probabilities and the rows of
+  the expert slots the token's share of them fills (dispatch as resolved on `backend`)."""
   d, heads = model.d_model, model.num_heads
   size = getattr(model, 'head_size', d // heads)
   qk = size + getattr(model, 'rope_head_dim', 0)
@@ -99,41 +114,64 @@ def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: boo
   width = FFN_KEPT[model.activation]
   dense = act * (2 * d + width * model.d_ff)
   if not stack.moe_layers:
-    return stack.layers * (attention + dense)
-  if spec.capacity_factor is None and (sharded or spec.dispatch not in ('ragged', 'blocked')):
+    return attention + dense, 0.0
+  executor = resolve_dispatch(spec, backend, model.dtype)
+  if spec.capacity_factor is None and (sharded or executor not in ('ragged', 'blocked')):
     slots = spec.num_experts  # dropless through capacity slots of the group's size
   else:
     slots = flops.expert_slots_per_token(spec, tokens_per_group, 'executed')
   router = 8 * spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1)
   moe = (act * (2 * d + spec.num_shared_experts * width * spec.d_ff)
          + router + slots * act * (2 * d + width * spec.d_ff))
-  return (stack.layers - stack.moe_layers) * (attention + dense) + stack.moe_layers * (
-      attention + moe)
+  return attention + dense, attention + moe
+
+
+def _stack_bytes(model, spec, stack, groups: flops.Shape, sharded: bool, act: int,
+                 scores: bool, backend: str) -> float:
+  """Bytes one token keeps in the blocks of `stack`, rematerialized by model.remat
+  (`REMAT_KEEPS`)."""
+  def blocks(scores: bool) -> tuple[float, float]:
+    """(all blocks, the largest one)."""
+    dense, moe = _block_bytes(model, spec, stack, groups, sharded, act, scores, backend)
+    kinds = [(stack.layers - stack.moe_layers, dense), (stack.moe_layers, moe)]
+    return sum(n * b for n, b in kinds), max(b for n, b in kinds if n)
+
+  keeps = REMAT_KEEPS.get(getattr(model, 'remat', 'none'), 'all')
+  total, largest = blocks(scores)
+  if keeps == 'input':
+    return stack.layers * act * model.d_model + largest
+  if keeps == 'no scores' and scores:
+    unscored, unscored_largest = blocks(False)
+    return unscored + largest - unscored_largest
+  return total
 
 
 def activation_bytes(config, task: tasks.Task, model, spec, local_batch: int,
-                     sharded: bool, scores: bool = True) -> float:
-  """Bytes of activations one device keeps for the backward pass of its `local_batch` examples:
-  every stack's blocks (`_block_bytes`; scores=False: attention keeps no score matrices) and the
-  output layer's float32 logits (`OUTPUTS`)."""
+                     sharded: bool, scores: bool = True, backend: str = 'tpu') -> float:
+  """Bytes of activations one device keeps for the backward pass of `local_batch` examples (one
+  microbatch's): every stack's blocks (`_stack_bytes`; scores=False: attention keeps no score
+  matrices; `backend`: 'tpu' or 'gpu', for config.moe.dispatch='auto') and the output layer's
+  float32 logits (`OUTPUTS`)."""
   act = DTYPE_BYTES[model.dtype]
   total = 8.0 * OUTPUTS[task.name](config, model)
   for stack in task.stacks(config):
     groups = flops.Shape(local_batch, stack.tokens)
-    total += stack.tokens * _block_bytes(model, spec, stack, groups, sharded, act, scores)
+    total += stack.tokens * _stack_bytes(model, spec, stack, groups, sharded, act, scores,
+                                         backend)
   return local_batch * total
 
 
 def make_plan(config, name: str = '') -> Plan:
   """The `Plan` of a full experiment config on its `config.mesh`, validated first (as `moe-jax
   train` does, against an `AbstractMesh`): a bad field is a ValueError naming it."""
-  task, _, _, mesh = train.check_config(config, sharding.abstract_mesh(config))
+  task, cfg, _, mesh = train.check_config(config, sharding.abstract_mesh(config))
   data, expert = mesh.shape[sharding.DATA], mesh.shape[sharding.EXPERT]
   model, spec = task.from_config(config)
   total, active = task.param_counts(config)
   moe_layers = sum(stack.moe_layers for stack in task.stacks(config))
   experts = moe_layers * flops.expert_params(spec, model.d_model) if moe_layers else 0
   local_batch = config.data.batch_size // (data * expert)
+  micro = local_batch // cfg.microbatches  # the examples whose activations are live at once
   sharded, notes = mesh.size > 1, []
   if spec is not None and spec.capacity_factor is None and sharded:
     notes.append('dropless routing on a mesh runs through capacity slots as large as a token '
@@ -145,10 +183,11 @@ def make_plan(config, name: str = '') -> Plan:
       flops_executed=task.flops_per_token(config, 'executed'),
       tokens_per_device=local_batch * task.token_shape(config).seq_len,
       local_params=total - experts + experts // expert,
-      activations={'tpu': activation_bytes(config, task, model, spec, local_batch, sharded),
-                   'gpu': activation_bytes(config, task, model, spec, local_batch, sharded,
-                                           scores=not fused_attention_on_gpu(config, model))},
-      notes=tuple(notes))
+      activations={'tpu': activation_bytes(config, task, model, spec, micro, sharded),
+                   'gpu': activation_bytes(config, task, model, spec, micro, sharded,
+                                           scores=not fused_attention_on_gpu(config, model),
+                                           backend='gpu')},
+      notes=tuple(notes), microbatches=cfg.microbatches, remat=model.remat)
 
 
 def _count(n: float) -> str:
@@ -168,7 +207,9 @@ def render(plan: Plan) -> str:
       f'  FLOPs per token   {_count(plan.flops_active)} forward (active), '
       f'{_count(plan.flops_executed)} as executed; training ~3x',
       f'  tokens per device {plan.tokens_per_device:,} per step',
-      f'  memory per device, GiB ({_count(plan.local_params)} weights held)',
+      f'  memory per device, GiB ({_count(plan.local_params)} weights held'
+      + (f'; activations of 1 of {plan.microbatches} microbatches' if plan.microbatches > 1
+         else '') + (f'; remat={plan.remat}' if plan.remat != 'none' else '') + ')',
       f'    {"":16s}{"TPU":>9s}{"GPU":>9s}']
   tpu, gpu = plan.memory('tpu'), plan.memory('gpu')
   lines += [f'    {part:16s}{tpu[part] / GiB:9.2f}{gpu[part] / GiB:9.2f}' for part in tpu]

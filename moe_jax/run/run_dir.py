@@ -56,9 +56,12 @@ def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def write_config(config, workdir: pathlib.Path, may_differ: tuple[str, ...] = ()) -> dict | None:
+def write_config(config, workdir: pathlib.Path, may_differ: tuple[str, ...] = (),
+                 added: dict | None = None) -> dict | None:
   """Writes workdir/config.json, or checks that the one there holds the same config but for the
-  fields `may_differ` ('section.field'), which keep the first call's values.
+  fields `may_differ` ('section.field'), which keep the first call's values. `added`: {'section.
+  field': default} of fields newer than some config.json files; one that lacks such a field
+  holds its default.
 
   Returns the config found there, flattened (`flatten`), or None for a new run. Raises ValueError
   naming every differing field.
@@ -71,6 +74,7 @@ def write_config(config, workdir: pathlib.Path, may_differ: tuple[str, ...] = ()
       write_atomic(path, text)
     return None
   old, new = flatten(json.loads(path.read_text())), flatten(json.loads(text))
+  old.update({key: value for key, value in (added or {}).items() if key in new and key not in old})
   diff = [f'  {key}: {old.get(key, "<absent>")!r} in {path.name}, {new.get(key, "<absent>")!r} now'
           for key in sorted(set(old) | set(new))
           if key not in may_differ and old.get(key) != new.get(key)]

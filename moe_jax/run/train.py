@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
-from moe_jax import reproducibility
+from moe_jax import reproducibility, routing
 from moe_jax.models import describe_ffn, transformer
 from moe_jax.moe import flops
 from moe_jax.parallel import sharding
@@ -47,22 +47,25 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """`config.train`. Steps count optimizer updates; 0 for an `*_every` field means 'final only'."""
+  """`config.train` (configs/common.py `train()` builds it from these fields and defaults). Steps
+  count optimizer updates; 0 for an `*_every` field means 'final only'. microbatches: gradient
+  accumulation, each step's batch in that many equal microbatches (`train_step`)."""
   steps: int = 300
   learning_rate: float = 3e-3
-  end_lr_fraction: float = 0.1
+  end_lr_fraction: float = 0.1  # cosine decays to learning_rate * end_lr_fraction
   warmup_steps: int = 30
   weight_decay: float = 0.1
-  clip_norm: float = 1.0
+  clip_norm: float = 1.0  # 0 = no clipping
   log_every: int = 10
   eval_every: int = 100
   eval_batches: int = 8
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
   progress: bool = True
+  microbatches: int = 1  # divides config.data.batch_size
 
   def __post_init__(self):
-    for name in ('steps', 'log_every', 'eval_batches', 'keep_checkpoints'):
+    for name in ('steps', 'log_every', 'eval_batches', 'keep_checkpoints', 'microbatches'):
       TRAIN.positive(name, getattr(self, name))
     for name in ('eval_every', 'checkpoint_every'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
@@ -99,7 +102,13 @@ def check_config(config, mesh: Mesh | jax.sharding.AbstractMesh | None = None) -
   cfg = TrainConfig.from_config(config.train)
   model = task.build(config)
   mesh = sharding.mesh_from_config(config) if mesh is None else mesh
-  sharding.check_mesh(model.spec, mesh, config.data.batch_size, task.token_shape(config).seq_len)
+  batch_size, seq_len = config.data.batch_size, task.token_shape(config).seq_len
+  sharding.check_mesh(model.spec, mesh, batch_size, seq_len)
+  if cfg.microbatches > 1:
+    if batch_size % (cfg.microbatches * mesh.size):
+      TRAIN.fail('microbatches', cfg.microbatches, f'it must divide config.data.batch_size='
+                 f'{batch_size} into microbatches that divide over the {mesh.size} device(s)')
+    sharding.check_mesh(model.spec, mesh, batch_size // cfg.microbatches, seq_len)
   return Setup(task, cfg, model, mesh)
 
 
@@ -173,15 +182,24 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
   With `mesh`: state as `init_state(..., mesh)`, batch over every device; the model runs under
   `shard_map`. The loss (of the whole batch + the globally averaged aux loss) and its gradients
   are taken outside the shard_map: with group_by='sequence' they equal one device's.
+
+  cfg.microbatches = k > 1 accumulates the gradients of k microbatches (`_accumulate`): the
+  same update as one batch wherever the loss is a mean of per-group terms of equal groups.
   """
 
-  def loss_fn(params):
-    (logits, aux), model_state = _apply(model, mesh, {'params': params, **state['model_state']},
-                                        task.inputs(batch), train=True, rngs={'router': rng})
-    loss, metrics = task.loss(logits, batch)
-    return loss + aux['loss'], (loss, metrics, aux, model_state)
+  def grad_fn(params, batch, rng):
+    def loss_fn(params):
+      (logits, aux), model_state = _apply(model, mesh, {'params': params, **state['model_state']},
+                                          task.inputs(batch), train=True, rngs={'router': rng})
+      loss, metrics = task.loss(logits, batch)
+      return loss + aux['loss'], (loss, metrics, aux, model_state)
+    return jax.grad(loss_fn, has_aux=True)(params)
 
-  grads, (loss, extra, aux, model_state) = jax.grad(loss_fn, has_aux=True)(state['params'])
+  if cfg.microbatches == 1:
+    grads, (loss, extra, aux, model_state) = grad_fn(state['params'], batch, rng)
+  else:
+    grads, (loss, extra, aux, model_state) = _accumulate(
+        grad_fn, state, batch, rng, cfg.microbatches, mesh, model.spec)
   updates, opt_state = make_optimizer(cfg).tx.update(grads, state['opt_state'], state['params'])
   new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                'model_state': dict(model_state)}
@@ -191,6 +209,47 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
              'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
              'layers': aux['layers']}
   return new_state, metrics
+
+
+def _accumulate(grad_fn, state: dict, batch, rng: jax.Array, k: int, mesh: Mesh | None, spec):
+  """grad_fn(params, microbatch, rng) -> (grads, (loss, metrics, aux, model_state)) over k
+  microbatches of batch_size / k examples (rows j, j + k, j + 2k, ...: each device's share of
+  the batch splits evenly) in a `jax.lax.scan`, with their own router RNGs (split from `rng`).
+  Returns the same as grad_fn of the whole batch: gradients, losses and metrics are the
+  microbatches' means (tokens_per_expert: their sum).
+
+  Equal to one batch of batch_size when every term of the loss is a mean over equal token groups
+  that a microbatch holds whole: the task's loss (a mean over examples), the aux losses with
+  group_by='sequence' (balance_over 'group' or 'sequence') and dropless or capacity routing, whose
+  capacity is per group. group_by 'batch' / 'position' and balance_over='global' route or balance
+  over a microbatch's tokens, not the batch's. Every microbatch routes with the step's router_bias,
+  and the aux-loss-free bias then takes one update from the whole batch's load (the summed
+  tokens_per_expert), as one batch would.
+  """
+  split = lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+  def body(total, xs):
+    micro, key = xs
+    if mesh is not None:
+      micro = jax.lax.with_sharding_constraint(micro, sharding.batch_sharding(mesh))
+    grads, out = grad_fn(state['params'], micro, key)
+    return jax.tree.map(jnp.add, total, grads), out
+
+  zeros = jax.tree.map(jnp.zeros_like, state['params'])
+  grads, (loss, extra, aux, model_states) = jax.lax.scan(
+      body, zeros, (jax.tree.map(split, batch), jax.random.split(rng, k)))
+  mean = lambda tree: jax.tree.map(lambda x: x.mean(0), tree)
+  layers = {block: {name: value.sum(0) if name == 'tokens_per_expert' else value.mean(0)
+                    for name, value in values.items()} for block, values in aux['layers'].items()}
+  model_state = dict(jax.tree.map(lambda x: x[-1], model_states))
+  if 'router_bias' in model_state:  # one sign-rule update from the whole batch's load
+    model_state['router_bias'] = {
+        block: jax.tree.map(lambda bias, block=block: routing.update_bias(
+            bias, layers[block]['tokens_per_expert'], spec.bias_update_rate), tree)
+        for block, tree in state['model_state']['router_bias'].items()}
+  return (jax.tree.map(lambda g: g / k, grads),
+          (loss.mean(0), mean(extra), {'loss': aux['loss'].mean(0), 'layers': layers},
+           model_state))
 
 
 @functools.partial(jax.jit, static_argnames=('task', 'model', 'mesh'))
@@ -402,6 +461,8 @@ def _summary(config, loop: StepsDone, *, task: tasks.Task, cfg: TrainConfig, sta
 
 
 MESH_FIELDS = ('mesh.data', 'mesh.expert')  # device layout: may change when a run resumes
+# Fields newer than some run directories: a config.json without one holds this default.
+ADDED_FIELDS = {'model.remat': 'none', 'train.microbatches': 1}
 
 
 def _check_held_out(data: tasks.Data, mesh: Mesh) -> None:
@@ -455,7 +516,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   if dense_run is not None and not upcycling.latest_step(workdir):  # a new run: read and map
     dense_params = upcycling.dense_params(dense_run)  # the dense weights before writing anything
     upcycling.check_params(abstract_state(model, cfg, inputs, mesh)['params'], dense_params)
-  old = run_dir.write_config(config, workdir, may_differ=MESH_FIELDS)
+  old = run_dir.write_config(config, workdir, may_differ=MESH_FIELDS, added=ADDED_FIELDS)
   if old is not None:
     _log_mesh_change(old, config, model.spec)
   finished = run_dir.finished_summary(workdir, cfg.steps)
