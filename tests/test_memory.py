@@ -6,6 +6,7 @@ Each checks that the feature computes what the plain run does, on a tiny MoE LM 
 blocks, 8 sequences of 16 bytes) with random tokens: no data set is read.
 """
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import pytest
 from configs import lm_tiny
 from moe_jax.moe import dispatch
 from moe_jax.moe.spec import MoESpec, resolve_dispatch
-from moe_jax.run import train
+from moe_jax.run import run_dir, train
 
 
 def tiny(**moe):
@@ -117,6 +118,18 @@ def test_microbatches_must_divide_the_batch():
   with pytest.raises(ValueError, match=r'config\.train\.microbatches=3 is invalid: it must '
                                        r'divide config\.data\.batch_size=8'):
     train.check_config(config)
+
+
+def test_run_directories_written_before_the_new_fields_resume(tmp_path):
+  """A config.json without model.remat and train.microbatches holds their defaults."""
+  config = tiny()
+  old = config.to_dict()
+  del old['model']['remat'], old['train']['microbatches']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  assert run_dir.write_config(config, tmp_path, added=train.ADDED_FIELDS) is not None
+  config.train.microbatches = 2
+  with pytest.raises(ValueError, match=r'train\.microbatches: 1 in config\.json, 2 now'):
+    run_dir.write_config(config, tmp_path, added=train.ADDED_FIELDS)
 
 
 @pytest.mark.parametrize('backend,capacity_factor,dtype,executor', [
