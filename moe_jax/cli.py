@@ -106,7 +106,7 @@ def _show_config(fv: flags.FlagValues) -> None:
   from moe_jax import families, spec
 
   print(fv.config)
-  print('Router families (config.moe.router; moe_jax/families.py):')
+  print('Router families (config.moe.router; moe_jax/routers/, registered in moe_jax/families.py):')
   for name, family in families.FAMILIES.items():
     options = ', '.join(family.options) or 'none'
     print(f'  {name:14s}{family.cite}. Options: {options}.')

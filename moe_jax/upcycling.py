@@ -23,7 +23,6 @@ import orbax.checkpoint as ocp
 from moe_jax.validate import Section
 
 UPCYCLE = Section('upcycle')
-EXPERT_WEIGHTS = ('w_in', 'w_gate', 'w_out')
 SAME_MODEL = ('d_model', 'num_layers', 'num_heads', 'activation', 'vocab_size')
 
 

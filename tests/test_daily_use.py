@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import lm_tiny
-from moe_jax import cli, data, spec, tensorboard_events, train
+from moe_jax import cli, data, families, spec, tensorboard_events, train
 
 TINY = ['--config.data.seq_len=32', '--config.data.batch_size=4', '--config.model.d_model=32',
         '--config.model.num_layers=2', '--config.model.num_heads=2', '--config.model.d_ff=64',
@@ -195,7 +195,7 @@ def test_config_command_prints_resolved_config_and_router_options(capsys):
                    '--config.moe.router=soft']) == 0
   out = capsys.readouterr().out
   assert 'router: soft' in out and 'capacity_factor: null' in out and 'learning_rate:' in out
-  for choice in (*spec.ROUTERS, *spec.GROUPINGS, *spec.PRIORITIES, 'dispatch:', 'z_loss_coef'):
+  for choice in (*families.names(), *spec.GROUPINGS, *spec.PRIORITIES, 'dispatch:', 'z_loss_coef'):
     assert choice in out
   assert cli.main(['moe-jax', 'train', '--help']) == 0
   assert 'moe-jax config' in capsys.readouterr().out
