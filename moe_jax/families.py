@@ -82,8 +82,6 @@ def route_shapes(spec: Spec, num_tokens: int) -> routing.RouterOutput:
   return jax.eval_shape(lambda lg, tid: route(spec, Group(lg, token_ids=tid)), logits, ids)
 
 
-for _name, _module in (('token_choice', token_choice), ('expert_choice', expert_choice),
-                       ('soft', soft), ('sinkhorn', sinkhorn), ('base', base_layers),
-                       ('hash', hash_layers)):
-  register(_name, _module.FAMILY)
+for _module in (token_choice, expert_choice, soft, sinkhorn, base_layers, hash_layers):
+  register(_module.NAME, _module.FAMILY)
 BUILT_IN = names()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import lm_tiny
-from moe_jax import cli, data, families, spec, tensorboard_events, train
+from moe_jax import cli, data, families, spec, train
+from tests import tensorboard_reader
 
 TINY = ['--config.data.seq_len=32', '--config.data.batch_size=4', '--config.model.d_model=32',
         '--config.model.num_layers=2', '--config.model.num_heads=2', '--config.model.d_ff=64',
@@ -153,7 +154,7 @@ def test_ctrl_c_checkpoints_then_resume_matches_an_uninterrupted_run(
       np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, err_msg=key)
   # TensorBoard shows each step once: the points past step 5 of the first call are gone.
   def points(run):  # tokens/s is absent right after each call's first (compiling) step
-    return [(step, tag) for step, tag, _ in tensorboard_events.read_events(run)
+    return [(step, tag) for step, tag, _ in tensorboard_reader.read_events(run)
             if tag != 'train/tokens_per_s']
 
   assert points(workdir) == points(straight_run)
@@ -175,7 +176,7 @@ def test_non_finite_loss_stops_before_saving(data_dir, tmp_path, capsys, monkeyp
 
 
 def test_run_writes_tensorboard_events(straight_run):
-  events = tensorboard_events.read_events(straight_run)
+  events = tensorboard_reader.read_events(straight_run)
   steps = {}
   for step, tag, value in events:
     steps.setdefault(tag, []).append(step)

@@ -20,6 +20,7 @@ def check(spec: Spec) -> None:
              'tokens of a group by construction: set capacity_factor=1.0')
 
 
+NAME = 'base'  # config.moe.router
 FAMILY = Family(
     route=route, slots=lambda spec, n: balanced_capacity(n, spec.num_experts),
     per_token=lambda spec: 1, couples_group=True, check=check, options=('balance_over',),

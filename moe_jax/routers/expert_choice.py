@@ -10,6 +10,7 @@ def route(spec: Spec, group: Group) -> routing.RouterOutput:
   return routing.expert_choice(group.logits, capacity_factor=spec.capacity_factor)
 
 
+NAME = 'expert_choice'  # config.moe.router
 FAMILY = Family(
     route=route, slots=one_slot_each, per_token=lambda spec: None, couples_group=True,
     options=('capacity_factor',), cite='Zhou et al. 2022')

@@ -13,6 +13,7 @@ def route(spec: Spec, group: Group) -> routing.RouterOutput:
                               seed=spec.hash_seed)
 
 
+NAME = 'hash'  # config.moe.router
 FAMILY = Family(
     route=route, slots=one_slot_each, per_token=lambda spec: 1, couples_group=False,
     logits='none', dropless=True, check=check_k_is_one,

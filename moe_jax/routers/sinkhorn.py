@@ -12,6 +12,7 @@ def route(spec: Spec, group: Group) -> routing.RouterOutput:
                                   priority=spec.priority, train=group.train)
 
 
+NAME = 'sinkhorn'  # config.moe.router
 FAMILY = Family(
     route=route, couples_group=True, dropless=True, check=check_k,
     options=('k', 'capacity_factor', 'priority', 'balance_over'),

@@ -18,6 +18,7 @@ def _outputs(spec: Spec) -> int:
   return spec.num_experts * spec.slots_per_expert
 
 
+NAME = 'soft'  # config.moe.router
 FAMILY = Family(
     route=route, slots=lambda spec, n: spec.slots_per_expert, per_token=lambda spec: None,
     couples_group=True, logits='slots', options=('slots_per_expert',),

@@ -24,6 +24,7 @@ def check(spec: Spec) -> None:
              "router='token_choice' and score='sigmoid'")
 
 
+NAME = 'token_choice'  # config.moe.router
 FAMILY = Family(
     route=route, couples_group=False, dropless=True, check=check,
     options=('k', 'capacity_factor', 'priority', 'score', 'renormalize', 'bias_update_rate',
