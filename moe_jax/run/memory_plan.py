@@ -22,8 +22,9 @@ whole against XLA's memory analysis of the compiled train step on CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from moe_jax.moe import flops
+from moe_jax.moe import families, flops
 from moe_jax.parallel import sharding
 from moe_jax.run import tasks, train
 
@@ -90,7 +91,8 @@ def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: boo
   block input and its norms; queries, keys and values (per query head), attention output, scores
   and their softmax in float32 and the probabilities in `act`; the FFN's hidden activations
   (`FFN_KEPT`), and, in an MoE block, float32 router probabilities and the rows of the expert
-  slots the token's share of them fills."""
+  slots the token's share of them fills. Router probabilities: one per router logit
+  (`Family.logits_shape`: E, Soft MoE's E * S), E for a family without logits."""
   d, heads = model.d_model, model.num_heads
   size = getattr(model, 'head_size', d // heads)
   qk = size + getattr(model, 'rope_head_dim', 0)
@@ -104,7 +106,8 @@ def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: boo
     slots = spec.num_experts  # dropless through capacity slots of the group's size
   else:
     slots = flops.expert_slots_per_token(spec, tokens_per_group, 'executed')
-  router = 8 * spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1)
+  logits = families.family(spec).logits_shape(spec) or (spec.num_experts,)  # hash: one-hot probs
+  router = 8 * math.prod(logits)
   moe = (act * (2 * d + spec.num_shared_experts * width * spec.d_ff)
          + router + slots * act * (2 * d + width * spec.d_ff))
   return (stack.layers - stack.moe_layers) * (attention + dense) + stack.moe_layers * (

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import ml_collections
 
 from moe_jax import reproducibility
-from moe_jax.moe import families, flops
+from moe_jax import models
+from moe_jax.moe import flops
 from moe_jax.run import report, tasks
 
 
@@ -88,30 +89,9 @@ def flops_match(sweep: ml_collections.ConfigDict) -> str:
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
-  """A short human label of a member's FFN, e.g. 'token_choice k=2 cf=1.25 E=8 f=204'."""
-  model, spec = tasks.of(config).from_config(config)
-  if spec is None:
-    return f'dense f={model.d_ff}'
-  options = families.family(spec).options
-  parts = [spec.router]
-  if 'k' in options:
-    parts.append(f'k={spec.k}')
-  if 'slots_per_expert' in options:
-    parts.append(f'S={spec.slots_per_expert}')
-  else:
-    parts.append('dropless' if spec.capacity_factor is None else f'cf={spec.capacity_factor:g}')
-  parts += [f'E={spec.num_experts}', f'f={spec.d_ff}']
-  if spec.num_shared_experts:
-    parts.append(f'shared={spec.num_shared_experts}')
-  if spec.num_expert_groups > 1:
-    parts.append(f'groups={spec.groups_per_token}/{spec.num_expert_groups}')
-  if spec.router_logits != 'linear':
-    parts.append(f'{spec.router_logits} d={spec.cosine_dim}')
-  if spec.bias_update_rate:
-    parts.append(f'aux-free u={spec.bias_update_rate:g}')
-  if spec.balance_over != 'group':
-    parts.append(f'balance over {spec.balance_over}')
-  return ' '.join(parts)
+  """A short human label of a member's FFN, e.g. 'token_choice k=2 cf=1.25 E=8 f=204'
+  (`models.describe_ffn`, short)."""
+  return models.describe_ffn(*tasks.of(config).from_config(config), short=True)
 
 
 # --- Runs: members x seeds, trained once each ---------------------------------------------------
