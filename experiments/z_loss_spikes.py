@@ -1,6 +1,7 @@
 """Claim (d): the router z-loss prevents the divergences that bfloat16 router logits cause.
 
   python -m experiments run --claims d --scale cpu --workdir runs/claims
+  moe-jax sweep --config experiments/z_loss_spikes.py:scale=cpu --workdir runs/z_loss_spikes   (its runs, no verdict)
 
 ST-MoE's regime: its z-loss targets the round-off of large router logits in bfloat16 ("a 0.5
 round-off in logits near 128 alters the softmax output by 36%"), and it measures stability as the
@@ -34,7 +35,8 @@ def _regime(rate):
   return change
 
 
-def get_config(scale: str = 'cpu'):
+def get_config(arg: str | None = None):
+  scale = common.scale_of(arg)
   # Both arms are the same model, so the FLOPs convention cannot matter; 'active' as (a)-(c).
   return common.sweep_config('lm', scale, flops_match='active', members={
       'no_z_loss': {'moe': {'z_loss_coef': 0.0}},
@@ -42,8 +44,9 @@ def get_config(scale: str = 'cpu'):
   }, base_changes=_regime(LEARNING_RATE[scale]), seeds=range(3) if scale == 'cpu' else range(6))
 
 
-def pilot_config(scale: str = 'cpu'):
+def pilot_config(arg: str | None = None):
   """The pilot's search for the positive control: no z-loss at each of PILOT_RATES."""
+  scale = common.scale_of(arg)
   return common.sweep_config('lm', scale, flops_match='active', members={
       f'no_z_loss_lr{rate:g}'.replace('.', '_'): {'moe': {'z_loss_coef': 0.0}, 'train': {'learning_rate': rate}}
       for rate in PILOT_RATES}, base_changes=_regime(PILOT_RATES[0]))

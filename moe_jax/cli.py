@@ -127,7 +127,7 @@ def _show_config(fv: flags.FlagValues) -> None:
 
   _check_config(fv.config)  # a config that train would refuse is not printed
   print(fv.config)
-  print('Router families (config.moe.router; moe_jax/moe/families.py):')
+  print('Router families (config.moe.router; moe_jax/routers/, registered in moe_jax/moe/families.py):')
   for name, family in families.FAMILIES.items():
     options = ', '.join(family.options) or 'none'
     print(f'  {name:14s}{family.cite}. Options: {options}.')

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import families
 from moe_jax.moe.experts import FeedForward
 from moe_jax.moe.layer import MoELayer
 from moe_jax.moe.spec import MoESpec
@@ -52,12 +53,21 @@ def remat_block(block, remat: str, train: bool, **block_inputs):
   return lambda x: call(block, x, block_inputs)
 
 
-def describe_ffn(model, spec: MoESpec | None) -> str:
-  """One line naming a model's FFN layers, e.g. 'token_choice (num_experts=8, k=2, ...) in blocks
-  [1, 3] of 4' (an encoder-decoder's: and its encoder blocks). `model`: a model config with
-  num_layers, d_ff and is_moe(block)."""
+def describe_ffn(model, spec: MoESpec | None, *, short: bool = False) -> str:
+  """One line naming a model's FFN layers; `model`: a model config with num_layers, d_ff and
+  is_moe(block).
+
+  short=False (the trainer's log and summary): the router and every option set or central, and
+  the MoE blocks, e.g. 'token_choice (num_experts=8, k=2, ...) in blocks [1, 3] of 4' (an
+  encoder-decoder's: and its encoder blocks). short=True (a sweep member's label,
+  `sweep.describe`): the router, its family's label (`Family.describe`), E, f and the options set,
+  e.g. 'token_choice k=2 cf=1.25 E=8 f=204'; 'dense f=64' for a dense model.
+  """
   if spec is None:
-    return f'dense (d_ff={model.d_ff}) in all {model.num_layers} blocks'
+    return f'dense f={model.d_ff}' if short else (
+        f'dense (d_ff={model.d_ff}) in all {model.num_layers} blocks')
+  if short:
+    return _label(spec)
   default = type(spec)()
   fields = [f.name for f in dataclasses.fields(spec) if f.name != 'router' and (
       f.name in ('num_experts', 'd_ff', 'capacity_factor', 'group_by')
@@ -67,6 +77,22 @@ def describe_ffn(model, spec: MoESpec | None) -> str:
   text = f'{spec.router} ({options}) in blocks {blocks(model.num_layers)} of {model.num_layers}'
   encoder = getattr(model, 'encoder_layers', 0)
   return text + (f', encoder blocks {blocks(encoder)} of {encoder}' if encoder else '')
+
+
+def _label(spec: MoESpec) -> str:
+  parts = [spec.router, families.family(spec).describe(spec), f'E={spec.num_experts}',
+           f'f={spec.d_ff}']
+  if spec.num_shared_experts:
+    parts.append(f'shared={spec.num_shared_experts}')
+  if spec.num_expert_groups > 1:
+    parts.append(f'groups={spec.groups_per_token}/{spec.num_expert_groups}')
+  if spec.router_logits != 'linear':
+    parts.append(f'{spec.router_logits} d={spec.cosine_dim}')
+  if spec.bias_update_rate:
+    parts.append(f'aux-free u={spec.bias_update_rate:g}')
+  if spec.balance_over != 'group':
+    parts.append(f'balance over {spec.balance_over}')
+  return ' '.join(parts)
 
 
 def ffn(block, h, *, train: bool, token_ids=None):

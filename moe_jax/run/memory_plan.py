@@ -34,8 +34,9 @@ whole against XLA's memory analysis of the compiled train step on CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from moe_jax.moe import flops
+from moe_jax.moe import families, flops
 from moe_jax.moe.spec import resolve_dispatch
 from moe_jax.parallel import sharding
 from moe_jax.run import tasks, train
@@ -112,7 +113,9 @@ def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: boo
   dtype `act`): block input and its norms; queries, keys and values (per query head), attention
   output, scores and their softmax in float32 and the probabilities in `act`; the FFN's hidden
   activations (`FFN_KEPT`), and, in an MoE block, float32 router probabilities and the rows of
-  the expert slots the token's share of them fills (dispatch as resolved on `backend`)."""
+  the expert slots the token's share of them fills (dispatch as resolved on `backend`). Router
+  probabilities: one per router logit (`Family.logits_shape`: E, Soft MoE's E * S), E for a
+  family without logits."""
   d, heads = model.d_model, model.num_heads
   size = getattr(model, 'head_size', d // heads)
   qk = size + getattr(model, 'rope_head_dim', 0)
@@ -127,7 +130,8 @@ def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: boo
     slots = spec.num_experts  # dropless through capacity slots of the group's size
   else:
     slots = flops.expert_slots_per_token(spec, tokens_per_group, 'executed')
-  router = 8 * spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1)
+  logits = families.family(spec).logits_shape(spec) or (spec.num_experts,)  # hash: one-hot probs
+  router = 8 * math.prod(logits)
   moe = (act * (2 * d + spec.num_shared_experts * width * spec.d_ff)
          + router + slots * act * (2 * d + width * spec.d_ff))
   return attention + dense, attention + moe

@@ -43,16 +43,22 @@ def find_runs(workdir: pathlib.Path) -> list[dict]:
   """Every finished run under `workdir` (a run directory itself, or a sweep of them)."""
   workdir = pathlib.Path(workdir)
   dirs = [workdir] if (workdir / 'summary.json').exists() else sorted(
-      p.parent for p in workdir.glob('*/summary.json'))
+      p.parent for pattern in ('*/summary.json', '*/seed_*/summary.json')
+      for p in workdir.glob(pattern))
   members = _sweep_members(workdir)
   order = {name: i for i, name in enumerate(members)}
-  dirs.sort(key=lambda d: order.get(d.name, len(order)))
+  member = lambda d: d.parent.name if d.name.startswith('seed_') and d != workdir else d.name
+  dirs.sort(key=lambda d: (order.get(member(d), len(order)), member(d)))
   if not dirs:
     raise FileNotFoundError(f'no finished runs (summary.json) under {workdir}; train or sweep '
                             'into it first.')
-  runs = [read_run(d) for d in dirs]
-  for run in runs:  # the sweep's short description of each member's FFN, where there is one
-    run['ffn'] = members.get(run['name'], {}).get('description', run['summary'].get('router', ''))
+  runs = []
+  for d in dirs:  # a sweep with seeds: each run is <member>/seed_<s>
+    run = read_run(d)
+    run['name'] = f'{member(d)}/{d.name}' if member(d) != d.name else d.name
+    # the sweep's short description of each member's FFN, where there is one
+    run['ffn'] = members.get(member(d), {}).get('description', run['summary'].get('router', ''))
+    runs.append(run)
   return runs
 
 
