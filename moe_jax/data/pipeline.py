@@ -34,6 +34,8 @@ import jax
 import numpy as np
 
 STATE_DIR = 'data_state'
+# Held-out tokens read at most (64 MB of int32): all of a validation split but a C4-sized one's.
+EVAL_TOKENS = 2**24
 
 
 def row_seed(seed: int, row: int) -> int:

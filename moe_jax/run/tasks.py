@@ -102,7 +102,8 @@ def _load_text(config) -> Data:
 
   config.data.tokenizer='bytes': the text read into memory as bytes, training batch i a function
   of (seed, i) (`moe_jax.data.text`). A SentencePiece model: streamed through Grain
-  (`moe_jax.data.pipeline`), the held-out batches from the validation split's first examples."""
+  (`moe_jax.data.pipeline`), the held-out batches from the whole validation split (its first
+  `pipeline.EVAL_TOKENS` tokens when larger)."""
   tokenizer = tokenizers.of(config)
   size, length = config.data.batch_size, transformer.input_len(config) + config.data.seq_len
   if tokenizer.name == tokenizers.BYTES:
@@ -117,7 +118,7 @@ def _load_text(config) -> Data:
                               manual_dir=config.data.manual_dir)
   windows = max(config.train.eval_batches, text.MIN_ROW_GAP_WINDOWS) * size
   held_tokens = pipeline.eval_tokens(sources['validation'], tokenizer,
-                                     8 * windows * length + 1)
+                                     max(windows * length + 1, pipeline.EVAL_TOKENS))
   held_out = text.eval_batches(held_tokens, size, length, config.train.eval_batches)
   scored = held_out[..., -config.data.seq_len:]  # the targets the loss scores
   bytes_per_token = float(tokenizer.piece_bytes[scored].sum()) / scored.size
