@@ -8,7 +8,8 @@ of {params, opt_state, model_state (router_bias)}, timing.json, summary.json).
 Training restarts from the latest checkpoint and continues exactly as an uninterrupted run
 would: batch i is the task's `Data.train_batch(i)`, a function of (seed, i) only (tokenized
 text: read in order by `moe_jax.data.pipeline`, whose state is saved in workdir/data_state/<step>/
-beside each checkpoint and restored with it), and its RNG is fold_in(key, i). Records past the restored step are dropped first (metrics.jsonl, events).
+beside each checkpoint and restored with it), and its RNG is fold_in(key, i). Records past the
+restored step are dropped first (metrics.jsonl, events).
 Ctrl-C checkpoints the current step first; a non-finite loss stops the run before it is saved.
 
 `config.mesh` = {data, expert} (absent: 1x1, one device) lays the run out on a device mesh
