@@ -177,9 +177,16 @@ def _tokenizer(fv: flags.FlagValues) -> None:
   command = ' '.join([PROG, 'tokenizer', f'--data={fv.data}', f'--vocab_size={fv.vocab_size}',
                       f'--out={fv.out}', f'--model_type={fv.model_type}',
                       f'--input_sentence_size={fv.input_sentence_size}'])
-  record = tokenizers.train_sentencepiece(
-      fv.data, fv.vocab_size, fv.out, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
-      model_type=fv.model_type, input_sentence_size=fv.input_sentence_size, command=command)
+  try:
+    record = tokenizers.train_sentencepiece(
+        fv.data, fv.vocab_size, fv.out, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
+        model_type=fv.model_type, input_sentence_size=fv.input_sentence_size, command=command)
+  except (ValueError, OSError) as e:  # the data's messages name config fields: name the flags
+    message = str(e)
+    for field, flag in (('--config.data.manual_dir', '--manual_dir'),
+                        ('config.data.data_dir', '--data_dir'), ('config.data.name', '--data')):
+      message = message.replace(field, flag)
+    raise type(e)(message) from None
   out = pathlib.Path(fv.out)
   print(f'wrote {out / "tokenizer.model"}, {out / "tokenizer.vocab"} and '
         f'{out / tokenizers.RECORD} ({record["vocab_size"]} pieces from the {record["split"]} '

@@ -8,6 +8,7 @@ import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -27,11 +28,13 @@ def sources(data_dir):
   return text.text_sources('tiny_shakespeare', data_dir=data_dir)
 
 
-def test_tokenizer_command_writes_model_vocab_and_record(sp_model):
+def test_tokenizer_command_writes_model_vocab_and_record(sp_model, data_dir):
   folder = pathlib.Path(sp_model).parent
   record = json.loads((folder / 'tokenizer.json').read_text())
   assert (record['data'], record['split'], record['vocab_size']) == ('tiny_shakespeare', 'train',
                                                                        512)
+  splits = text.load_text_splits('tiny_shakespeare', data_dir=data_dir)
+  assert record['train_characters'] == len(splits['train'])  # learnt from the training split only
   assert record['command'].startswith('moe-jax tokenizer --data=tiny_shakespeare')
   assert record['options']['byte_fallback'] and record['options']['input_sentence_size']
   assert len((folder / 'tokenizer.vocab').read_text().splitlines()) == 512
@@ -49,6 +52,17 @@ def test_sentencepiece_is_lossless_and_counts_bytes(tokenizer, data_dir):
   accented = 'Café — naïve 中文\n'  # not in Shakespeare: byte fallback, still exact
   assert tokenizer.decode(tokenizer.encode(accented)) == accented
   assert int(tokenizer.piece_bytes[tokenizer.encode(accented)].sum()) == len(accented.encode())
+
+
+def test_tokenizer_command_errors_name_its_flags(tmp_path, capsys):
+  from moe_jax import cli  # pylint: disable=g-import-not-at-top
+
+  assert cli.main(['moe-jax', 'tokenizer', '--data=no_such_set', f'--out={tmp_path}']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('moe-jax tokenizer: --data=') and len(err.splitlines()) == 1
+  assert cli.main(['moe-jax', 'tokenizer', '--data=tiny_shakespeare', '--vocab_size=100',
+                   f'--out={tmp_path}']) == 2
+  assert '--vocab_size=100 is too small' in capsys.readouterr().err
 
 
 def test_vocab_size_follows_the_tokenizer(sp_model, data_dir):
@@ -174,6 +188,10 @@ def test_interrupted_and_resumed_training_equals_one_run(sp_model, data_dir, tmp
     np.testing.assert_array_equal(got, want[step])
   got = read_metrics(tmp_path / 'resumed')
   assert [r['step'] for r in got] == list(range(1, 9))
+  final = [ocp.StandardCheckpointer().restore(tmp_path / run / 'checkpoints/8/default')
+           for run in ('straight', 'resumed')]
+  for a, b in zip(*(jax.tree.leaves(state) for state in final)):
+    np.testing.assert_array_equal(a, b)  # the same model, bit for bit
   for mine, theirs in zip(got, expected):
     for key in set(mine) - {'tokens_per_s'}:
       np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, err_msg=key)
