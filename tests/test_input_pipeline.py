@@ -148,6 +148,10 @@ def test_resumed_reader_gives_the_uninterrupted_batches(tokenizer, sources, tmp_
   with pytest.raises(FileNotFoundError, match='no input pipeline state for the checkpoint of '
                      'step 7'):
     pipeline.StreamFeed(make, _sharding(), 8, 65).restore(tmp_path, 7)
+  state = json.loads((folder / 'process_0-of-2.json').read_text())
+  (folder / 'process_0-of-2.json').write_text(json.dumps({**state, 'tokenizer': 'sha256:0'}))
+  with pytest.raises(ValueError, match='tokenizer sha256:0, this run.s is sha256:'):
+    pipeline.StreamFeed(make, _sharding(4), 8, 65).restore(tmp_path, 3)
   with pytest.raises(ValueError, match='batches of 8 rows, this run.s of 16'):
     pipeline.StreamFeed(_make_rows(tokenizer, sources['train'], num_rows=16), _sharding(), 16,
                         65).restore(tmp_path, 5)

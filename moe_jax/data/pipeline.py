@@ -92,6 +92,7 @@ class PackedRows:
                        'reads its own examples: lower the batch size.')
     self.rows = list(rows)
     self.num_rows = num_rows
+    self.tokenizer = tokenizer.fingerprint
     self.ranges = {g: row_range(g, num_rows, len(source)) for g in self.rows}
     self._iters = [iter(_row_dataset(source, tokenizer, g, num_rows, length, seed))
                    for g in self.rows]
@@ -103,8 +104,9 @@ class PackedRows:
     return np.stack([next(it)['tokens'] for it in self._iters])
 
   def get_state(self) -> dict:
-    """{'num_rows': G, 'rows': {str(global row): its Grain iterator's state}}."""
-    return {'num_rows': self.num_rows,
+    """{'num_rows': G, 'tokenizer': its fingerprint, 'rows': {str(global row): its Grain
+    iterator's state}}."""
+    return {'num_rows': self.num_rows, 'tokenizer': self.tokenizer,
             'rows': {str(g): it.get_state() for g, it in zip(self.rows, self._iters)}}
 
   def set_state(self, state: dict) -> None:
@@ -112,6 +114,11 @@ class PackedRows:
     if state['num_rows'] != self.num_rows:
       raise ValueError(f'the saved input pipeline state is of batches of {state["num_rows"]} '
                        f'rows, this run\'s of {self.num_rows}: config.data.batch_size changed.')
+    if state.get('tokenizer') != self.tokenizer:
+      raise ValueError(f'the saved input pipeline state was read with tokenizer '
+                       f'{state.get("tokenizer")}, this run\'s is {self.tokenizer}: the file '
+                       'config.data.tokenizer names changed since the checkpoint; restore it or '
+                       'start a new --workdir.')
     for g, it in zip(self.rows, self._iters):
       it.set_state(_tuples(state['rows'][str(g)]))
 
@@ -197,8 +204,7 @@ class StreamFeed:
           f'no input pipeline state for the checkpoint of step {step} in {folder}: this '
           'tokenized run cannot resume exactly without it.')
     states = [json.loads(f.read_text()) for f in files]
-    merged = {'num_rows': states[0]['num_rows'],
-              'rows': {g: s for state in states for g, s in state['rows'].items()}}
+    merged = {**states[0], 'rows': {g: s for state in states for g, s in state['rows'].items()}}
     self.rows.set_state(merged)
     self.next = step
     self._states = {step: self.rows.get_state()}

@@ -34,6 +34,7 @@ _PROBE = '  Lead,\ttabs  and \ufb01ligatures\n\u00e9t\u00e9 \u4e2d\u6587 end '
 class Bytes:
   """UTF-8 bytes as tokens: ids 0-255, no end-of-document id."""
   name = BYTES
+  fingerprint = BYTES
   vocab_size = 256
   eos_id = None
   lossless = True
@@ -54,6 +55,8 @@ class SentencePiece:
 
     self.name = str(path)
     self.processor = spm.SentencePieceProcessor(model_file=str(path))
+    # What the pieces are, wherever the file lies: a saved reader state names it.
+    self.fingerprint = 'sha256:' + hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
     self.vocab_size = int(self.processor.get_piece_size())
     eos = int(self.processor.eos_id())
     self.eos_id = eos if eos >= 0 else None
