@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moe_jax.data import pipeline, text, tokenizers
 from moe_jax.models import transformer
 from moe_jax.run import tasks, train
+from tests.conftest import cli_main
 from tests.test_train import read_metrics, tiny_config
 
 
@@ -55,12 +56,10 @@ def test_sentencepiece_is_lossless_and_counts_bytes(tokenizer, data_dir):
 
 
 def test_tokenizer_command_errors_name_its_flags(tmp_path, capsys):
-  from moe_jax import cli  # pylint: disable=g-import-not-at-top
-
-  assert cli.main(['moe-jax', 'tokenizer', '--data=no_such_set', f'--out={tmp_path}']) == 2
+  assert cli_main(['moe-jax', 'tokenizer', '--data=no_such_set', f'--out={tmp_path}']) == 2
   err = capsys.readouterr().err
   assert err.startswith('moe-jax tokenizer: --data=') and len(err.splitlines()) == 1
-  assert cli.main(['moe-jax', 'tokenizer', '--data=tiny_shakespeare', '--vocab_size=100',
+  assert cli_main(['moe-jax', 'tokenizer', '--data=tiny_shakespeare', '--vocab_size=100',
                    f'--out={tmp_path}']) == 2
   assert '--vocab_size=100 is too small' in capsys.readouterr().err
 
