@@ -5,6 +5,7 @@ included); a workdir refuses a different config; FLOP/parameter counts by hand; 
 overrides.
 """
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,8 @@ def test_run_directory_format(short_run):
   assert summary['flops_executed'] == transformer.model_flops_per_token(config, 'executed')
   assert summary['flops_active'] == transformer.model_flops_per_token(config, 'active')
   assert summary['flops_active'] < summary['flops_executed']  # capacity 1.25 pads
+  # Bytes: held-out bits per byte are nats per token / ln 2.
+  assert summary['eval_bits_per_byte'] == pytest.approx(summary['eval_loss'] / math.log(2))
   env = summary['environment']
   assert env['backend'] == 'cpu' and env['jax'] == jax.__version__ and env['device_count'] >= 1
   assert summary['router'].startswith('token_choice (num_experts=4, d_ff=64')

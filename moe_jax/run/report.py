@@ -19,7 +19,10 @@ import numpy as np
 
 # flops_active / flops_executed: forward FLOPs per token by each convention of moe_jax/moe/flops.py
 # (active: k experts per token, the papers'; executed: capacity padding counts).
-COLUMNS = ('run', 'ffn', 'eval_loss', 'train_loss', 'flops_active', 'flops_executed',
+# eval_loss: nats per token of the run's tokenizer; bits_per_byte: the same held-out text's total
+# nats / (ln 2 x its UTF-8 bytes), comparable across tokenizers.
+COLUMNS = ('run', 'ffn', 'eval_loss', 'bits_per_byte', 'train_loss', 'flops_active',
+           'flops_executed',
            'params_total', 'params_active', 'dropped', 'max_over_mean_load', 'tokens_per_s')
 
 
@@ -93,12 +96,25 @@ def last_interval_train_loss(metrics: list[dict]) -> float | None:
   return float(np.mean(losses)) if losses else None
 
 
+def bits_per_byte(run: dict) -> float | None:
+  """The run's held-out bits per byte: summary.json's eval_bits_per_byte, else (a run from
+  before it was logged) eval_loss / ln 2 for a byte-level run."""
+  s = run['summary']
+  if s.get('eval_bits_per_byte') is not None:
+    return s['eval_bits_per_byte']
+  tokenizer = run['config'].get('data', {}).get('tokenizer', 'bytes')
+  if s.get('eval_loss') is not None and tokenizer == 'bytes' and 'eval_accuracy' not in s:  # text
+    return s['eval_loss'] / math.log(2)
+  return None
+
+
 def table_rows(runs: list[dict]) -> list[dict]:
   rows = []
   for run in runs:
     s = run['summary']
     rows.append({
         'run': run['name'], 'ffn': run['ffn'], 'eval_loss': s.get('eval_loss'),
+        'bits_per_byte': bits_per_byte(run),
         'train_loss': last_interval_train_loss(run['metrics']),
         'flops_active': s.get('flops_active'), 'flops_executed': s.get('flops_executed'),
         'params_total': s.get('params_total'), 'params_active': s.get('params_active'),
@@ -112,7 +128,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
 def _fmt(column: str, value) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return '–'
-  if column in ('eval_loss', 'train_loss'):
+  if column in ('eval_loss', 'train_loss', 'bits_per_byte'):
     return f'{value:.4f}'
   if column == 'dropped':
     return f'{100 * value:.1f}%'

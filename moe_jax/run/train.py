@@ -6,8 +6,10 @@ global-norm clipping) on the task's loss plus the MoE auxiliary loss, into the r
 of {params, opt_state, model_state (router_bias)}, timing.json, summary.json).
 
 Training restarts from the latest checkpoint and continues exactly as an uninterrupted run
-would: batch i is the task's `Data.train_batch(i)`, a function of (seed, i) only, and its RNG
-is fold_in(key, i). Records past the restored step are dropped first (metrics.jsonl, events).
+would: batch i is the task's `Data.train_batch(i)`, a function of (seed, i) only (tokenized
+text: read in order by `moe_jax.data.pipeline`, whose state is saved in workdir/data_state/<step>/
+beside each checkpoint and restored with it), and its RNG is fold_in(key, i). Records past the
+restored step are dropped first (metrics.jsonl, events).
 Ctrl-C checkpoints the current step first; a non-finite loss stops the run before it is saved.
 
 `config.mesh` = {data, expert} (absent: 1x1, one device) lays the run out on a device mesh
@@ -293,21 +295,28 @@ def _check_finite(unchecked: list[tuple], manager, workdir: pathlib.Path, advice
           f'likely meet it again: start a new --workdir with {advice}.')
 
 
-def _checkpoint(manager, step: int, state, clock: run_dir.RunTime, workdir: pathlib.Path) -> None:
+def _checkpoint(manager, step: int, state, clock: run_dir.RunTime, workdir: pathlib.Path,
+                save_data=None) -> None:
+  """Saves `state` at `step` through `manager`, and timing.json; save_data(workdir, step,
+  kept_steps) first writes the input pipeline's state after `step` batches (`Data.feed`)."""
+  if save_data is not None:
+    save_data(workdir, step, manager.all_steps())
   manager.save(step, args=ocp.args.StandardSave(state))
   clock.save(workdir)
 
 
 def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager,
               workdir: pathlib.Path, schedule, tokens_per_step: int, call_start: float,
-              name: str = 'train', z_loss_coef: float | None = None) -> StepsDone:
+              name: str = 'train', z_loss_coef: float | None = None,
+              save_data=None) -> StepsDone:
   """The training loop of every task: steps `state` from `start` to cfg.steps.
 
   step_fn(state, i) -> (state, metrics) runs optimizer step i (metrics as `train_step`'s);
   evaluate(state) -> {'eval_...': float}. Every log_every steps a `_record` goes to metrics.jsonl
   and the TensorBoard events (`run_dir.RunLog`); evaluation runs every eval_every steps and at the
   end; the state is checkpointed through `manager` (with timing.json, `run_dir.RunTime`;
-  call_start: when this call started) every checkpoint_every steps and at the end. A tqdm bar
+  call_start: when this call started) every checkpoint_every steps and at the end, the input
+  pipeline's state with it (`save_data`, see `_checkpoint`). A tqdm bar
   shows progress when cfg.progress and stderr is a terminal. Only process 0 writes files (every process steps, evaluates and checkpoints).
 
   Before a step is logged or checkpointed, the losses and gradient norms of the steps since the
@@ -357,13 +366,13 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
         bar.set_postfix(loss=f'{record["train_loss"]:.3f}')
         last_step, last_time = step, time.perf_counter()
       if saving:
-        _checkpoint(manager, step, state, clock, workdir)
+        _checkpoint(manager, step, state, clock, workdir, save_data)
       done = (state, step)
   except KeyboardInterrupt:
     state, step = done
     if step > (manager.latest_step() or 0):
       _check_finite([u for u in unchecked if u[0] <= step], manager, workdir, advice)
-      _checkpoint(manager, step, state, clock, workdir)
+      _checkpoint(manager, step, state, clock, workdir, save_data)
     raise Interrupted(step) from None
   except ValueError as e:
     raise RuntimeError(f'training failed at step {i + 1}: {e}') from e
@@ -471,9 +480,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
       workdir / 'checkpoints',
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
   start = manager.latest_step() or 0
+  feed = data.feed(sharding.batch_sharding(mesh))  # training batches, placed on the mesh
   if start:  # onto this mesh, whichever mesh wrote it
     target = abstract_state(model, cfg, inputs, mesh)
     state = manager.restore(start, args=ocp.args.StandardRestore(target))
+    feed.restore(workdir, start)  # a streamed data set: its reader's state at that step
     log.info('restored the checkpoint at step %d from %s onto mesh %s', start,
              workdir / 'checkpoints', dict(mesh.shape))
   else:
@@ -486,19 +497,23 @@ def train(config, workdir: str | os.PathLike) -> dict:
                upcycling.latest_step(dense_run), workdir)
 
   def step_fn(state, i):
-    return train_step(state, place(data.train_batch(i)), jax.random.fold_in(train_key, i),
+    return train_step(state, feed.batch(i), jax.random.fold_in(train_key, i),
                       task=task, model=model, cfg=cfg, mesh=mesh)
 
   def evaluate(state) -> dict:
     values = [eval_step(state['params'], state['model_state'], batch, task=task, model=model,
                         mesh=mesh) for batch in eval_set]
-    return held_out_means(jax.device_get(values), data.eval_weights)
+    means = held_out_means(jax.device_get(values), data.eval_weights)
+    if data.eval_bytes_per_token:  # text: nats per token -> bits per UTF-8 byte
+      means['eval_bits_per_byte'] = means['eval_loss'] / (math.log(2) * data.eval_bytes_per_token)
+    return means
 
   shape = task.token_shape(config)
   tokens_per_step = shape.batch_size * shape.seq_len
   loop = run_steps(state, step_fn, evaluate, cfg=cfg, start=start, manager=manager,
                    workdir=workdir, schedule=schedule, tokens_per_step=tokens_per_step,
                    call_start=call_start, name=workdir.name,
-                   z_loss_coef=getattr(task.from_config(config)[1], 'z_loss_coef', None))
+                   z_loss_coef=getattr(task.from_config(config)[1], 'z_loss_coef', None),
+                   save_data=feed.save)
   return run_dir.write_summary(workdir, _summary(config, loop, task=task, cfg=cfg, start=start,
                                                  tokens_per_step=tokens_per_step))
