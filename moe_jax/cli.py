@@ -18,8 +18,10 @@ that may be None (typed optional, e.g. config.moe.capacity_factor). A config in 
 (configs/, configs/papers/) imports its siblings as Python, from any folder. Each command is one
 `COMMANDS` entry: a function defining its flags on its own `FlagValues` and a function running with
 them. A user's mistake (a missing config file, a syntax error in it, a bad field value or name, a
-workdir that is a file, missing data, no runs to report) ends in one line on stderr and exit code
-2, Ctrl-C in 130 and a non-finite loss in 1, with no traceback.
+workdir that is a file, missing data, no runs to report, a workdir another run is using, a
+checkpoint that cannot be written) ends in one line on stderr and exit code 2, Ctrl-C (at any
+moment of `train` or `sweep`: they stop at a safe point, resumable) in 130 and a non-finite loss
+in 1, with no traceback.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 from ml_collections import config_flags
+
+from moe_jax import interrupt
 
 PROG = 'moe-jax'
 
@@ -358,9 +362,23 @@ def _run(name: str, fv: flags.FlagValues) -> int:
   return status
 
 
+TRAINING = ('train', 'sweep')  # Ctrl-C stops them at a safe point (moe_jax/interrupt.py)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs `moe-jax <command> [flags]`; returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in TRAINING:
+    return _main(argv)
+  with interrupt.deferred():  # from the start: Ctrl-C while JAX imports or compiles is safe too
+    status = _main(argv)
+    if status == 0 and interrupt.requested():  # pressed after training's last safe point
+      print(f'{PROG} {argv[1]}: interrupted once its work was done', file=sys.stderr)
+      status = 130
+  return status
+
+
+def _main(argv: list[str]) -> int:
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print(_usage())
     return 0 if len(argv) >= 2 else 2

@@ -70,7 +70,7 @@ def test_run_directory_format(short_run):
   events = [name for name in names if name.startswith('events.out.tfevents.')]
   assert len(events) == 1  # TensorBoard's copy of metrics.jsonl
   assert names - set(events) == {'config.json', 'metrics.jsonl', 'checkpoints', 'timing.json',
-                                 'summary.json'}
+                                 'summary.json', 'run.lock'}
   assert json.loads((workdir / 'config.json').read_text()) == config.to_dict()
   assert json.loads((workdir / 'summary.json').read_text()) == summary
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [75, 150]
