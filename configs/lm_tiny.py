@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.data_dir = config_dict.placeholder(str)
   config.data.seq_len = 128
   config.data.batch_size = 8
+  # 'bytes' (256 ids, batches a function of (seed, step)) or a SentencePiece .model file from
+  # `moe-jax tokenizer` (streamed through Grain; model.vocab_size follows it).
+  config.data.tokenizer = 'bytes'
 
   config.model = ml_collections.ConfigDict()
   config.model.d_model = 128

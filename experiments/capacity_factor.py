@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   members = {name: {'moe': {'router': 'token_choice', 'k': 1, 'capacity_factor': cf}}
              for name, cf in FACTORS.items()}
   return common.sweep_config('lm', scale, members, flops_match='executed', size_experts=False,
-                             flops_tolerance=1.0, seeds=range(3) if scale == 'cpu' else range(4))
+                             flops_tolerance=1.0, seeds=range(3) if scale == 'cpu' else range(12))  # PROTOCOL.md
 
 
 def verdict(results) -> common.Verdict:

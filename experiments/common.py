@@ -42,7 +42,7 @@ def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
   """A claim's sweep: the task's base config at `scale` (`BASES`; changed by
   `base_changes(base)`), `members` sized and checked at equal FLOPs by the paper's convention
   `flops_match` ('active' or 'executed', see moe_jax/moe/flops.py), 3 seeds at cpu scale and 5 at gpu
-  scale unless `seeds`."""
+  scale (experiments/PROTOCOL.md) unless `seeds`."""
   config = ml_collections.ConfigDict()
   config.task = task
   config.scale = scale

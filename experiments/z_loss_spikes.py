@@ -21,7 +21,8 @@ STATEMENT = ('The router z-loss prevents divergence when router logits are round
 SOURCE = 'Zoph et al. 2022, ST-MoE (sec. 3.1, fig. 2, table 4)'
 METRIC = 'divergences'
 Z_LOSS = 1e-3  # ST-MoE's c_z
-LEARNING_RATE = {'cpu': 3e-2, 'gpu': 1e-2}  # the positive control's rate (pilot: PROTOCOL.md)
+# The positive control's rate at each scale, fixed by the pilot (PROTOCOL.md); None until it ran.
+LEARNING_RATE = {'cpu': 3e-2, 'gpu': None}
 PILOT_RATES = (3e-3, 1e-2, 3e-2)  # the candidates the pilot tries without z-loss
 
 # The paired differences (member, baseline, metric) the verdict tests, each claimed < its margin.
@@ -37,6 +38,10 @@ def _regime(rate):
 
 def get_config(arg: str | None = None):
   scale = common.scale_of(arg)
+  if LEARNING_RATE[scale] is None:
+    raise ValueError(f'claim (d) has no regime at scale={scale} yet: run its pilot first '
+                     f'(python -m experiments pilot --scale {scale} --claims d --seeds 1000 '
+                     '--workdir DIR) and fix LEARNING_RATE from it, as experiments/PROTOCOL.md says.')
   # Both arms are the same model, so the FLOPs convention cannot matter; 'active' as (a)-(c).
   return common.sweep_config('lm', scale, flops_match='active', members={
       'no_z_loss': {'moe': {'z_loss_coef': 0.0}},

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import reproducibility
+from moe_jax.data import tokenizers
 from moe_jax.data.text import VOCAB_SIZE
 from moe_jax.models import REMATS, Stack, ffn, run_blocks
 from moe_jax.moe import causality, flops
@@ -153,8 +154,14 @@ def model_and_spec(model_cls, config):
 
 
 def from_config(config) -> tuple[TransformerConfig, MoESpec | None]:
-  """(model config, MoE spec or None for a dense model) from a full experiment config."""
-  return model_and_spec(TransformerConfig, config)
+  """(model config, MoE spec or None for a dense model) from a full experiment config. The
+  vocabulary follows the tokenizer (`config.data.tokenizer`) unless config.model sets one, which
+  must then hold every id (`tokenizers.check_vocab`)."""
+  model, spec = model_and_spec(TransformerConfig, config)
+  if 'data' in config and config.data.get('tokenizer', tokenizers.BYTES) != tokenizers.BYTES:
+    vocab = tokenizers.check_vocab(config, model.vocab_size, 'vocab_size' in config.model)
+    model = dataclasses.replace(model, vocab_size=vocab)
+  return model, spec
 
 
 def input_len(config) -> int:
