@@ -1,5 +1,5 @@
 """Causality through the whole LM, for every shipped LM config, sweep member and claim member,
-and every paper-scale LM (configs/papers/).
+and every paper-scale LM (configs/papers/) with its presets (`:scale=cpu`, `:scale=gpu`).
 
 A decoder LM's logits at position s may depend only on tokens at positions <= s, in any row of the
 batch (rows are decoded in lockstep). Each member is built exactly as its sweep builds it (its
@@ -36,12 +36,12 @@ from moe_jax.run import sweep
 SHARPNESS = 30.0  # router weights x this: near one-hot routing, so capacity binds
 
 
-def shipped_configs(package=configs) -> dict[str, ml_collections.ConfigDict]:
-  """{name: get_config()} of every config module in `package` (configs/, or configs/papers/)."""
+def shipped_configs(package=configs, arg=None) -> dict[str, ml_collections.ConfigDict]:
+  """{name: get_config(arg)} of every config module in `package` (configs/, or configs/papers/)."""
   modules = {info.name: importlib.import_module(f'{package.__name__}.{info.name}')
              for info in pkgutil.iter_modules(package.__path__)}
-  return {name: module.get_config() for name, module in sorted(modules.items())
-          if hasattr(module, 'get_config')}
+  return {name: module.get_config(*([arg] if arg else [])) for name, module in
+          sorted(modules.items()) if hasattr(module, 'get_config')}
 
 
 def _is_lm(config) -> bool:
@@ -84,30 +84,51 @@ def at_test_scale(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return config
 
 
-def paper_lms() -> dict[str, ml_collections.ConfigDict]:
-  """{'papers/name': config at full scale} of every LM in configs/papers/."""
-  return {f'papers/{name}': config for name, config in shipped_configs(configs.papers).items()
+PAPER_PRESETS = ('scale=cpu', 'scale=gpu')  # each paper config's presets (configs/papers/common.py)
+
+
+def paper_lms(arg=None) -> dict[str, ml_collections.ConfigDict]:
+  """{'papers/name[:arg]': config} of every LM in configs/papers/, at full scale or with the
+  preset `arg`."""
+  suffix = f':{arg}' if arg else ''
+  return {f'papers/{name}{suffix}': config
+          for name, config in shipped_configs(configs.papers, arg).items()
           if config.get('task') == 'lm'}
+
+
+def claim_configs() -> dict[str, ml_collections.ConfigDict]:
+  """{'key_claim@scale': config} of each claim at each scale it has a regime for (a claim whose
+  pilot has not fixed its regime at a scale refuses to build there: nothing to check yet)."""
+  configs_ = {}
+  for key, claim in CLAIMS.items():
+    module = importlib.import_module(f'experiments.{claim}')
+    for scale in common.SCALES:
+      try:
+        configs_[f'{key}_{claim}@{scale}'] = module.get_config(f'scale={scale}')
+      except ValueError as error:
+        if 'pilot' not in str(error):
+          raise
+  return configs_
 
 
 def shipped_lm_members() -> dict[str, ml_collections.ConfigDict]:
   """{'source/member': config} of every LM the project ships: each LM config in configs/, each
   member of each sweep there, each member of each LM claim at both scales, and each paper LM of
-  configs/papers/ `at_test_scale`."""
+  configs/papers/ `at_test_scale`, and with its presets (PAPER_PRESETS: scale=cpu as it is,
+  scale=gpu `at_test_scale`)."""
   members = {}
   for source, config in shipped_configs().items():
     if 'members' in config and _is_lm(config.base):
       members.update({f'{source}/{name}': c for name, c in sweep.build_members(config).items()})
     elif _is_lm(config):
       members[source] = config
-  for key, claim in CLAIMS.items():
-    module = importlib.import_module(f'experiments.{claim}')
-    for scale in common.SCALES:
-      config = module.get_config(scale)
-      if config.task == 'lm':
-        members.update({f'{key}_{claim}@{scale}/{name}': c
-                        for name, c in sweep.build_members(config).items()})
+  for source, config in claim_configs().items():
+    if config.task == 'lm':
+      members.update({f'{source}/{name}': c for name, c in sweep.build_members(config).items()})
   members.update({name: at_test_scale(c) for name, c in paper_lms().items()})
+  # The presets: cpu as it trains (its own token layout), gpu at a test's depth and layout.
+  members.update(paper_lms('scale=cpu'))
+  members.update({name: at_test_scale(c) for name, c in paper_lms('scale=gpu').items()})
   return members
 
 
@@ -232,9 +253,11 @@ def test_no_shipped_lm_sees_a_later_token(name):
 def test_every_kind_of_shipped_config_is_covered():
   kinds = {name.split('/')[0] for name in MEMBERS} | set(MEMBERS)
   assert {'lm_tiny', 'compare_routers'} <= kinds
-  assert {f'{k}_{c}@{s}' for k, c in CLAIMS.items() if k != 'f' for s in common.SCALES} <= kinds
+  assert {name for name, c in claim_configs().items() if c.task == 'lm'} <= kinds
   papers = shipped_configs(configs.papers)
   assert {f'papers/{name}' for name, c in papers.items() if c.task != 'vit'} <= kinds
+  assert {f'papers/{name}:{arg}' for name, c in papers.items() if c.task != 'vit'
+          for arg in PAPER_PRESETS} <= kinds
   assert {'papers/t5_base', 'papers/switch_base', 'papers/mixtral_8x7b',
           'papers/deepseek_v3'} <= kinds  # the discovery found them
   # The kinds of model the paper configs bring, as the check runs them (narrowed).

@@ -18,9 +18,36 @@ the paper gives them) against the paper, counted by the project's own code.
   mixtral_8x7b               Mixtral 8x7B (Jiang et al. 2024, Table 1)
   deepseek_v3                DeepSeek-V3 (DeepSeek-AI 2024, section 4.2)
 
+Presets (`--config configs/papers/<name>.py:scale=cpu` or `:scale=gpu`, `common.cpu_scale` and
+`common.gpu_scale`, the same rules for every config):
+
+  scale=cpu  the model's family at a test's size: the same routing (router, k, capacity factor or
+             dropless, shared experts, expert groups, bias), attention kind, encoder-decoder or
+             not, dense first blocks, tied embeddings and activation; d 64, 2 heads, at most 8
+             experts, the fewest blocks that keep an MoE block; Tiny Shakespeare bytes or the 8x8
+             digits, float32, 3 steps (tests/test_paper_presets.py trains every one).
+  scale=gpu  the largest member of the family that trains on one 80 GB GPU by `moe-jax plan`'s
+             count: widths and routing kept, bf16, one device, a per-device batch, then fewer
+             blocks, fewer experts, a smaller batch, a smaller vocabulary, shorter sequences, in
+             that order, until it fits; the paper's data name (bring it, or
+             `--config.data.name=english_mix`, offline, for a first run).
+
+  scale=gpu reduces (planned GiB on one H100):
+    t5_base           batch 16 (9.0)           t5_large        batch 16 (27.0)
+    switch_base       4 + 4 blocks (66.4)      switch_large    2 + 2 blocks (59.1)
+    gshard_top2       2 blocks, 4 experts, batch 8 (66.7); expert_choice the same (66.7)
+    soft_moe_b16      9 blocks (6 dense), batch 128 (58.6)
+    deepseek_moe_2b   7 blocks, batch 16 (67.4)
+    deepseek_moe_16b  2 blocks (1 dense), batch 8 (62.4)
+    mixtral_8x7b      1 block, batch 8 (62.5)
+    deepseek_v3       2 blocks (1 dense), 16 experts, batch 1 of 2,048 tokens, vocabulary 32,768
+                      (64.2)
+
 The data sets are stock TFDS names (`c4/en`, `imagenet2012`) standing in where a paper's own data
-is not public; the project tokenizes text as bytes, so a model's vocabulary rows beyond 256 are
-counted (as the paper's) but unused in training. The project's loaders read a data set into
-memory, which suits neither C4 nor ImageNet: `moe-jax plan` sizes these runs, and training them
-needs a streaming input pipeline (not in the project yet).
+is not public. Text is tokenized as bytes by default, so a model's vocabulary rows beyond 256 are
+counted (as the paper's) but unused in training; `moe-jax tokenizer` trains a SentencePiece model,
+and `--config.data.tokenizer=PATH/tokenizer.model` then streams the tokenized text through Grain
+(per-host shards of TFDS's array_record files) instead of reading it into memory. Images are
+still read into memory: ImageNet needs a streaming image pipeline (not in the project yet).
+`moe-jax plan` sizes the full runs.
 """

@@ -9,7 +9,9 @@ steps, evaluation and a checkpoint every 5,000.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -50,16 +52,25 @@ def lm(*, data: dict, model: dict, moe: dict | None = None, train: dict,
   """An LM config: data = {name, seq_len, batch_size[, input_len]} (an encoder-decoder's
   seq_len counts decoder tokens, input_len encoder tokens), model = `TransformerConfig` fields,
   moe = `MoESpec` fields (None: a dense model), train = `TrainConfig` fields. `arg` (the config
-  file's get_config argument) takes no presets."""
-  common.parse_arg(arg)
-  return _config('lm', data, every_field(TransformerConfig, 'model', **model), moe, train)
+  file's get_config argument): the presets `scale=cpu` and `scale=gpu` (`with_scale`)."""
+  return with_scale(_config('lm', data, every_field(TransformerConfig, 'model', **model), moe,
+                            train), arg)
 
 
 def vit(*, data: dict, model: dict, moe: dict | None = None, train: dict,
         arg: str | None = None) -> ml_collections.ConfigDict:
   """A ViT config, as `lm` with `ViTConfig` fields."""
-  common.parse_arg(arg)
-  return _config('vit', data, every_field(ViTConfig, 'model', **model), moe, train)
+  return with_scale(_config('vit', data, every_field(ViTConfig, 'model', **model), moe, train),
+                    arg)
+
+
+def with_scale(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """`config` with the preset `arg` names: '' none, 'scale=cpu' `cpu_scale`, 'scale=gpu'
+  `gpu_scale`; anything else a one-line ValueError naming the choices."""
+  scale = common.parse_arg(arg, scale='').scale
+  if scale:
+    {'cpu': cpu_scale, 'gpu': gpu_scale}[common.check_scale(scale)](config)
+  return config
 
 
 # T5 v1.0 (Raffel et al. 2020, section 3.7; the released checkpoints): ReLU FFNs of width 4 d
@@ -122,3 +133,156 @@ def glam_8b_64e(moe: dict, arg: str | None = None) -> ml_collections.ConfigDict:
             train=dict(steps=250_000, warmup_steps=10_000, learning_rate=3e-4,
                        weight_decay=0.0, clip_norm=1.0),
             arg=arg)
+
+
+# --- Presets: `--config configs/papers/<name>.py:scale=cpu` or `:scale=gpu` ---------------------
+
+CPU_WIDTH = dict(d_model=64, num_heads=2, d_ff=128)  # the dense FFN: 2 d
+CPU_LATENT = dict(head_dim=16, rope_head_dim=8, q_lora_rank=32, kv_lora_rank=16)  # MLA, when set
+CPU_EXPERTS = 8
+GPU_TOKENS = 32_768  # tokens per device and step the gpu preset starts from
+GPU_BATCH_CAP = {'lm': 16, 'vit': 128}
+GPU_VOCAB = 32_768  # the vocabulary a gpu preset falls back to when the paper's does not fit
+GPU_MIN_SEQ_LEN = 512
+
+
+def _shallowest(model) -> int:
+  """Blocks of the shallowest member: the dense first blocks (at most one) and one period of the
+  MoE pattern (`moe_every` blocks, the last an MoE block), at least 2."""
+  return max(2, min(model.first_dense_layers, 1) + model.moe_every)
+
+
+def _fit_groups(moe, num_experts: int) -> None:
+  """moe at `num_experts`, its expert groups dividing them and k reachable: num_expert_groups
+  divides num_experts (halved, and groups_per_token with it, until it does), k at most the
+  experts a token's groups hold."""
+  groups, per_token = moe.num_expert_groups, moe.groups_per_token
+  while groups > 1 and num_experts % groups:
+    groups, per_token = groups // 2, max(1, per_token // 2)
+  moe.update(num_experts=num_experts, num_expert_groups=groups, groups_per_token=per_token)
+  moe.k = min(moe.k, per_token * num_experts // groups)
+
+
+def cpu_scale(config: ml_collections.ConfigDict) -> None:
+  """The paper config's family at a test's size, in place: the same router, k, capacity factor or
+  dropless dispatch, shared experts, expert groups, bias, attention kind, encoder-decoder or not,
+  dense first blocks, tied embeddings and activation; d 64, 2 heads (grouped-query: 1 K/V head;
+  latent attention: small ranks), dense FFN 128, experts of the paper's expert-to-dense width
+  ratio (16 to 128 wide), at most CPU_EXPERTS experts (k and the expert groups follow:
+  `_fit_groups`), the shallowest member (`_shallowest`), float32; Tiny Shakespeare bytes (batch 8
+  of 32 tokens, 32 encoder tokens; routed by position across the batch, 8 x as many sequences as
+  one slot per expert needs, so that each of 8 devices' groups has one) or the 8x8 digits (batch 8,
+  patches of 2); 3 steps, 1 of warm-up, one evaluation batch and one checkpoint at the end."""
+  model, data, lm = config.model, config.data, config.task == 'lm'
+  ratio = config.moe.d_ff / model.d_ff if 'moe' in config else 1.0
+  grouped_query = lm and 0 < model.num_kv_heads < model.num_heads
+  model.first_dense_layers = min(model.first_dense_layers, 1)
+  model.num_layers = _shallowest(model)
+  model.update(dtype='float32', **CPU_WIDTH)
+  if lm:
+    model.encoder_layers = model.num_layers if model.encoder_layers else 0
+    model.num_kv_heads = 1 if grouped_query else 0
+    if model.kv_lora_rank:
+      model.update(CPU_LATENT)
+    model.vocab_size = 256
+    data.update(name='tiny_shakespeare', seq_len=32, batch_size=8)
+    if data.get('input_len'):
+      data.input_len = 32
+  else:
+    model.patch_size = 2
+    data.update(name='digits', batch_size=8)
+  if 'moe' in config:
+    config.moe.d_ff = int(min(128, max(16, round(CPU_WIDTH['d_ff'] * ratio / 8) * 8)))
+    _fit_groups(config.moe, min(config.moe.num_experts, CPU_EXPERTS))
+    moe = config.moe
+    if moe.group_by == 'position' and moe.capacity_factor:  # a group: one position per device
+      per_token = moe.capacity_factor * (1 if moe.router == 'expert_choice' else moe.k)
+      data.batch_size = 8 * math.ceil(moe.num_experts / per_token)
+  config.train.update(steps=3, warmup_steps=1, log_every=1, eval_every=0, eval_batches=1,
+                      checkpoint_every=0, progress=False)
+
+
+def _plan(config):
+  from moe_jax.run import memory_plan  # noqa: PLC0415 (not at import: configs load cheaply)
+  return memory_plan.make_plan(config)
+
+
+def gpu_fits(config) -> tuple[bool, float]:
+  """(the config fits one H100 by `moe-jax plan`'s count, its GPU bytes per device)."""
+  plan = _plan(config)
+  return plan.fits()['H100'], plan.total('gpu')
+
+
+def gpu_scale(config: ml_collections.ConfigDict) -> list[str]:
+  """The largest member of the paper config's family that trains on one 80 GB GPU, in place, by
+  `moe-jax plan`'s count (`moe_jax.run.memory_plan`, nothing allocated): bf16 compute, widths,
+  experts and routing kept, one device (config.mesh 1 x 1), a batch of GPU_TOKENS tokens (at most
+  16 sequences or 128 images); then, until the plan fits 90% of an H100, in this order: fewer
+  blocks (decoder and encoder alike, the MoE pattern kept, down to one MoE block past the dense
+  first blocks, then fewer of those, down to one), fewer experts (halved, down to twice the
+  experts a token takes: k, or expert choice's capacity factor; k and the expert groups kept), a
+  smaller batch (halved, down to 1), a vocabulary of GPU_VOCAB (the bytes tokenizer uses 256 ids;
+  a SentencePiece model of up to that many fits it), shorter sequences (halved, down to
+  GPU_MIN_SEQ_LEN). The data name stays the paper's. Returns what was reduced, in words ('field
+  before -> after'); a ValueError if nothing fits."""
+  model, data, lm = config.model, config.data, config.task == 'lm'
+  model.dtype = 'bfloat16'
+  config.mesh.update(data=1, expert=1)
+  tokens = (data.seq_len + data.get('input_len', 0)) if lm else _vit_tokens(config)
+  full = dict(num_layers=model.num_layers, first_dense_layers=model.first_dense_layers,
+              encoder_layers=model.get('encoder_layers', 0),
+              num_experts=config.moe.num_experts if 'moe' in config else 0,
+              batch_size=data.batch_size, vocab_size=model.get('vocab_size', 0),
+              seq_len=data.get('seq_len', 0))
+  data.batch_size = max(1, min(GPU_BATCH_CAP[config.task],
+                               2 ** int(math.log2(max(1, GPU_TOKENS // tokens)))))
+  done = []
+
+  def fits():
+    return gpu_fits(config)[0]
+
+  # Depth: the largest number of blocks that fits (memory grows with depth): fewer MoE periods,
+  # then fewer dense first blocks (down to one).
+  low, period = model.first_dense_layers, max(1, model.moe_every)
+  depths = [(depth, low) for depth in range(model.num_layers, low + period - 1, -period)]
+  depths += [(dense + period, dense) for dense in range(low - 1, 0, -1)]
+  for depth, dense in depths:
+    model.first_dense_layers = dense
+    _set_depth(model, depth, full)
+    if fits():
+      break
+  while 'moe' in config and not fits():
+    trial = copy.deepcopy(config.moe)
+    _fit_groups(trial, trial.num_experts // 2)
+    per_token = trial.capacity_factor if trial.router == 'expert_choice' else trial.k
+    if trial.num_experts < 2 * max(1, per_token) or trial.k < config.moe.k:
+      break  # k kept, and twice as many experts (a choice left to route), the groups kept
+    _fit_groups(config.moe, trial.num_experts)
+  while not fits() and data.batch_size > 1:
+    data.batch_size //= 2
+  if lm and not fits() and model.vocab_size > GPU_VOCAB:
+    model.vocab_size = GPU_VOCAB
+  while lm and not fits() and data.seq_len > GPU_MIN_SEQ_LEN:
+    data.seq_len //= 2
+  if not fits():
+    raise ValueError('scale=gpu: no member of this family fits one 80 GB GPU')
+  for name, before in full.items():
+    section = data if name in ('batch_size', 'seq_len') else (
+        config.get('moe') or {} if name == 'num_experts' else model)
+    after = section.get(name, 0)
+    if after != before:
+      done.append(f'{name} {before:,} -> {after:,}')
+  return done
+
+
+def _set_depth(model, depth: int, full: dict) -> None:
+  model.num_layers = depth
+  if full['encoder_layers']:
+    model.encoder_layers = max(1, round(full['encoder_layers'] * depth / full['num_layers']))
+
+
+def _vit_tokens(config) -> int:
+  """Patches per image of the paper's ViT data (224 x 224 for imagenet2012; the images of the
+  data set are not read)."""
+  side = 224 // config.model.patch_size
+  return side * side + 1

@@ -12,6 +12,9 @@ Counts: every weight, input and output embeddings (untied, 2 x 210M) included; a
 shared and 6 routed experts. FLOPs per 4K tokens: the paper's are training FLOPs (forward and
 backward, 3 x forward) of 4,096 tokens, attention included. Data: the paper's corpus is not
 public; C4 stands in.
+
+Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
+one 80 GB GPU: 2 blocks (the first dense), batch 8 (62.4 GiB planned).
 """
 from configs.papers import common
 

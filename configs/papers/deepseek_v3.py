@@ -15,6 +15,10 @@ does not have. Routing as the paper: node-limited to 4 of 8 expert groups per to
 (`num_expert_groups`, `groups_per_token`, scored by the sum of each group's top-2 affinities) and
 the sequence-wise balance loss (`balance_over='sequence'`). Not modelled: the 2.5 scaling of routed
 outputs. Data: the paper's corpus is not public; C4 stands in.
+
+Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
+one 80 GB GPU: 2 blocks (the first dense), 16 experts, batch 1 of 2,048 tokens, vocabulary
+32,768 (64.2 GiB planned).
 """
 from configs.papers import common
 

@@ -10,6 +10,9 @@ Counts: every weight, the tied 256K x 4,096 embedding once (1.05B); active: two 
 token. Deviations: GShard sends a token's second choice with probability proportional to its
 weight, and routes the whole batch as one group; here both choices go, and each sequence is
 routed in token order (causal).
+
+Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
+one 80 GB GPU: 2 blocks, 4 experts, batch 8 (66.7 GiB planned).
 """
 from configs.papers import common
 

@@ -8,6 +8,9 @@ dropped (MegaBlocks).
 Counts: every weight, input and output embeddings (untied, 2 x 131M) included; active: two
 experts per token. Not stated by the paper, and ours: data (C4 stands in), sequence length
 (4,096), batch (1,024 sequences: 4M tokens), steps and optimizer (AdamW, lr 3e-4).
+
+Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
+one 80 GB GPU: 1 block, batch 8 (62.5 GiB planned).
 """
 from configs.papers import common
 

@@ -11,6 +11,9 @@ decay 0.03, gradient clipping 1.0.
 Data: JFT-4B (29,593 classes) is not public; imagenet2012 (1,000 classes) stands in, which shrinks
 the head by 22M parameters (0.6%). Counts: every weight. Not counted, as the project's ViT has
 none: the biases of attention and MLPs, and the query/key norms (~3M together).
+
+Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
+one 80 GB GPU: 9 blocks (the first 6 dense), batch 128 (58.6 GiB planned).
 """
 from configs.papers import common
 

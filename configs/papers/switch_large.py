@@ -7,6 +7,9 @@ as switch_base.py.
 Counts: as switch_base.py. 26B is the count of T5 v1.0's 2-matrix FFN of 4,096, as in the
 released checkpoint (google/switch-large-128, ~26.3B), which this config follows; T5.1.1-Large's
 gated-GELU FFN of 2,816 (three matrices) would give 27.2B.
+
+Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
+one 80 GB GPU: 2 encoder and 2 decoder blocks, batch 16 (59.1 GiB planned).
 """
 from configs.papers import common
 

@@ -8,6 +8,9 @@ Counts: every weight, the tied embedding once. Not counted: T5's relative positi
 (32 x 12 per stack, replaced here by RoPE, which has none). FLOPs per sequence = the project's
 forward FLOPs per token x 626 tokens (512 input + 114 target); see the test for why they come out
 above the paper's.
+
+Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
+one 80 GB GPU: batch 16 of the paper's 2,048 (9.0 GiB planned).
 """
 from configs.papers import common
 

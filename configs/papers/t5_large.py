@@ -6,6 +6,9 @@ blocks, d 1,024, 16 heads of 64, ReLU FFN of 4,096, vocabulary 32,128, embedding
 which this config counts.
 
 Counts: as t5_base.py.
+
+Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
+one 80 GB GPU: batch 16 (27.0 GiB planned).
 """
 from configs.papers import common
 
