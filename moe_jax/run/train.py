@@ -10,10 +10,11 @@ would: batch i is the task's `Data.train_batch(i)`, a function of (seed, i) only
 is fold_in(key, i). Records past the restored step are dropped first (metrics.jsonl, events).
 Ctrl-C checkpoints the current step first; a non-finite loss stops the run before it is saved.
 
-`config.mesh` = {data, expert} (absent: 1x1, one device) lays the run out on a device mesh
-(`moe_jax.parallel.sharding`, docs/parallelism.md): params and optimizer state by `sharding.param_shardings`,
-the batch over every device, the MoE layers expert-parallel under `jax.shard_map`. A run may resume
-on a different mesh (config.mesh is exempt from the config.json check).
+`config.mesh` = {data, fsdp, expert, tensor} (absent: all 1, one device) lays the run out on a
+device mesh (`moe_jax.parallel.sharding`, `moe_jax.parallel.rules`, docs/parallelism.md): params and
+optimizer state by their logical annotations (`state_shardings`), the batch over data * fsdp *
+expert, the MoE layers expert-parallel under `jax.shard_map`. A run may resume on a different mesh
+(config.mesh is exempt from the config.json check).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,16 +130,35 @@ def init_state(model, cfg: TrainConfig, rng: jax.Array, inputs: jax.ShapeDtypeSt
   """{'params', 'opt_state', 'model_state'}; model_state holds the non-trainable collections.
 
   inputs: a batch of model inputs (`Task.input_spec`). With `mesh`, laid out by
-  `sharding.param_shardings` (the values do not depend on the mesh).
+  `state_shardings` (the values do not depend on the mesh).
   """
   return _init_state(rng, model=model, cfg=cfg, inputs=inputs, mesh=mesh)
+
+
+def _boxed_state(rng, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct) -> dict:
+  """The train state with the params' `nn.LogicallyPartitioned` boxes (optax's moments carry
+  them too)."""
+  variables = model.init({'params': rng, 'router': rng}, jnp.zeros(inputs.shape, inputs.dtype),
+                         train=False)
+  params = variables.pop('params')
+  return {'params': params, 'opt_state': make_optimizer(cfg).tx.init(params),
+          'model_state': dict(variables)}
+
+
+@functools.lru_cache(maxsize=64)
+def state_shardings(model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct, mesh: Mesh) -> dict:
+  """`NamedSharding`s of the train state on `mesh`, from the params' logical annotations
+  (`sharding.state_shardings`): every weight and its AdamW moments stored alike."""
+  boxed = jax.eval_shape(functools.partial(_boxed_state, model=model, cfg=cfg, inputs=inputs),
+                         jax.random.key(0))
+  return sharding.state_shardings(boxed, mesh)
 
 
 def abstract_state(model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct, mesh: Mesh) -> dict:
   """`init_state`'s shapes with `mesh`'s shardings: the orbax restore target on this mesh."""
   shapes = jax.eval_shape(functools.partial(init_state, model, cfg, inputs=inputs),
                           jax.random.key(0))
-  return sharding.restore_target(shapes, mesh)
+  return sharding.restore_target(shapes, state_shardings(model, cfg, inputs, mesh))
 
 
 def _apply(model, mesh: Mesh | None, variables, inputs, *, train: bool, rngs=None):
@@ -156,12 +177,10 @@ def _apply(model, mesh: Mesh | None, variables, inputs, *, train: bool, rngs=Non
 @functools.partial(jax.jit, static_argnames=('model', 'cfg', 'inputs', 'mesh'))
 def _init_state(rng, *, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct,
                 mesh: Mesh | None):
-  variables = model.init({'params': rng, 'router': rng}, jnp.zeros(inputs.shape, inputs.dtype),
-                         train=False)
-  params = variables.pop('params')
-  state = {'params': params, 'opt_state': make_optimizer(cfg).tx.init(params),
-           'model_state': dict(variables)}
-  return state if mesh is None else sharding.constrain(state, mesh)
+  state = nn.unbox(_boxed_state(rng, model, cfg, inputs))
+  if mesh is None:
+    return state
+  return jax.lax.with_sharding_constraint(state, state_shardings(model, cfg, inputs, mesh))
 
 
 @functools.partial(jax.jit, static_argnames=('task', 'model', 'cfg', 'mesh'))
@@ -186,7 +205,9 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
   new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                'model_state': dict(model_state)}
   if mesh is not None:
-    new_state = sharding.constrain(new_state, mesh)
+    inputs = task.inputs(batch)
+    new_state = jax.lax.with_sharding_constraint(new_state, state_shardings(
+        model, cfg, jax.ShapeDtypeStruct(inputs.shape, inputs.dtype), mesh))
   metrics = {'train_loss': loss, **{f'train_{name}': value for name, value in extra.items()},
              'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
              'layers': aux['layers']}
@@ -401,15 +422,18 @@ def _summary(config, loop: StepsDone, *, task: tasks.Task, cfg: TrainConfig, sta
   }
 
 
-MESH_FIELDS = ('mesh.data', 'mesh.expert')  # device layout: may change when a run resumes
+MESH_FIELDS = ('mesh.data', 'mesh.fsdp', 'mesh.expert', 'mesh.tensor')  # device layout: may
+# change when a run resumes
 
 
 def _check_held_out(data: tasks.Data, mesh: Mesh) -> None:
   """Raises ValueError when a held-out batch does not divide over the mesh's devices."""
   sizes = sorted({len(jax.tree.leaves(batch)[0]) for batch in data.eval_batches})
-  if any(size % mesh.size for size in sizes):
-    raise ValueError(f'held-out batches of {sizes} examples do not divide over the {mesh.size} '
-                     'devices of config.mesh: change config.train.eval_batches so that they do.')
+  shards = sharding.batch_shards(mesh)
+  if any(size % shards for size in sizes):
+    raise ValueError(f'held-out batches of {sizes} examples do not divide over the {shards} '
+                     'batch shards of config.mesh (data * fsdp * expert): change '
+                     'config.train.eval_batches so that they do.')
 
 
 def _log_mesh_change(old: dict, config, spec) -> None:
@@ -418,12 +442,14 @@ def _log_mesh_change(old: dict, config, spec) -> None:
   old_mesh, new_mesh = (tuple(flat.get(key, 1) for key in MESH_FIELDS) for flat in (old, new))
   if old_mesh == new_mesh:
     return
-  log.info('resuming on mesh (data, expert) = %s a run started on %s', new_mesh, old_mesh)
-  if spec is not None and math.prod(old_mesh) != math.prod(new_mesh) and (
+  log.info('resuming on mesh (data, fsdp, expert, tensor) = %s a run started on %s', new_mesh,
+           old_mesh)
+  shards = lambda mesh: math.prod(mesh[:3])  # data * fsdp * expert: the routing shards
+  if spec is not None and shards(old_mesh) != shards(new_mesh) and (
       spec.routing_group_by != 'sequence' or spec.jitter or spec.noise_std):
     log.warning('the number of shards changes from %d to %d: with group_by=%r, dispatch=%r, '
                 'jitter=%r, noise_std=%r routing is per shard, so the resumed run trains a '
-                'different model (docs/parallelism.md)', math.prod(old_mesh), math.prod(new_mesh),
+                'different model (docs/parallelism.md)', shards(old_mesh), shards(new_mesh),
                 spec.group_by, spec.dispatch, spec.jitter, spec.noise_std)
 
 
@@ -481,7 +507,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     if dense_params is not None:  # sparse upcycling: start from the dense run's weights
       params = upcycling.upcycle_params(state['params'], dense_params, init_key,
                                         config.upcycle.noise_std)
-      state['params'] = jax.device_put(params, sharding.param_shardings(params, mesh))
+      state['params'] = jax.device_put(params, state_shardings(model, cfg, inputs, mesh)['params'])
       log.info('upcycled the dense run %s (step %d) into %s', dense_run,
                upcycling.latest_step(dense_run), workdir)
 
