@@ -6,6 +6,7 @@ of width f are exactly one FFN of width n * f). `Experts` holds E expert FFNs as
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -40,11 +41,22 @@ def _check_activation(activation: str) -> None:
 
 
 def logical(init, names: tuple[str | None, ...]):
-  """`init` with its dims named logically (`nn.with_logical_partitioning`; the names' mesh axes:
-  `moe_jax.parallel.rules`). The box only records the names: the state's shardings apply them
-  (jit's out_shardings), never a constraint inside init, which flax also runs abstractly for its
-  shape check at apply time, where DenseGeneral boxes a flattened kernel (rules=() skips it)."""
-  return nn.with_logical_partitioning(init, names, rules=())
+  """`init` with its dims named logically (the names' mesh axes: `moe_jax.parallel.rules`).
+
+  While logical axis rules are in context (`nn.logical_axis_rules`, as `parallel.rules` sets
+  them to derive the train state's shardings and to run on a mesh), the value comes boxed in
+  `nn.LogicallyPartitioned` (`nn.with_logical_partitioning`); elsewhere `module.init` returns
+  plain arrays, as it did before. The box only records the names: the state's shardings apply
+  them (jit's out_shardings), never a constraint inside init, which flax also runs abstractly for
+  its shape check at apply time, where DenseGeneral boxes a flattened kernel (rules=() skips it).
+  """
+  boxed = nn.with_logical_partitioning(init, names, rules=())
+
+  @functools.wraps(init)
+  def wrapper(*args, **kwargs):
+    return (boxed if nn.get_logical_axis_rules() else init)(*args, **kwargs)
+
+  return wrapper
 
 
 def _kernel_init(names: tuple[str, ...], batch_axis=()):

@@ -75,13 +75,21 @@ def _fit(spec: P, shape: tuple[int, ...], mesh_shape) -> P:
   return P(*dims)
 
 
+def boxed_shapes(fn, *args) -> Any:
+  """`jax.eval_shape(fn, *args)` with `RULES` in context, so that the layers' logical names come
+  boxed (`moe.experts.logical`): the input of `specs` / `shardings`. No mesh is set: nothing is
+  constrained."""
+  with nn.logical_axis_rules(RULES):
+    return jax.eval_shape(fn, *args)
+
+
 def _is_box(x) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
 def specs(tree: Any, mesh) -> Any:
-  """Mesh PartitionSpecs for a pytree holding `nn.LogicallyPartitioned` boxes (e.g. `jax.eval_shape`
-  of `module.init`, or of an optimizer state built from boxed params): a box's names through
+  """Mesh PartitionSpecs for a pytree holding `nn.LogicallyPartitioned` boxes (`boxed_shapes` of
+  `module.init`, or of an optimizer state built from boxed params): a box's names through
   `RULES`, fitted to its shape and `mesh` (`_fit`); an unboxed leaf is replicated. The result has
   the unboxed tree's structure."""
   logical = nn.get_partition_spec(tree)

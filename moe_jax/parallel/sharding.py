@@ -46,7 +46,6 @@ from typing import Any, Callable, Sequence
 import math
 
 import jax
-import flax.linen as nn
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -182,7 +181,7 @@ def param_shardings(tree: Any, mesh: Mesh) -> Any:
 def state_shardings(boxed: Any, mesh: Mesh) -> Any:
   """`NamedSharding`s of a variables / params / train-state pytree from its logical annotations:
   `boxed` holds the `nn.LogicallyPartitioned` boxes of `module.init` (and of an optimizer state
-  built from boxed params), e.g. from `jax.eval_shape`. The result has the unboxed structure
+  built from boxed params), from `rules.boxed_shapes`. The result has the unboxed structure
   (`rules.shardings`)."""
   return rules.shardings(boxed, mesh)
 
@@ -204,11 +203,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def init_variables(module, mesh: Mesh, rngs, *args, **kwargs):
-  """`module.init(rngs, *args, **kwargs)`, unboxed, laid out by its logical annotations
+  """`module.init(rngs, *args, **kwargs)` laid out by its logical annotations
   (`state_shardings`); the values are the same as on one device."""
   init = lambda r: module.init(r, *args, **kwargs)
-  shardings = state_shardings(jax.eval_shape(init, rngs), mesh)
-  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rngs)
+  shardings = state_shardings(rules.boxed_shapes(init, rngs), mesh)
+  return jax.jit(init, out_shardings=shardings)(rngs)
 
 
 def expert_parallel(module: MoELayer) -> MoELayer:

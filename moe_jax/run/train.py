@@ -28,7 +28,6 @@ import sys
 import time
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +39,7 @@ from jax.sharding import Mesh
 from moe_jax import reproducibility
 from moe_jax.models import describe_ffn, transformer
 from moe_jax.moe import flops
-from moe_jax.parallel import sharding
+from moe_jax.parallel import rules, sharding
 from moe_jax.run import run_dir, tasks, upcycling
 from moe_jax.validate import Section, section_values
 
@@ -136,8 +135,8 @@ def init_state(model, cfg: TrainConfig, rng: jax.Array, inputs: jax.ShapeDtypeSt
 
 
 def _boxed_state(rng, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct) -> dict:
-  """The train state with the params' `nn.LogicallyPartitioned` boxes (optax's moments carry
-  them too)."""
+  """The train state; under logical axis rules (`rules.boxed_shapes`) with the params'
+  `nn.LogicallyPartitioned` boxes, which optax's moments carry too."""
   variables = model.init({'params': rng, 'router': rng}, jnp.zeros(inputs.shape, inputs.dtype),
                          train=False)
   params = variables.pop('params')
@@ -149,8 +148,8 @@ def _boxed_state(rng, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct) -> 
 def state_shardings(model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct, mesh: Mesh) -> dict:
   """`NamedSharding`s of the train state on `mesh`, from the params' logical annotations
   (`sharding.state_shardings`): every weight and its AdamW moments stored alike."""
-  boxed = jax.eval_shape(functools.partial(_boxed_state, model=model, cfg=cfg, inputs=inputs),
-                         jax.random.key(0))
+  boxed = rules.boxed_shapes(functools.partial(_boxed_state, model=model, cfg=cfg, inputs=inputs),
+                            jax.random.key(0))
   return sharding.state_shardings(boxed, mesh)
 
 
@@ -177,7 +176,7 @@ def _apply(model, mesh: Mesh | None, variables, inputs, *, train: bool, rngs=Non
 @functools.partial(jax.jit, static_argnames=('model', 'cfg', 'inputs', 'mesh'))
 def _init_state(rng, *, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct,
                 mesh: Mesh | None):
-  state = nn.unbox(_boxed_state(rng, model, cfg, inputs))
+  state = _boxed_state(rng, model, cfg, inputs)  # no rules in context: plain arrays
   if mesh is None:
     return state
   return jax.lax.with_sharding_constraint(state, state_shardings(model, cfg, inputs, mesh))
