@@ -146,7 +146,7 @@ def test_bad_mesh_config_fails_before_any_work(tmp_path, monkeypatch, overrides,
 def test_absent_mesh_section_is_one_device():
   cfg = config((2, 4))
   del cfg['mesh']
-  assert train.check_config(cfg).mesh.devices.shape == (1, 1)
+  assert train.check_config(cfg).mesh.devices.shape == (1, 1, 1, 1)
 
 
 VIT = ['--config.data.batch_size=32', '--config.model.d_model=32', '--config.model.num_layers=2',

@@ -205,9 +205,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def init_variables(module, mesh: Mesh, rngs, *args, **kwargs):
   """`module.init(rngs, *args, **kwargs)` laid out by its logical annotations
   (`state_shardings`); the values are the same as on one device."""
-  init = lambda r: module.init(r, *args, **kwargs)
-  shardings = state_shardings(rules.boxed_shapes(init, rngs), mesh)
-  return jax.jit(init, out_shardings=shardings)(rngs)
+  boxed = rules.boxed_shapes(lambda r: module.init(r, *args, **kwargs), rngs)
+  # A function of its own: JAX's trace cache knows nothing of flax's rules context.
+  return jax.jit(lambda r: module.init(r, *args, **kwargs),
+                 out_shardings=state_shardings(boxed, mesh))(rngs)
 
 
 def expert_parallel(module: MoELayer) -> MoELayer:

@@ -186,10 +186,10 @@ def render(plan: Plan) -> str:
       f'  memory per device, GiB ({_count(plan.local_params)} weights held: experts / '
       f'(expert x fsdp x tensor) = /{expert * fsdp * tensor}, the rest / (fsdp x tensor) = '
       f'/{fsdp * tensor}; batch / (data x fsdp x expert) = /{data * fsdp * expert})',
-      f'    {"":16s}{"TPU":>9s}{"GPU":>9s}']
+      f'    {"":16s}{"TPU":>11s}{"GPU":>11s}']
   tpu, gpu = plan.memory('tpu'), plan.memory('gpu')
-  lines += [f'    {part:16s}{tpu[part] / GiB:9.2f}{gpu[part] / GiB:9.2f}' for part in tpu]
-  lines.append(f'    {"total":16s}{plan.total("tpu") / GiB:9.2f}{plan.total("gpu") / GiB:9.2f}')
+  lines += [f'    {part:16s}{tpu[part] / GiB:11.2f}{gpu[part] / GiB:11.2f}' for part in tpu]
+  lines.append(f'    {"total":16s}{plan.total("tpu") / GiB:11.2f}{plan.total("gpu") / GiB:11.2f}')
   lines.append(f'  fits (at most {HEADROOM:.0%} of HBM): ' + ', '.join(
       f'{name} ({ACCELERATORS[name][1] / GiB:.0f} GiB) {"yes" if ok else "no"}'
       for name, ok in plan.fits().items()))
