@@ -1,12 +1,15 @@
-"""Expert + data parallelism: one mesh, partition specs by path, the MoE layer under `shard_map`.
+"""The mesh, the train state's layout, and a model on a mesh (each MoE layer under `shard_map`).
 
-Layout. A 2-D mesh with axes ('data', 'expert') over all devices (a 1x1 mesh is one device, no
-shard_map).
-  * tokens: the batch dim is sharded over both axes: each device holds b = B / (data * expert)
-    sequences (`BATCH`).
-  * expert weights (leaves under a module named 'experts', leading dim E): sharded over 'expert'
-    (E / expert experts per device), replicated over 'data'.
-  * everything else (router, shared experts, the aux-free bias, scalars): replicated.
+Layout. A 4-D mesh with axes ('data', 'fsdp', 'expert', 'tensor') over all devices (all sizes 1 is
+one device, no shard_map). Weights are stored by their logical names through `rules.RULES`
+(`state_shardings`): d_model over 'fsdp', heads / FFN width / vocabulary over 'tensor', the experts'
+E over 'expert'; the optimizer moments alike.
+  * tokens: the batch dim is sharded over data * fsdp * expert: each device holds
+    b = B / (data * fsdp * expert) sequences (`BATCH`), the same ones on every 'tensor' shard.
+  * inside the MoE layer's shard_map: expert weights (leaves under a module named 'experts',
+    leading dim E) over 'expert' (E / expert experts per device), everything else (router,
+    shared experts, the aux-free bias, scalars) whole; XLA gathers the fsdp / tensor shards.
+  * the rest of the model runs under jit's automatic partitioning (GSPMD).
 Inside `shard_map` each device routes its own token groups, and `MoELayer(expert_axis='expert')`
 sends every expert's tokens to the device holding it over the 'expert' axis, runs its E / expert
 local experts and sends the outputs back. How is chosen by the plan (`dispatch.dispatcher`):
@@ -19,7 +22,7 @@ local experts and sends the outputs back. How is chosen by the plan (`dispatch.d
 Gradients of replicated params are summed over the devices that share them by `shard_map` itself.
 
 Exactness. Routing is per token group (`MoESpec.group_by`), and a shard routes only its own tokens.
-Let s = 0..N-1, N = data * expert, index the shards data-major (the order of `BATCH`).
+Let s = 0..N-1, N = data * fsdp * expert, index the shards data-major (the order of `BATCH`).
   * 'sequence': groups never straddle shards, so the sharded layer equals the unsharded layer on
     the whole batch: outputs, aux losses, metrics, gradients, bias update (float rounding aside).
   * 'position' and 'batch': a shard's groups hold only its b local sequences (one position of b
