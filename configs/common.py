@@ -67,20 +67,12 @@ def mesh() -> ml_collections.ConfigDict:
 
 
 def train(**overrides) -> ml_collections.ConfigDict:
-  """`config.train` (`moe_jax.run.train.TrainConfig`): the schedule every config starts from, but for
-  `overrides`."""
-  config = ml_collections.ConfigDict()
-  config.steps = 300
-  config.learning_rate = 3e-3
-  config.end_lr_fraction = 0.1  # cosine decays to learning_rate * end_lr_fraction
-  config.warmup_steps = 30
-  config.weight_decay = 0.1
-  config.clip_norm = 1.0  # 0 = no clipping
-  config.log_every = 10
-  config.eval_every = 100
-  config.eval_batches = 8
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 2
-  config.progress = True
+  """`config.train`: every `moe_jax.run.train.TrainConfig` field at its default (the schedule every
+  config starts from; the dataclass documents the fields), but for `overrides`."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from moe_jax.run.train import TrainConfig  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict(
+      {field.name: field.default for field in dataclasses.fields(TrainConfig)})
   config.update(overrides)
   return config

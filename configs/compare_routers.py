@@ -16,10 +16,11 @@ coupling the sequences of a batch; token-choice members route each sequence with
 """
 import ml_collections
 
-from configs import lm_tiny
+from configs import common, lm_tiny
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  common.parse_arg(arg)  # no presets: one scale, the README's main job
   config = ml_collections.ConfigDict()
   config.base = lm_tiny.get_config()
   config.base.train.eval_every = 50  # six points on the eval-loss plot

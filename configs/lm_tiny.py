@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.data_dir = config_dict.placeholder(str)
   config.data.seq_len = 128
   config.data.batch_size = 8
+  # 'bytes' (256 ids, batches a function of (seed, step)) or a SentencePiece .model file from
+  # `moe-jax tokenizer` (streamed through Grain; model.vocab_size follows it).
+  config.data.tokenizer = 'bytes'
 
   config.model = ml_collections.ConfigDict()
   config.model.d_model = 128
@@ -42,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'
   config.model.attention = 'auto'  # 'auto': cuDNN fused attention on GPU in bf16, else 'xla'
   config.model.allow_future_leak = False  # True builds routing that sees later tokens (to study it)
+  config.model.remat = 'none'  # per block: 'full' or a jax.checkpoint_policies name saves memory
 
   # Every MoESpec field (moe_jax/moe/spec.py documents them), defaults but for these.
   # priority='token' keeps capacity-bound top-k causal (moe_jax/moe/causality.py).

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.activation = 'gelu'
   config.model.pool = 'mean'
   config.model.dtype = 'float32'
+  config.model.remat = 'none'  # per block: 'full' or a jax.checkpoint_policies name saves memory
 
   # Every MoESpec field (moe_jax/moe/spec.py documents them), defaults but for these.
   config.moe = moe_config(router='soft', d_ff=128, slots_per_expert=2, activation='gelu')

@@ -71,7 +71,8 @@ def claims_markdown(outcomes: dict, scale: str, command: str, wall_s: float,
     lines += ['', f'## ({key}) {module.STATEMENT}', '', f'Source: {module.SOURCE}. '
               f'Config: `experiments/{module.__name__.split(".")[-1]}.py`.', '',
               f'Outcome: **{verdict.label}**: {verdict.summary}.', '',
-              f'FLOPs matched: {module.get_config(scale).flops_match} (active: k expert FFNs '
+              f'FLOPs matched: {runs_lib.claim_config(runs_lib.key_of(module), scale).flops_match} '
+              '(active: k expert FFNs '
               'per token, capacity padding not counted; executed: padding counts). Seeds: '
               f'{seeds_ran(verdict)}.', '']
     lines += [f'- {note}' for note in verdict.notes] + ([''] if verdict.notes else [])
@@ -101,7 +102,7 @@ def prepare_data(keys: list[str], scale: str, data_dir: str | None) -> None:
   loaders = {'lm': text.load_text_splits, 'vit': image_data.load_image_splits}
   seen = set()
   for key in keys:
-    sweep = runs_lib.claim_module(key).get_config(scale)
+    sweep = runs_lib.claim_config(key, scale)
     if (sweep.task, sweep.base.data.name) not in seen:
       seen.add((sweep.task, sweep.base.data.name))
       loaders[sweep.task](sweep.base.data.name, data_dir=data_dir or sweep.base.data.data_dir,
@@ -116,21 +117,20 @@ def train_claims(keys: list[str], args, seeds_of, pilot: bool = False) -> dict:
   args.workdir.mkdir(parents=True, exist_ok=True)
   if args.jobs > 1:
     prepare_data(keys, args.scale, args.data_dir)
-  # Seed-major order: every member of the first seed before the second seed's, so that paired
-  # differences exist early in a long table.
   if args.report_only:
     return claim_runs
-  every = sorted((run for runs in claim_runs.values() for run in runs),
-                 key=lambda run: seeds_of(runs_lib.claim_module(run.key)).index(run.seed))
+  # Seed-major order: every member of the first seed before the second seed's, so that paired
+  # differences exist early in a long table.
+  every = sorted((run for runs in claim_runs.values() for run in runs), key=lambda run: run.seed)
   runs_lib.train_all(every, scale=args.scale, workdir=args.workdir, jobs=args.jobs,
-                     data_dir=args.data_dir, log=lambda line: print(line, flush=True))
+                     data_dir=args.data_dir, pilot=pilot, log=lambda line: print(line, flush=True))
   return claim_runs
 
 
 def run(keys: list[str], args) -> None:
   """`run`: the claims table with each claim's protocol seeds (or the first --seeds of them)."""
   def seeds_of(module):
-    seeds = list(module.get_config(args.scale).seeds)
+    seeds = list(runs_lib.claim_config(runs_lib.key_of(module), args.scale).seeds)
     return seeds[:args.seeds] if args.seeds else seeds
   start = time.perf_counter()
   claim_runs = train_claims(keys, args, seeds_of)

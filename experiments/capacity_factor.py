@@ -1,6 +1,7 @@
 """Claim (e): a larger capacity factor lowers the token drop rate and the loss.
 
   python -m experiments run --claims e --scale cpu --workdir runs/claims
+  moe-jax sweep --config experiments/capacity_factor.py:scale=cpu --workdir runs/capacity_factor   (its runs, no verdict)
 
 Switch top-1 at capacity factors 1.0, 1.25 and 2.0 with the SAME expert width: this claim is
 about the capacity factor itself, so FLOPs are not equalized: active FLOPs (one expert per
@@ -23,11 +24,12 @@ FACTORS = {'cf_1': 1.0, 'cf_1_25': 1.25, 'cf_2': 2.0}
 # The paired differences (member, baseline, metric) the verdict tests, each claimed < its margin.
 COMPARISONS = [('cf_2', 'cf_1', 'eval_loss')]
 
-def get_config(scale: str = 'cpu'):
+def get_config(arg: str | None = None):
+  scale = common.scale_of(arg)
   members = {name: {'moe': {'router': 'token_choice', 'k': 1, 'capacity_factor': cf}}
              for name, cf in FACTORS.items()}
   return common.sweep_config('lm', scale, members, flops_match='executed', size_experts=False,
-                             flops_tolerance=1.0, seeds=range(3) if scale == 'cpu' else range(4))
+                             flops_tolerance=1.0, seeds=range(3) if scale == 'cpu' else range(12))  # PROTOCOL.md
 
 
 def verdict(results) -> common.Verdict:

@@ -1,6 +1,6 @@
 """Shared machinery of the claim reproductions: their sweeps, running seeds, statistics, verdicts.
 
-A claim module (`experiments/<claim>.py`) defines `STATEMENT`, `SOURCE`, `get_config(scale)` (a
+A claim module (`experiments/<claim>.py`) defines `STATEMENT`, `SOURCE`, `get_config(arg)` (a
 sweep config: `base`, `members`, `size_experts`, `flops_tolerance`, plus `task` ('lm' or 'vit')
 and `seeds`; its base is a config of configs/ at the claim's scale, e.g.
 `configs/lm_tiny.py:scale=gpu`) and `verdict(results) -> Verdict`. `run_claim` trains every member
@@ -23,10 +23,16 @@ import numpy as np
 from scipy import stats
 
 from configs import lm_tiny, vit_digits
-from configs.common import SCALES  # noqa: F401 (the scales of every claim; --scale)
+from configs.common import SCALES, check_scale, parse_arg
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASES = {'lm': lm_tiny, 'vit': vit_digits}  # each task's base config (`at_scale` presets)
+
+
+def scale_of(arg: str | None) -> str:
+  """The scale a claim's `get_config(arg)` runs at: 'scale=cpu' or 'scale=gpu' (default cpu),
+  parsed like every config's presets (`configs.common.parse_arg`)."""
+  return check_scale(parse_arg(arg, scale='cpu').scale)
 
 
 def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
@@ -36,7 +42,7 @@ def sweep_config(task: str, scale: str, members: dict, *, flops_match: str,
   """A claim's sweep: the task's base config at `scale` (`BASES`; changed by
   `base_changes(base)`), `members` sized and checked at equal FLOPs by the paper's convention
   `flops_match` ('active' or 'executed', see moe_jax/moe/flops.py), 3 seeds at cpu scale and 5 at gpu
-  scale unless `seeds`."""
+  scale (experiments/PROTOCOL.md) unless `seeds`."""
   config = ml_collections.ConfigDict()
   config.task = task
   config.scale = scale
@@ -61,7 +67,7 @@ def run_claim(module, scale: str, workdir: pathlib.Path, *, seeds: Sequence[int]
   seeds: the seeds to run (default: the claim's own)."""
   from experiments import runs as runs_lib
   key = runs_lib.key_of(module)
-  chosen = list(seeds if seeds is not None else module.get_config(scale).seeds)
+  chosen = list(seeds if seeds is not None else runs_lib.claim_config(key, scale).seeds)
   if len(chosen) < 2:
     raise ValueError(f'seeds={chosen} are too few: an interval needs at least 2 seeds.')
   runs = runs_lib.claim_runs(key, scale, chosen, workdir, data_dir)
@@ -137,12 +143,11 @@ def run_numbers(directory: pathlib.Path) -> dict:
   (eval_loss, ...; NaN where a diverged run has none), 'dropped' (final fraction of tokens dropped,
   mean over MoE layers; 0 for dense), 'spikes' (`spike_count` of the logged training losses),
   'max_jump' (the largest relative rise of the training loss over the median of the 10 previous
-  logged losses), 'diverged' (the loss went non-finite: `experiments.runs.DIVERGED`),
+  logged losses), 'diverged' (the loss went non-finite: `moe_jax.run.sweep.DIVERGED`),
   'divergences' (1 if diverged or any `lasting_jumps`, else 0) and 'overfit' (the final held-out
   loss relative to the lowest of the run's evaluations, minus 1; 0 when the last is best)."""
-  from experiments.runs import DIVERGED
-  from moe_jax.run import report
-  diverged = (directory / DIVERGED).exists()
+  from moe_jax.run import report, sweep
+  diverged = (directory / sweep.DIVERGED).exists()
   metrics = report.read_metrics(directory)
   summary = {'eval_loss': math.nan} if diverged else report.read_run(directory)['summary']
   losses = [m['train_loss'] for m in metrics]

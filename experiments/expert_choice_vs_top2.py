@@ -1,6 +1,7 @@
 """Claim (b): expert-choice routing matches or beats top-2 token choice at equal FLOPs.
 
   python -m experiments run --claims b --scale cpu --workdir runs/claims
+  moe-jax sweep --config experiments/expert_choice_vs_top2.py:scale=cpu --workdir runs/expert_choice_vs_top2   (its runs, no verdict)
 
 Expert choice (capacity factor 2, i.e. 2 experts per token on average) routes the tokens at one
 position across the batch together (`group_by='position'`), which keeps the LM causal; GShard
@@ -21,7 +22,8 @@ NON_INFERIORITY_MARGIN = 0.01  # nats / byte
 # The paired differences (member, baseline, metric) the verdict tests, each claimed < its margin.
 COMPARISONS = [('expert_choice', 'gshard_top2', 'eval_loss')]
 
-def get_config(scale: str = 'cpu'):
+def get_config(arg: str | None = None):
+  scale = common.scale_of(arg)
   return common.sweep_config('lm', scale, flops_match='active', members={
       'gshard_top2': {'moe': {'router': 'token_choice', 'k': 2, 'capacity_factor': 1.25}},
       'expert_choice': {'moe': {'router': 'expert_choice', 'capacity_factor': 2.0,

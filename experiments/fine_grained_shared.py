@@ -1,6 +1,7 @@
 """Claim (c): fine-grained + shared experts beat GShard top-2 at equal total params and FLOPs.
 
   python -m experiments run --claims c --scale cpu --workdir runs/claims
+  moe-jax sweep --config experiments/fine_grained_shared.py:scale=cpu --workdir runs/fine_grained_shared   (its runs, no verdict)
 
 DeepSeekMoE's recipe applied to GShard top-2 over 8 experts: split every expert into m = 4
 narrower ones (32 experts of a quarter of the width, 8 active per token) and make one of them a
@@ -20,7 +21,8 @@ PARAMS_TOLERANCE = 0.05
 # The paired differences (member, baseline, metric) the verdict tests, each claimed < its margin.
 COMPARISONS = [('fine_grained_shared', 'gshard_top2', 'eval_loss')]
 
-def get_config(scale: str = 'cpu'):
+def get_config(arg: str | None = None):
+  scale = common.scale_of(arg)
   return common.sweep_config('lm', scale, flops_match='active', members={
       'gshard_top2': {'moe': {'router': 'token_choice', 'num_experts': 8, 'k': 2,
                               'capacity_factor': 1.25}},

@@ -1,6 +1,7 @@
 """Claim (f): Soft MoE beats sparse token-choice and expert-choice routers on a ViT at equal FLOPs.
 
   python -m experiments run --claims f --scale cpu --workdir runs/claims
+  moe-jax sweep --config experiments/soft_moe_vit.py:scale=cpu --workdir runs/soft_moe_vit   (its runs, no verdict)
 
 A ViT classifier (`moe_jax.models.vit`), every second block MoE with 8 experts, each image's
 tokens routed together: on Fashion-MNIST (60,000 train / 10,000 test 28x28 images, 4x4 patches:
@@ -33,7 +34,8 @@ MEMBERS = {
 # The paired differences (member, baseline, metric) the verdict tests, each claimed < its margin.
 COMPARISONS = [('soft_moe', 'token_choice_top2', 'eval_loss'), ('soft_moe', 'expert_choice', 'eval_loss')]
 
-def get_config(scale: str = 'cpu'):
+def get_config(arg: str | None = None):
+  scale = common.scale_of(arg)
   return common.sweep_config('vit', scale, MEMBERS, flops_match='executed',
                              seeds=range(3) if scale == 'cpu' else range(4))
 

@@ -1,6 +1,7 @@
 """Claim (d): the router z-loss prevents the divergences that bfloat16 router logits cause.
 
   python -m experiments run --claims d --scale cpu --workdir runs/claims
+  moe-jax sweep --config experiments/z_loss_spikes.py:scale=cpu --workdir runs/z_loss_spikes   (its runs, no verdict)
 
 ST-MoE's regime: its z-loss targets the round-off of large router logits in bfloat16 ("a 0.5
 round-off in logits near 128 alters the softmax output by 36%"), and it measures stability as the
@@ -20,7 +21,8 @@ STATEMENT = ('The router z-loss prevents divergence when router logits are round
 SOURCE = 'Zoph et al. 2022, ST-MoE (sec. 3.1, fig. 2, table 4)'
 METRIC = 'divergences'
 Z_LOSS = 1e-3  # ST-MoE's c_z
-LEARNING_RATE = {'cpu': 3e-2, 'gpu': 1e-2}  # the positive control's rate (pilot: PROTOCOL.md)
+# The positive control's rate at each scale, fixed by the pilot (PROTOCOL.md); None until it ran.
+LEARNING_RATE = {'cpu': 3e-2, 'gpu': None}
 PILOT_RATES = (3e-3, 1e-2, 3e-2)  # the candidates the pilot tries without z-loss
 
 # The paired differences (member, baseline, metric) the verdict tests, each claimed < its margin.
@@ -34,7 +36,12 @@ def _regime(rate):
   return change
 
 
-def get_config(scale: str = 'cpu'):
+def get_config(arg: str | None = None):
+  scale = common.scale_of(arg)
+  if LEARNING_RATE[scale] is None:
+    raise ValueError(f'claim (d) has no regime at scale={scale} yet: run its pilot first '
+                     f'(python -m experiments pilot --scale {scale} --claims d --seeds 1000 '
+                     '--workdir DIR) and fix LEARNING_RATE from it, as experiments/PROTOCOL.md says.')
   # Both arms are the same model, so the FLOPs convention cannot matter; 'active' as (a)-(c).
   return common.sweep_config('lm', scale, flops_match='active', members={
       'no_z_loss': {'moe': {'z_loss_coef': 0.0}},
@@ -42,8 +49,9 @@ def get_config(scale: str = 'cpu'):
   }, base_changes=_regime(LEARNING_RATE[scale]), seeds=range(3) if scale == 'cpu' else range(6))
 
 
-def pilot_config(scale: str = 'cpu'):
+def pilot_config(arg: str | None = None):
   """The pilot's search for the positive control: no z-loss at each of PILOT_RATES."""
+  scale = common.scale_of(arg)
   return common.sweep_config('lm', scale, flops_match='active', members={
       f'no_z_loss_lr{rate:g}'.replace('.', '_'): {'moe': {'z_loss_coef': 0.0}, 'train': {'learning_rate': rate}}
       for rate in PILOT_RATES}, base_changes=_regime(PILOT_RATES[0]))

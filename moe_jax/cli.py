@@ -7,6 +7,9 @@
   moe-jax config --config FILE [--config.moe.router=soft ...]   (prints the resolved config)
   moe-jax plan   --config FILE --config.mesh.data=D --config.mesh.expert=X [--config.mesh.fsdp=F ...]
                  (parameters, FLOPs, memory per device and the accelerators it fits; no device used)
+  moe-jax tokenizer --data english_mix --vocab_size 8192 --out DIR
+                 (a SentencePiece vocabulary from the training split; --config.data.tokenizer=
+                 DIR/tokenizer.model trains on it)
 
 Config overrides are ml_collections' `--config.<field>=<value>`; `--config FILE:ARG` passes ARG to
 the file's get_config, whose presets it picks (e.g. `configs/lm_tiny.py:dropless` for
@@ -15,8 +18,10 @@ that may be None (typed optional, e.g. config.moe.capacity_factor). A config in 
 (configs/, configs/papers/) imports its siblings as Python, from any folder. Each command is one
 `COMMANDS` entry: a function defining its flags on its own `FlagValues` and a function running with
 them. A user's mistake (a missing config file, a syntax error in it, a bad field value or name, a
-workdir that is a file, missing data, no runs to report) ends in one line on stderr and exit code
-2, Ctrl-C in 130 and a non-finite loss in 1, with no traceback.
+workdir that is a file, missing data, no runs to report, a workdir another run is using, a
+checkpoint that cannot be written) ends in one line on stderr and exit code 2, Ctrl-C (at any
+moment of `train` or `sweep`: they stop at a safe point, resumable) in 130 and a non-finite loss
+in 1, with no traceback.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 from ml_collections import config_flags
+
+from moe_jax import interrupt
 
 PROG = 'moe-jax'
 
@@ -127,7 +134,7 @@ def _show_config(fv: flags.FlagValues) -> None:
 
   _check_config(fv.config)  # a config that train would refuse is not printed
   print(fv.config)
-  print('Router families (config.moe.router; moe_jax/moe/families.py):')
+  print('Router families (config.moe.router; moe_jax/routers/, registered in moe_jax/moe/families.py):')
   for name, family in families.FAMILIES.items():
     options = ', '.join(family.options) or 'none'
     print(f'  {name:14s}{family.cite}. Options: {options}.')
@@ -148,6 +155,49 @@ def _plan(fv: flags.FlagValues) -> None:
   print(memory_plan.render(memory_plan.make_plan(fv.config, name=name)))
 
 
+def _tokenizer_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+  del argv
+  flags.DEFINE_string('data', None, 'the text data set whose TRAINING split the vocabulary is '
+                      'learnt from (e.g. english_mix, tiny_shakespeare)', flag_values=fv)
+  flags.DEFINE_integer('vocab_size', 8192, 'pieces in the vocabulary (byte fallback takes 256 '
+                       'of them)', flag_values=fv)
+  flags.DEFINE_string('out', None, 'folder for tokenizer.model, tokenizer.vocab and '
+                      'tokenizer.json; then train with --config.data.tokenizer=OUT/tokenizer.model',
+                      flag_values=fv)
+  flags.DEFINE_enum('model_type', 'unigram', ['unigram', 'bpe'], 'SentencePiece model type',
+                    flag_values=fv)
+  flags.DEFINE_integer('input_sentence_size', 300_000, 'lines sampled from the training split '
+                       '(caps the time: about a minute for 8k pieces)', flag_values=fv)
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir (as config.data.data_dir)', flag_values=fv)
+  flags.DEFINE_string('manual_dir', None, 'the data set\'s local files (as '
+                      'config.data.manual_dir)', flag_values=fv)
+  flags.mark_flags_as_required(['data', 'out'], flag_values=fv)
+
+
+def _tokenizer(fv: flags.FlagValues) -> None:
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # no accelerator needed
+  from moe_jax.data import tokenizers
+
+  command = ' '.join([PROG, 'tokenizer', f'--data={fv.data}', f'--vocab_size={fv.vocab_size}',
+                      f'--out={fv.out}', f'--model_type={fv.model_type}',
+                      f'--input_sentence_size={fv.input_sentence_size}'])
+  try:
+    record = tokenizers.train_sentencepiece(
+        fv.data, fv.vocab_size, fv.out, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
+        model_type=fv.model_type, input_sentence_size=fv.input_sentence_size, command=command)
+  except (ValueError, OSError) as e:  # the data's messages name config fields: name the flags
+    message = str(e)
+    for field, flag in (('--config.data.manual_dir', '--manual_dir'),
+                        ('config.data.data_dir', '--data_dir'), ('config.data.name', '--data')):
+      message = message.replace(field, flag)
+    raise type(e)(message) from None
+  out = pathlib.Path(fv.out)
+  print(f'wrote {out / "tokenizer.model"}, {out / "tokenizer.vocab"} and '
+        f'{out / tokenizers.RECORD} ({record["vocab_size"]} pieces from the {record["split"]} '
+        f'split of {record["data"]}, {record["seconds"]} s); train with '
+        f'--config.data.tokenizer={out / "tokenizer.model"}')
+
+
 COMMANDS: dict[str, Command] = {
     'train': Command('train (or resume) a run: the LM or the ViT, as the config says',
                      _config_and_workdir_flags, _train),
@@ -158,6 +208,8 @@ COMMANDS: dict[str, Command] = {
                       _config_flag, _show_config),
     'plan': Command('parameters, FLOPs and memory per device of a config on its mesh, and the '
                     'accelerators it fits, before any device is used', _config_flag, _plan),
+    'tokenizer': Command('train a SentencePiece vocabulary on a data set\'s training split',
+                         _tokenizer_flags, _tokenizer),
 }
 
 
@@ -310,9 +362,23 @@ def _run(name: str, fv: flags.FlagValues) -> int:
   return status
 
 
+TRAINING = ('train', 'sweep')  # Ctrl-C stops them at a safe point (moe_jax/interrupt.py)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs `moe-jax <command> [flags]`; returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in TRAINING:
+    return _main(argv)
+  with interrupt.deferred():  # from the start: Ctrl-C while JAX imports or compiles is safe too
+    status = _main(argv)
+    if status == 0 and interrupt.requested():  # pressed after training's last safe point
+      print(f'{PROG} {argv[1]}: interrupted once its work was done', file=sys.stderr)
+      status = 130
+  return status
+
+
+def _main(argv: list[str]) -> int:
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print(_usage())
     return 0 if len(argv) >= 2 else 2

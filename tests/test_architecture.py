@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / 'moe_jax'
 # Lowest first: a module may import from its own layer or lower ones. A layer is the first name
 # under moe_jax/ (a subpackage or a top-level module); the package's __init__ counts as 'cli'.
-LAYERS = [('validate', 'reproducibility'), ('routing',), ('moe',), ('data',), ('parallel',),
+LAYERS = [('validate', 'reproducibility', 'interrupt'), ('routing',), ('routers',), ('moe',), ('data',), ('parallel',),
           ('models',), ('run',), ('cli',)]
 
 

@@ -15,8 +15,9 @@ import pytest
 from configs import lm_tiny
 from moe_jax import cli
 from moe_jax.data import text
-from moe_jax.moe import spec
-from moe_jax.run import events as tb_events, train
+from moe_jax.moe import families, spec
+from moe_jax.run import train
+from tests import tensorboard_reader
 
 TINY = ['--config.data.seq_len=32', '--config.data.batch_size=4', '--config.model.d_model=32',
         '--config.model.num_layers=2', '--config.model.num_heads=2', '--config.model.d_ff=64',
@@ -156,7 +157,7 @@ def test_ctrl_c_checkpoints_then_resume_matches_an_uninterrupted_run(
       np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, err_msg=key)
   # TensorBoard shows each step once: the points past step 5 of the first call are gone.
   def points(run):  # tokens/s is absent right after each call's first (compiling) step
-    return [(step, tag) for step, tag, _ in tb_events.read_events(run)
+    return [(step, tag) for step, tag, _ in tensorboard_reader.read_events(run)
             if tag != 'train/tokens_per_s']
 
   assert points(workdir) == points(straight_run)
@@ -183,7 +184,7 @@ def test_non_finite_loss_stops_before_saving(data_dir, tmp_path, capsys, monkeyp
 
 
 def test_run_writes_tensorboard_events(straight_run):
-  events = tb_events.read_events(straight_run)
+  events = tensorboard_reader.read_events(straight_run)
   steps = {}
   for step, tag, value in events:
     steps.setdefault(tag, []).append(step)
@@ -203,7 +204,7 @@ def test_config_command_prints_resolved_config_and_router_options(capsys):
                    '--config.moe.router=hash']) == 0
   out = capsys.readouterr().out
   assert 'router: hash' in out and 'capacity_factor: null' in out and 'learning_rate:' in out
-  for choice in (*spec.ROUTERS, *spec.GROUPINGS, *spec.PRIORITIES, 'dispatch:', 'z_loss_coef'):
+  for choice in (*families.names(), *spec.GROUPINGS, *spec.PRIORITIES, 'dispatch:', 'z_loss_coef'):
     assert choice in out
   assert cli.main(['moe-jax', 'train', '--help']) == 0
   assert 'moe-jax config' in capsys.readouterr().out

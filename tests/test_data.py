@@ -51,7 +51,7 @@ def test_prepared_as_array_record_without_tensorflow(prepared):
   if importlib.util.find_spec('tensorflow'):
     pytest.skip('TensorFlow is installed here, so its absence cannot be checked')
   assert 'tensorflow' not in sys.modules
-  files = prepared[0].glob('tiny_shakespeare_manual/1.0.0/*.array_record*')
+  files = prepared[0].glob('tiny_shakespeare_manual/1.1.0/*.array_record*')
   assert sorted(p.name for p in files) == [
       f'tiny_shakespeare_manual-{split}.array_record-00000-of-00001'
       for split in ('test', 'train', 'validation')]

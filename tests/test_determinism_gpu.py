@@ -5,7 +5,8 @@ tests/test_determinism_gpu.py` (English mix in $MOE_JAX_DATA_DIR or ../shared/da
 train the same claim member from the same seed, two with the switch on and two with it off, all at
 once on the one GPU; the two 'on' runs must write identical metrics (every logged loss, gradient
 norm and routing metric, bit for bit), and the spread of the 'off' runs is printed for
-docs/performance.md. On CPU every run is deterministic and this test skips.
+docs/performance.md. On CPU every run is deterministic and this test skips; the memory the runs
+and the test process share the GPU by is checked on CPU too.
 """
 import json
 import os
@@ -18,11 +19,41 @@ import pytest
 
 from moe_jax.data import text
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
+needs_gpu = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = pathlib.Path(__file__).with_name('determinism_worker.py')
 STEPS = 300
 TIMING = ('tokens_per_s',)  # wall-clock fields: never bitwise equal
+RUNS = 4
+MEMORY_FRACTION = 0.2  # of the GPU, for each run: 4 x 0.2, and the rest for this test process
+
+
+def worker_env(environ) -> dict:
+  """A run's environment: it takes MEMORY_FRACTION of the GPU's memory up front (not JAX's default
+  75%) and XLA's default flags (not the CPU tests'). This process, which may have run other GPU
+  tests first, keeps what it allocated: conftest.py stops it preallocating on a GPU."""
+  env = dict(environ, XLA_PYTHON_CLIENT_MEM_FRACTION=str(MEMORY_FRACTION),
+             XLA_PYTHON_CLIENT_PREALLOCATE='true')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def test_the_runs_and_this_process_share_the_gpu():
+  """Checked without a GPU: under JAX_PLATFORMS=cuda conftest.py keeps the test process from
+  taking 75% of the GPU (the runs then failed for memory after tests/test_kernels_gpu.py in the same
+  pytest command), and the runs take 0.2 each, leaving a fifth of the GPU to it."""
+  environ = {k: v for k, v in os.environ.items() if k != 'XLA_PYTHON_CLIENT_PREALLOCATE'}
+  probe = subprocess.run(
+      [sys.executable, '-c', 'import os, conftest; '
+       'print(os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))'],
+      cwd=ROOT, env=dict(environ, JAX_PLATFORMS='cuda'), capture_output=True, text=True,
+      check=True)
+  assert probe.stdout.split()[-1] == 'false'
+  env = worker_env({**environ, 'JAX_PLATFORMS': 'cuda', 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false',
+                    'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert env['XLA_PYTHON_CLIENT_PREALLOCATE'] == 'true' and 'XLA_FLAGS' not in env
+  assert RUNS * float(env['XLA_PYTHON_CLIENT_MEM_FRACTION']) <= 0.8
 
 
 def _metrics(workdir: pathlib.Path) -> list[dict]:
@@ -34,12 +65,13 @@ def _spread(a: list[dict], b: list[dict], key: str) -> float:
   return max(abs(x[key] - y[key]) for x, y in zip(a, b) if x.get(key) is not None)
 
 
+@needs_gpu
 def test_same_seed_twice_is_bitwise_identical_with_the_switch_on(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   text.load_text_splits('english_mix', data_dir=data_dir)  # prepared once, before the runs
-  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.2')
-  env.pop('XLA_FLAGS', None)
+  env = worker_env(os.environ)
   runs = {f'{mode}{i}': tmp_path / f'{mode}{i}' for mode in ('on', 'off') for i in (1, 2)}
+  assert len(runs) == RUNS
   procs = {name: subprocess.Popen([sys.executable, str(WORKER), str(workdir), data_dir,
                                    str(STEPS), name[:-1]], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)

@@ -20,7 +20,12 @@ from moe_jax.run import sweep, tasks
 @pytest.mark.parametrize('key', sorted(CLAIMS))
 def test_every_claim_builds_with_its_flops(key, scale):
   module = importlib.import_module(f'experiments.{CLAIMS[key]}')
-  config = module.get_config(scale)
+  if getattr(module, 'LEARNING_RATE', {}).get(scale, 1.0) is None:  # (d) before its pilot
+    with pytest.raises(ValueError, match='run its pilot first'):
+      module.get_config(f'scale={scale}')
+    config = module.pilot_config(f'scale={scale}')  # the pilot builds instead
+  else:
+    config = module.get_config(f'scale={scale}')
   assert module.STATEMENT and module.SOURCE and len(config.seeds) >= 3
   assert tasks.of(config.base) is tasks.get(config.task)  # the base config says its task
   members = sweep.build_members(config)
@@ -36,7 +41,7 @@ def test_every_claim_builds_with_its_flops(key, scale):
 
 def test_fine_grained_member_has_gshards_total_params():
   from experiments import fine_grained_shared
-  members = sweep.build_members(fine_grained_shared.get_config('cpu'))
+  members = sweep.build_members(fine_grained_shared.get_config('scale=cpu'))
   total = {name: transformer.param_counts(c)[0] for name, c in members.items()}
   assert abs(total['fine_grained_shared'] / total['gshard_top2'] - 1) < 0.05
 
@@ -145,3 +150,18 @@ def test_run_numbers_measures_the_rise_of_the_held_out_loss(tmp_path):
              'eval_loss': 1.0}, {'step': 3, 'train_loss': 1.0, 'eval_loss': 1.1}]
   (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
   assert common.run_numbers(run)['overfit'] == pytest.approx(0.1)
+
+
+def test_a_claim_is_a_sweep_with_seeds(tmp_path, capsys):
+  # One experiment shape: `moe-jax config` reads a claim module like any config, and the sweep
+  # machinery plans its runs, member x seed, seed-major.
+  from moe_jax import cli
+  assert cli.main(['moe-jax', 'config', '--config',
+                   str(common.REPO / 'experiments' / 'moe_vs_dense.py') + ':scale=cpu']) == 0
+  assert 'switch_top1' in capsys.readouterr().out
+  runs = sweep.plan_runs(importlib.import_module('experiments.moe_vs_dense').get_config(),
+                         tmp_path, seeds=[3, 4])
+  assert [(r.member, r.seed, r.directory.relative_to(tmp_path).as_posix()) for r in runs] == [
+      ('dense', 3, 'dense/seed_3'), ('switch_top1', 3, 'switch_top1/seed_3'),
+      ('dense', 4, 'dense/seed_4'), ('switch_top1', 4, 'switch_top1/seed_4')]
+  assert [r.config.seed for r in runs] == [3, 3, 4, 4]

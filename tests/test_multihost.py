@@ -59,3 +59,43 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   assert summary['steps'] == 4 and summary['train_loss'] == got[-1]['train_loss']
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == \
       ['2', '4']
+
+
+def pipeline_config(data_dir, sp_model):
+  """multihost_config's layout with a SentencePiece tokenizer: batches streamed through Grain."""
+  config = multihost_config(data_dir)
+  config.data.tokenizer = sp_model
+  return config
+
+
+def test_two_processes_read_disjoint_shards_of_the_one_process_batch(tmp_path, data_dir,
+                                                                     sp_model):
+  """Tokenized text on 2 processes x 4 devices: each process reads only the examples of the rows
+  its devices hold, the two shards are disjoint, and the global batch assembled from the two
+  local parts equals the batch that one process with all 8 devices reads."""
+  env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'localhost:{_free_port()}',
+         'JAX_NUM_PROCESSES': '2', 'PYTHONPATH': ROOT}
+  workers = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'tests', 'pipeline_worker.py'), str(tmp_path),
+       str(data_dir), sp_model], env={**env, 'JAX_PROCESS_ID': str(i)}, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [w.communicate(timeout=600)[0] for w in workers]
+  for i, (worker, out) in enumerate(zip(workers, outputs)):
+    assert worker.returncode == 0, f'process {i}:\n{out[-4000:]}'
+
+  from moe_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from moe_jax.run import tasks  # pylint: disable=g-import-not-at-top
+
+  config = pipeline_config(data_dir, sp_model)
+  feed = tasks.LM.load(config).feed(sharding.batch_sharding(sharding.mesh_from_config(config)))
+  want = np.stack([np.asarray(feed.batch(i)) for i in range(3)])  # one process, 8 devices
+  got = [np.load(tmp_path / f'process_{i}.npz') for i in range(2)]
+  rows = [set(g['rows'].tolist()) for g in got]
+  read = [set(g['read'].tolist()) for g in got]
+  assert rows[0].isdisjoint(rows[1]) and rows[0] | rows[1] == set(range(8))
+  assert read[0] and read[1] and read[0].isdisjoint(read[1])  # each reads its own shard
+  for g in got:
+    for i in g['read']:  # only examples of its own rows' ranges
+      assert any(feed.rows.ranges[r][0] <= i < feed.rows.ranges[r][1] for r in g['rows'])
+    np.testing.assert_array_equal(g['local'], want[:, g['rows']])
+    np.testing.assert_array_equal(g['whole'], want)

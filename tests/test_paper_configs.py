@@ -192,6 +192,33 @@ def test_plan_answers_on_two_meshes(name, mesh):
   assert 'fits (at most 90% of HBM)' in memory_plan.render(result)
 
 
+def test_plan_counts_remat_and_microbatches():
+  """Switch-Base on 32 x 8: full remat keeps one block input per layer and a recomputed block's
+  activations and gradients; 4 microbatches keep a quarter of the activations and add a second
+  gradient copy (the accumulated sum)."""
+  config = paper_config('switch_base', data=32, expert=8)
+  plain = memory_plan.make_plan(config)
+  config.model.remat = 'full'
+  full = memory_plan.make_plan(config)
+  config.model.remat = 'dots_with_no_batch_dims_saveable'
+  dots = memory_plan.make_plan(config)
+  for kind in ('tpu', 'gpu'):
+    assert full.activations[kind] < dots.activations[kind] <= plain.activations[kind]
+  assert dots.activations['tpu'] < plain.activations['tpu']  # no score matrices kept
+  assert full.activations['tpu'] < plain.activations['tpu'] / 4  # 12 + 12 blocks, 2 x 2 whole
+  config.model.remat = 'none'
+  config.train.microbatches = 4
+  micro = memory_plan.make_plan(config)
+  for kind in ('tpu', 'gpu'):
+    assert micro.activations[kind] == pytest.approx(plain.activations[kind] / 4, rel=1e-9)
+  assert micro.memory()['gradients'] == 2 * plain.memory()['gradients']
+  assert micro.tokens_per_device == plain.tokens_per_device
+  config.model.remat = 'full'
+  text = memory_plan.render(memory_plan.make_plan(config))
+  assert '(1.07B weights held: ' in text
+  assert '; activations of 1 of 4 microbatches; remat=full)' in text
+
+
 def test_plan_command_prints_the_plan_without_touching_a_device():
   """`moe-jax plan` in a fresh process: the plan, exit 0, and no JAX backend ever started."""
   code = ('import sys; from moe_jax import cli; rc = cli.main(["moe-jax", "plan", "--config", '

@@ -3,15 +3,18 @@ import csv
 import json
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from moe_jax import cli
 from moe_jax.run import report
 
 
-def write_run(sweep, name, *, eval_loss, seed=0, moe=True, width=64):
+def write_run(sweep, name, *, eval_loss, seed=0, moe=True, width=64, dropped=0.1,
+              load=(10, 30, 20, 40)):
   """A finished run: config.json, summary.json, metrics.jsonl logged every 10 steps to step 40,
-  evaluated at 20 and 40; train losses 3.0, 2.0, 1.0, 0.5."""
+  evaluated at 20 and 40; train losses 3.0, 2.0, 1.0, 0.5; with moe, `load` tokens per expert
+  and a fraction `dropped`."""
   run = sweep / name
   run.mkdir(parents=True)
   (run / 'config.json').write_text(json.dumps({'seed': seed, 'model': {'d_ff': width}}))
@@ -22,8 +25,8 @@ def write_run(sweep, name, *, eval_loss, seed=0, moe=True, width=64):
     if step in (20, 40):
       record['eval_loss'] = eval_loss
     if moe:
-      record.update({'moe/block_1/tokens_per_expert': [10, 30, 20, 40],
-                     'moe/block_1/fraction_dropped': 0.1})
+      record.update({'moe/block_1/tokens_per_expert': list(load),
+                     'moe/block_1/fraction_dropped': dropped})
     records.append(record)
   (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
 
@@ -93,3 +96,72 @@ def test_report_command_says_where_it_wrote(tmp_path, capsys):
   out = capsys.readouterr().out
   assert (f'wrote results.md, results.csv, eval_loss.png, dropped.png, expert_load.png in '
           f'{tmp_path.resolve()}') in out
+
+
+def report_figures(sweep, monkeypatch):
+  """The figures of eval_loss.png, dropped.png and expert_load.png (if any) of `sweep`, drawn."""
+  figures = []
+  monkeypatch.setattr(plt, 'close', figures.append)  # report closes each figure once saved
+  report.write_report(sweep)
+  monkeypatch.undo()
+  for figure in figures:
+    figure.canvas.draw()
+  return figures
+
+
+def test_expert_load_is_diverging_around_the_fair_share(tmp_path, monkeypatch):
+  """A balanced layer is white, an idle expert dark blue, an overloaded one red: not a linear
+  0-8 scale on which the fair share looked nearly as dark as an idle expert."""
+  write_run(tmp_path, 'balanced', eval_loss=1.5, load=(25, 25, 25, 25))
+  write_run(tmp_path, 'skewed', eval_loss=1.6, load=(0, 10, 30, 60))
+  *_, expert_load = report_figures(tmp_path, monkeypatch)
+  heat_map, colour_bar = expert_load.axes
+  image = heat_map.get_images()[0]
+  assert image.norm.vcenter == 1.0 and image.norm.vmin == 0.0 and image.norm.vmax >= 2.0
+  white, idle, hot = (np.asarray(image.cmap(image.norm(v))[:3]) for v in (1.0, 0.0, 2.4))
+  assert white.min() > 0.9  # the fair share
+  assert idle[2] > 0.3 and idle[:2].max() < 0.2  # dark blue
+  assert hot[0] > 0.3 and hot[1:].max() < 0.2  # dark red
+  assert colour_bar.get_ylabel() == 'share of tokens / fair share'
+  assert 1.0 in colour_bar.get_yticks()
+  plt.close(expert_load)
+
+
+def test_fourteen_runs_are_told_apart_and_legends_hide_no_curve(tmp_path, monkeypatch):
+  """Each of 14 runs (a router zoo) gets its own colour and marker, the same in every plot (tab20
+  gave neighbours a colour and its paler twin), and the legends sit right of the axes."""
+  names = [f'run{i:02d}' for i in range(14)]
+  for i, name in enumerate(names):
+    write_run(tmp_path, name, eval_loss=2.0 + i / 100, dropped=0.1 + i / 100)
+  eval_loss, dropped, expert_load = report_figures(tmp_path, monkeypatch)
+  styles = {line.get_label(): (line.get_color(), line.get_linestyle(), line.get_marker())
+            for line in eval_loss.axes[0].get_lines()}
+  assert sorted(styles) == names
+  assert len({colour for colour, _, _ in styles.values()}) == 14
+  assert len({marker for _, _, marker in styles.values()}) == 14
+  assert styles == {name: (style['color'], style['linestyle'], style['marker']) for name, style
+                    in report.run_styles([{'name': name} for name in names]).items()}
+  for line in dropped.axes[0].get_lines():
+    assert (line.get_color(), line.get_linestyle(), line.get_marker()) == styles[line.get_label()]
+  for figure in (eval_loss, dropped):
+    ax = figure.axes[0]
+    legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= box.x1, (legend, box)
+  for figure in (eval_loss, dropped, expert_load):
+    plt.close(figure)
+
+
+def test_runs_that_never_drop_share_one_legend_entry(tmp_path, monkeypatch):
+  """Seven 0% lines drawn on top of each other showed as one, unnamed: they are one entry."""
+  write_run(tmp_path, 'dense', eval_loss=2.0, moe=False)
+  write_run(tmp_path, 'switch', eval_loss=1.5)
+  for name in ('dropless', 'soft'):
+    write_run(tmp_path, name, eval_loss=1.6, dropped=0.0)
+  _, dropped, expert_load = report_figures(tmp_path, monkeypatch)
+  labels = [text.get_text() for text in dropped.axes[0].get_legend().get_texts()]
+  assert labels[0] == 'switch'
+  assert ' '.join(labels[1].split()) == 'never drop (0% at every step): dropless, soft'
+  assert labels[2] == 'no router: dense'
+  assert [line.get_label() for line in dropped.axes[0].get_lines()][0] == 'switch'
+  plt.close(dropped)
+  plt.close(expert_load)

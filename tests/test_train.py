@@ -5,6 +5,7 @@ included); a workdir refuses a different config; FLOP/parameter counts by hand; 
 overrides.
 """
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def test_run_directory_format(short_run):
   events = [name for name in names if name.startswith('events.out.tfevents.')]
   assert len(events) == 1  # TensorBoard's copy of metrics.jsonl
   assert names - set(events) == {'config.json', 'metrics.jsonl', 'checkpoints', 'timing.json',
-                                 'summary.json'}
+                                 'summary.json', 'run.lock'}
   assert json.loads((workdir / 'config.json').read_text()) == config.to_dict()
   assert json.loads((workdir / 'summary.json').read_text()) == summary
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [75, 150]
@@ -78,6 +79,8 @@ def test_run_directory_format(short_run):
   assert summary['flops_executed'] == transformer.model_flops_per_token(config, 'executed')
   assert summary['flops_active'] == transformer.model_flops_per_token(config, 'active')
   assert summary['flops_active'] < summary['flops_executed']  # capacity 1.25 pads
+  # Bytes: held-out bits per byte are nats per token / ln 2.
+  assert summary['eval_bits_per_byte'] == pytest.approx(summary['eval_loss'] / math.log(2))
   env = summary['environment']
   assert env['backend'] == 'cpu' and env['jax'] == jax.__version__ and env['device_count'] >= 1
   assert summary['router'].startswith('token_choice (num_experts=4, d_ff=64')

@@ -126,7 +126,8 @@ def test_soft_moe_vit_learns_the_digits(short_run):
 def test_run_directory_reads_like_an_lm_run(short_run):
   config, workdir, summary = short_run
   names = {p.name for p in workdir.iterdir() if not p.name.startswith('events.out.tfevents.')}
-  assert names == {'config.json', 'metrics.jsonl', 'checkpoints', 'timing.json', 'summary.json'}
+  assert names == {'config.json', 'metrics.jsonl', 'checkpoints', 'timing.json', 'summary.json',
+                   'run.lock'}
   assert json.loads((workdir / 'config.json').read_text()) == config.to_dict()
   assert summary['router'].startswith('soft (num_experts=4')
   table = report.write_report(workdir)

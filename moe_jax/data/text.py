@@ -139,13 +139,30 @@ def load_text_splits(
   are joined with newlines, so this suits small corpora only. A name TFDS does not know (and finds
   no prepared files of in `data_dir`) is a ValueError at once, listing the offline data sets.
   """
+  if name.split('/')[0] in STREAMING_ONLY:
+    raise ValueError(f'config.data.name={name!r} is too large to load into memory as this '
+                     'loader does (the byte-level path, config.data.tokenizer=\'bytes\'): '
+                     'train it with a SentencePiece tokenizer, whose batches stream through '
+                     'Grain (moe_jax/data/pipeline.py).')
+  sources = text_sources(name, data_dir=data_dir, manual_dir=manual_dir)
+  return {
+      split: '\n'.join(ex['text'].decode('utf-8') for ex in source)
+      for split, source in sources.items()
+  }
+
+
+def text_sources(
+    name: str = 'tiny_shakespeare',
+    *,
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+) -> dict:
+  """{split: random-access TFDS data source of {'text': bytes} examples} of data set `name`,
+  read from its array_record files (prepared first, as `load_text_splits` says); nothing is read
+  into memory. Unlike `load_text_splits`, streaming-only sets (`STREAMING_ONLY`) are allowed."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   builders = _local_builders()
-  if name.split('/')[0] in STREAMING_ONLY:
-    raise ValueError(f'config.data.name={name!r} is too large to load into memory as this '
-                     'loader does: `moe-jax plan` sizes its runs, but training on it needs a '
-                     'streaming input pipeline, not in the project yet.')
   if name in builders:
     with quiet_tfds():
       builder = builders[name](data_dir=data_dir, file_format='array_record')
@@ -168,10 +185,7 @@ def load_text_splits(
           f'({type(e).__name__}: {reason}): stock TFDS needs the network (and some builders '
           f'TensorFlow). Offline, {_offline_names()} are available.'
       ) from e
-  return {
-      split: '\n'.join(ex['text'].decode('utf-8') for ex in source)
-      for split, source in sources.items()
-  }
+  return dict(sources)
 
 
 def _offline_names() -> str:

@@ -23,9 +23,16 @@ import tensorflow_datasets as tfds
 
 
 class TinyShakespeareManual(tfds.core.GeneratorBasedBuilder):
-  """Tiny Shakespeare from `<manual_dir>/input.txt`; same splits and features as stock."""
+  """Tiny Shakespeare from `<manual_dir>/input.txt`; the stock splits and features.
 
-  VERSION = tfds.core.Version('1.0.0')
+  Each split is written as consecutive blocks of ~8 KiB cut at newlines (`text_blocks`; 1.0.0
+  wrote one example per split), in order, so that `load_text_splits`' '\n' join gives the stock
+  split text exactly and a streaming reader (`moe_jax.data.pipeline`) can shard the split over
+  rows and hosts by example.
+  """
+
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.1.0': 'Splits as ~8 KiB blocks cut at newlines (same text when joined).'}
   MANUAL_FILES = ('input.txt',)
   URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -38,6 +45,7 @@ class TinyShakespeareManual(tfds.core.GeneratorBasedBuilder):
         description='40,000 lines of Shakespeare (karpathy/char-rnn), read from a manual dir.',
         features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
         supervised_keys=None,
+        disable_shuffling=True,
         homepage='https://github.com/karpathy/char-rnn/blob/master/data/tinyshakespeare/input.txt',
     )
 
@@ -51,7 +59,9 @@ class TinyShakespeareManual(tfds.core.GeneratorBasedBuilder):
     return {name: self._generate_examples(name, split) for name, split in splits.items()}
 
   def _generate_examples(self, split_key, split_text):
-    yield split_key, {'text': split_text}
+    del split_key
+    for index, block in enumerate(text_blocks(split_text, BLOCK_SIZE)):
+      yield index, {'text': block}
 
 
 BLOCK_SIZE = 8192

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import reproducibility
+from moe_jax.data import tokenizers
 from moe_jax.data.text import VOCAB_SIZE
-from moe_jax.models import Stack, ffn, run_blocks
+from moe_jax.models import REMATS, Stack, ffn, run_blocks
 from moe_jax.moe import causality, experts, flops
 from moe_jax.moe.experts import ACTIVATIONS
 from moe_jax.moe.spec import MoESpec
@@ -67,6 +68,7 @@ class TransformerConfig:
   kv_lora_rank: int = 0  # > 0: multi-head latent attention with a latent of this rank
   rope_head_dim: int = 0  # MLA: RoPE dims per head, beside head_dim
   encoder_layers: int = 0  # > 0: an encoder-decoder with this many encoder blocks
+  remat: str = 'none'  # per block: 'none', 'full' or a jax.checkpoint_policies name (REMATS)
 
   def __post_init__(self):
     check_block_stack(self, ('d_model', 'num_layers', 'num_heads', 'd_ff', 'vocab_size'))
@@ -124,7 +126,7 @@ class TransformerConfig:
 def check_block_stack(cfg, positive: tuple[str, ...]) -> None:
   """The checks every model config (LM, ViT) shares, naming the bad `config.model` field: the
     `positive` fields are positive ints, num_heads divides d_model, moe_every is 0 or leaves at
-    least one MoE block past first_dense_layers, and activation and dtype are known."""
+    least one MoE block past first_dense_layers, and activation, dtype and remat are known."""
   for name in positive:
     MODEL.positive(name, getattr(cfg, name))
   if cfg.d_model % cfg.num_heads:
@@ -138,6 +140,7 @@ def check_block_stack(cfg, positive: tuple[str, ...]) -> None:
                'moe_every <= num_layers - first_dense_layers, or 0 for a dense model')
   MODEL.one_of('activation', cfg.activation, ACTIVATIONS)
   MODEL.one_of('dtype', cfg.dtype, DTYPES)
+  MODEL.one_of('remat', cfg.remat, REMATS)
 
 
 def model_and_spec(model_cls, config):
@@ -151,8 +154,14 @@ def model_and_spec(model_cls, config):
 
 
 def from_config(config) -> tuple[TransformerConfig, MoESpec | None]:
-  """(model config, MoE spec or None for a dense model) from a full experiment config."""
-  return model_and_spec(TransformerConfig, config)
+  """(model config, MoE spec or None for a dense model) from a full experiment config. The
+  vocabulary follows the tokenizer (`config.data.tokenizer`) unless config.model sets one, which
+  must then hold every id (`tokenizers.check_vocab`)."""
+  model, spec = model_and_spec(TransformerConfig, config)
+  if 'data' in config and config.data.get('tokenizer', tokenizers.BYTES) != tokenizers.BYTES:
+    vocab = tokenizers.check_vocab(config, model.vocab_size, 'vocab_size' in config.model)
+    model = dataclasses.replace(model, vocab_size=vocab)
+  return model, spec
 
 
 def input_len(config) -> int:

@@ -42,6 +42,7 @@ class ViTConfig:
   pool: str = 'mean'
   dtype: str = 'float32'
   first_dense_layers: int = 0  # blocks before the first MoE one are dense (Soft MoE: last half)
+  remat: str = 'none'  # per block: 'none', 'full' or a jax.checkpoint_policies name (REMATS)
 
   def __post_init__(self):
     if not isinstance(self.first_dense_layers, int) or self.first_dense_layers < 0:

@@ -19,6 +19,10 @@ when no routing decision for a token depends on a token at a later position:
   whole group (Sinkhorn and BASE in training; they route each token alone in evaluation), so only
   `group_by='position'` is causal (`Family.couples_group`).
 
+The check reads only the family (`moe_jax.moe.families`): a family that couples the group gets the
+group rule; any other (a registered one included) gets token choice's capacity rules, with its
+`per_token` experts as k.
+
 `group_by='position'` couples the sequences of a batch at one position: causal, provided the rows of
 a batch are different text (not one row's continuation); `moe_jax.data.text` lays out batches so.
 """
@@ -38,7 +42,8 @@ class Leak:
   fix: str
 
 
-def _token_choice_leak(spec: MoESpec) -> Leak | None:
+def _capacity_leak(spec: MoESpec) -> Leak | None:
+  """Per-token routing (token choice, hash, ...): only competing for capacity can leak."""
   if spec.capacity_factor is None or spec.group_by == 'position':
     return None
   fix = ("use priority='token' with group_by='sequence', capacity_factor=None (dropless), or "
@@ -71,7 +76,7 @@ def future_leak(spec: MoESpec | None) -> Leak | None:
     return None
   if families.family(spec).couples_group:
     return _group_leak(spec)
-  return _token_choice_leak(spec)
+  return _capacity_leak(spec)
 
 
 def require_causal(spec: MoESpec | None, allow_future_leak: bool = False) -> None:

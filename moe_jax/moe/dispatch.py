@@ -15,6 +15,10 @@ new classes and their rows there. All compute the same function (tests compare t
 * 'ragged'   `Ragged`, dropless only: rows sorted by expert, `jax.lax.ragged_dot`, unsorted.
 * 'blocked'  `fast_dispatch.Blocked`: expert-sorted rows in blocks, grouped matmul kernels.
 
+`config.moe.dispatch='auto'` is one of these, picked per backend when the layer is traced
+(`moe_jax.moe.spec.resolve_dispatch`: 'blocked' on GPU in bf16, 'ragged' on TPU for dropless
+routing, else 'gather').
+
 A `DroplessPlan` runs 'einsum' and 'gather' as its `SlotPlan` of capacity T. A `SoftPlan` is dense
 by nature and runs as two einsums (`Soft`) under every executor but 'ragged'.
 

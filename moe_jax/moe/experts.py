@@ -6,12 +6,13 @@ of width f are exactly one FFN of width n * f). `Experts` holds E expert FFNs as
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from moe_jax.routers.projection import logical  # noqa: F401 (the layers' annotations)
 
 ACTIVATIONS = ('swiglu', 'gelu')
 
@@ -38,25 +39,6 @@ def _dense(x, w):
 def _check_activation(activation: str) -> None:
   if activation not in ACTIVATIONS:
     raise ValueError(f'activation must be one of {ACTIVATIONS}, got {activation!r}.')
-
-
-def logical(init, names: tuple[str | None, ...]):
-  """`init` with its dims named logically (the names' mesh axes: `moe_jax.parallel.rules`).
-
-  While logical axis rules are in context (`nn.logical_axis_rules`, as `parallel.rules` sets
-  them to derive the train state's shardings and to run on a mesh), the value comes boxed in
-  `nn.LogicallyPartitioned` (`nn.with_logical_partitioning`); elsewhere `module.init` returns
-  plain arrays, as it did before. The box only records the names: the state's shardings apply
-  them (jit's out_shardings), never a constraint inside init, which flax also runs abstractly for
-  its shape check at apply time, where DenseGeneral boxes a flattened kernel (rules=() skips it).
-  """
-  boxed = nn.with_logical_partitioning(init, names, rules=())
-
-  @functools.wraps(init)
-  def wrapper(*args, **kwargs):
-    return (boxed if nn.get_logical_axis_rules() else init)(*args, **kwargs)
-
-  return wrapper
 
 
 def _kernel_init(names: tuple[str, ...], batch_axis=()):

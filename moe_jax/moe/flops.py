@@ -70,24 +70,10 @@ def expert_slots_per_token(spec: MoESpec, shape: Shape, convention: str = 'execu
   return spec.num_experts * slots / n
 
 
-ROUTER_MATRICES = {  # (the family's logits, spec.router_logits) -> (in, out) weight matrices
-    ('experts', 'linear'): lambda spec, d: ((d, spec.num_experts),),
-    ('experts', 'cosine'): lambda spec, d: ((d, spec.cosine_dim), (spec.cosine_dim, spec.num_experts)),
-    ('slots', 'linear'): lambda spec, d: ((d, spec.num_experts * spec.slots_per_expert),),
-    ('none', 'linear'): lambda spec, d: (),  # hash routing
-}
-
-
-def router_matrices(spec: MoESpec, d_model: int) -> tuple[tuple[int, int], ...]:
-  """The (in, out) weight matrices that make a token's router logits: [d, E] (linear), [d, dim] and
-  [dim, E] (cosine), [d, E * S] (Soft MoE), none (hash routing)."""
-  return ROUTER_MATRICES[families.family(spec).logits, spec.router_logits](spec, d_model)
-
-
 def router_flops(spec: MoESpec, d_model: int) -> float:
-  """Router logits, plus Soft MoE's dispatch and combine products, per token."""
-  logits = sum(2.0 * a * b for a, b in router_matrices(spec, d_model))
-  return logits * 3 if families.family(spec).logits == 'slots' else logits  # + dispatch, combine
+  """Router logits, plus Soft MoE's dispatch and combine products, per token (`Family.router_flops`:
+  [d, E] linear, [d, dim] and [dim, E] cosine, [d, E * S] Soft MoE, none for hash routing)."""
+  return families.family(spec).router_flops(spec, d_model)
 
 
 def moe_flops(spec: MoESpec, d_model: int, shape: Shape, convention: str = 'executed') -> float:
@@ -109,9 +95,7 @@ def moe_params(spec: MoESpec, d_model: int, shape: Shape) -> tuple[int, float]:
   """(total, active per token) parameters of an MoE layer; active counts the routed experts of the
   'active' convention (k for token choice: the papers' activated parameters)."""
   per_expert = ffn_matrices(spec.activation) * d_model * spec.d_ff
-  matrices = router_matrices(spec, d_model)
-  router = sum(a * b for a, b in matrices) + int(spec.router_logits == 'cosine' or  # a learned
-                                                   families.family(spec).logits == 'slots')  # scale
+  router = families.family(spec).router_params(spec, d_model)
   shared = spec.num_shared_experts * per_expert
   total = router + shared + expert_params(spec, d_model)
   routed = min(expert_slots_per_token(spec, shape, 'active'), spec.num_experts)

@@ -14,8 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import routing
 from moe_jax.moe import dispatch, families
-from moe_jax.moe.experts import Experts, FeedForward, logical
-from moe_jax.moe.spec import MoESpec
+from moe_jax.moe.experts import Experts, FeedForward
+from moe_jax.moe.spec import MoESpec, resolve_dispatch
+from moe_jax.routers.projection import CosineProjection, RouterProjection  # noqa: F401 (re-export)
 
 EXPERTS = 'experts'  # the `Experts` submodule: stacked weights [E, ...], sharded over the experts
 
@@ -35,65 +36,6 @@ def from_groups(y: jax.Array, group_by: str, shape) -> jax.Array:
   if group_by == 'position':
     return y.transpose(1, 0, 2)
   return y.reshape(shape)
-
-
-class RouterProjection(nn.Module):
-  """Router logits in float32. x: [..., d] -> [..., num_outputs].
-
-  With `normalize` (Soft MoE), inputs and each output's weights are L2-normalized and a learnable
-  scalar scale multiplies the product (Puigcerver et al. 2023, section 2.3).
-  """
-  num_outputs: int
-  normalize: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    kernel = self.param('kernel', logical(nn.initializers.normal(0.02), ('embed', None)),
-                        (x.shape[-1], self.num_outputs))
-    if self.normalize:
-      scale = self.param('scale', nn.initializers.ones, ())
-      x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
-      kernel = scale * kernel * jax.lax.rsqrt(jnp.sum(kernel * kernel, axis=0) + 1e-6)
-    return x @ kernel
-
-
-class CosineProjection(nn.Module):
-  """Cosine router logits (X-MoE, Chi et al. 2022; Tutel's cosine_top). x: [..., d] -> [..., E].
-
-  logits = cos(x W, e_i) * t: x is projected to `dim` dimensions, compared by cosine with E learned
-  expert embeddings (`centroids`: a name other than 'experts', which would shard them over the
-  expert axis), and scaled by a learned temperature t = exp(min(s, log 100)), s initialized to
-  log(1 / 0.5) (Tutel's init_t=0.5 and clamp at 1 / 0.01).
-  """
-  num_outputs: int
-  dim: int
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    project = self.param('project', logical(nn.initializers.lecun_normal(), ('embed', None)),
-                         (x.shape[-1], self.dim))
-    centroids = self.param('centroids', nn.initializers.normal(0.01), (self.dim, self.num_outputs))
-    log_scale = self.param('log_scale', nn.initializers.constant(jnp.log(2.0)), ())
-    unit = lambda v, axis: v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis, keepdims=True), 1e-12))
-    cosine = unit(x @ project, -1) @ unit(centroids, 0)
-    return cosine * jnp.exp(jnp.minimum(log_scale, jnp.log(100.0)))
-
-
-PROJECTIONS = {  # (the family's logits, spec.router_logits) -> the module that makes them
-    ('experts', 'linear'): lambda spec: RouterProjection(spec.num_experts, name='router'),
-    ('experts', 'cosine'): lambda spec: CosineProjection(spec.num_experts, spec.cosine_dim,
-                                                         name='router'),
-    ('slots', 'linear'): lambda spec: RouterProjection(spec.num_experts * spec.slots_per_expert,
-                                                       normalize=True, name='router'),
-    ('none', 'linear'): lambda spec: None,  # hash routing: no learned router
-}
-
-
-def router_projection(spec: MoESpec) -> nn.Module | None:
-  """The module that makes `spec`'s router logits (named 'router'), None when its family has none."""
-  return PROJECTIONS[families.family(spec).logits, spec.router_logits](spec)
 
 
 class MoELayer(nn.Module):
@@ -139,7 +81,8 @@ class MoELayer(nn.Module):
 
     experts = Experts(self._num_local_experts(), x.shape[-1], spec.d_ff, spec.activation,
                       self.dtype, name=EXPERTS)
-    y = dispatch.moe_apply(out.plan, groups, experts, spec.dispatch, dtype=self.dtype,
+    executor = resolve_dispatch(spec, jax.default_backend(), self.dtype)
+    y = dispatch.moe_apply(out.plan, groups, experts, executor, dtype=self.dtype,
                            expert_axis=self.expert_axis, num_chunks=spec.num_chunks)
     if spec.num_shared_experts:
       y = y + FeedForward(spec.num_shared_experts * spec.d_ff, spec.activation, self.dtype,
@@ -183,22 +126,22 @@ class MoELayer(nn.Module):
     return out
 
   def _router_logits(self, groups: jax.Array, train: bool) -> jax.Array | None:
-    """[G, T, E] float32 logits ([G, T, E, S] for Soft MoE; None for hash routing), of jittered
-    tokens in training."""
+    """[G, T, E] float32 logits ([G, T, E, S] for a family of logits='slots', Soft MoE; None for
+    logits='none', hash routing), of jittered tokens in training."""
     spec = self.spec
-    projection = router_projection(spec)
+    family = families.family(spec)
+    projection = family.make_projection(spec)
     if projection is None:
       return None
     if train and spec.jitter > 0:
       groups = groups * jax.random.uniform(self._router_key(), groups.shape,
                                            minval=1 - spec.jitter, maxval=1 + spec.jitter)
     logits = projection(groups).astype(spec.router_dtype).astype(jnp.float32)
-    if families.family(spec).logits == 'slots':
-      logits = logits.reshape(*logits.shape[:-1], spec.num_experts, spec.slots_per_expert)
-    return logits
+    return logits.reshape(*logits.shape[:-1], *family.logits_shape(spec))
 
   def _grouped_ids(self, token_ids: jax.Array | None) -> jax.Array | None:
-    """[G, T] token ids of the routing groups, when the router reads them (hash routing)."""
+    """[G, T] token ids of the routing groups, when the router reads them (logits='none': hash
+    routing)."""
     if families.family(self.spec).logits != 'none':
       return None
     if token_ids is None:

@@ -9,16 +9,20 @@ import dataclasses
 import logging
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
+
 from moe_jax.moe import families
+from moe_jax.moe.experts import ACTIVATIONS
 from moe_jax.validate import Section, log_once, section_values
 
 log = logging.getLogger(__name__)
 MOE = Section('moe')
-ROUTERS = tuple(families.FAMILIES)
 GROUPINGS = ('sequence', 'position', 'batch')
 SCORES = ('softmax', 'sigmoid')
 PRIORITIES = ('choice', 'token', 'batch')
-DISPATCHES = ('gather', 'einsum', 'ragged', 'blocked')
+DISPATCHES = ('gather', 'einsum', 'ragged', 'blocked')  # the executors (dispatch.py)
+AUTO = 'auto'  # config.moe.dispatch: one of DISPATCHES or this (`resolve_dispatch`)
 ROUTER_LOGITS = ('linear', 'cosine')
 BALANCE_SCOPES = ('group', 'sequence', 'global')
 
@@ -28,9 +32,10 @@ class MoESpec:
   """An MoE FFN layer.
 
   Attributes:
-    router: a family of `families.FAMILIES`: 'token_choice' (Switch k=1, GShard/Mixtral k=2,
-      DeepSeek with score='sigmoid'), 'expert_choice', 'soft', 'sinkhorn' (Megatron-LM),
-      'base' (BASE layers' balanced assignment) or 'hash' (Hash layers; LM only: routes by token id).
+    router: a registered family (`moe_jax.moe.families`, one module each in moe_jax/routers/):
+      'token_choice' (Switch k=1, GShard/Mixtral k=2, DeepSeek with score='sigmoid'),
+      'expert_choice', 'soft', 'sinkhorn' (Megatron-LM), 'base' (BASE layers' balanced
+      assignment), 'hash' (Hash layers; LM only: routes by token id), or one a user registered.
     num_experts: E routed experts (fine-grained experts: more, narrower ones; see flops.py).
     d_ff: hidden width of each routed expert (and of each shared expert).
     k: experts per token (token choice).
@@ -59,8 +64,9 @@ class MoESpec:
     hash_seed: picks the fixed token-id -> expert map of router='hash'.
     group_by: token groups routed together: 'sequence' (each sequence), 'position' (the same
       position across the batch: causal for expert choice and Soft MoE), 'batch' (all tokens).
-    dispatch: 'gather', 'einsum', 'ragged' (see dispatch.py) or 'blocked' (fast_dispatch.py:
-      expert-sorted rows and grouped-matmul kernels that run only the used slots; any router).
+    dispatch: 'gather', 'einsum', 'ragged' (see dispatch.py), 'blocked' (fast_dispatch.py:
+      expert-sorted rows and grouped-matmul kernels that run only the used slots; any router) or
+      'auto': the backend's fast one, chosen when the layer is traced (`resolve_dispatch`).
     activation: 'swiglu' or 'gelu'.
     num_chunks: dropless routing only: the tokens run in this many chunks, so that under expert
       parallelism the exchange of one chunk overlaps the experts of another (dispatch.moe_apply).
@@ -93,12 +99,12 @@ class MoESpec:
   num_chunks: int = 1
 
   def __post_init__(self):
-    MOE.one_of('router', self.router, ROUTERS)
+    MOE.one_of('router', self.router, families.names())
     MOE.one_of('group_by', self.group_by, GROUPINGS)
     MOE.one_of('score', self.score, SCORES)
     MOE.one_of('priority', self.priority, PRIORITIES)
-    MOE.one_of('dispatch', self.dispatch, DISPATCHES)
-    MOE.one_of('activation', self.activation, ('swiglu', 'gelu'))
+    MOE.one_of('dispatch', self.dispatch, DISPATCHES + (AUTO,))
+    MOE.one_of('activation', self.activation, ACTIVATIONS)
     MOE.one_of('router_logits', self.router_logits, ROUTER_LOGITS)
     MOE.one_of('router_dtype', self.router_dtype, ('float32', 'bfloat16'))
     MOE.one_of('balance_over', self.balance_over, BALANCE_SCOPES)
@@ -107,12 +113,17 @@ class MoESpec:
       MOE.positive(name, getattr(self, name))
     if self.num_shared_experts < 0:
       MOE.fail('num_shared_experts', self.num_shared_experts, 'use 0 or more shared experts')
-    family = families.FAMILIES[self.router]
+    family = families.family(self)
+    unknown = sorted(set(family.options) - {f.name for f in dataclasses.fields(self)})
+    if unknown:
+      raise ValueError(f'router family {self.router!r} lists options {unknown} that are not '
+                       'config.moe fields (MoESpec): fix its registration.')
     family.check(self)
     if self.capacity_factor is None:
       if not family.dropless:
+        dropless = ', '.join(name for name, f in families.FAMILIES.items() if f.dropless)
         MOE.fail('capacity_factor', None, f'{self.router} routing needs a capacity; give it a '
-                 'positive capacity_factor (dropless routers: token_choice, sinkhorn, hash)')
+                 f'positive capacity_factor (dropless routers: {dropless})')
     elif self.capacity_factor <= 0:
       MOE.fail('capacity_factor', self.capacity_factor,
                'use a positive factor, or None for dropless')
@@ -126,23 +137,26 @@ class MoESpec:
                'capacity_factor=None or num_chunks=1')
     if self.bias_update_rate < 0:
       MOE.fail('bias_update_rate', self.bias_update_rate, 'use 0 (off) or a positive rate')
-    if self.bias_update_rate > 0 and (self.router != 'token_choice' or self.score != 'sigmoid'):
-      MOE.fail('bias_update_rate', self.bias_update_rate, 'auxiliary-loss-free balancing needs '
-               "router='token_choice' and score='sigmoid'")
     for name in ('jitter', 'noise_std', 'load_balancing_coef', 'z_loss_coef'):
       if getattr(self, name) < 0:
         MOE.fail(name, getattr(self, name), 'use a value >= 0')
-    if self.routing_group_by != self.group_by:
+    if self.dispatch == 'ragged' and self.group_by != 'batch':  # ('auto': no backend here)
       log_once(log, logging.INFO, f"config.moe.dispatch='ragged' routes one group: "
                f"group_by={self.group_by!r} runs as 'batch' (outputs are the same, the "
                'load-balancing loss is taken over the whole batch).')
 
   def _check_router_options(self, family: families.Family) -> None:
-    """Options that only some families read: refused where they would be ignored."""
+    """Options that only some families read (`Family.options`): refused where they would be
+    ignored."""
+    if self.bias_update_rate > 0 and 'bias_update_rate' not in family.options:
+      MOE.fail('bias_update_rate', self.bias_update_rate, f'{self.router} routing has no '
+               'selection bias: auxiliary-loss-free balancing needs '
+               f'{_readers("bias_update_rate")}')
     if self.num_expert_groups > 1 or self.groups_per_token > 1:
-      if self.router != 'token_choice':
-        MOE.fail('num_expert_groups', self.num_expert_groups, 'group-limited routing is token '
-                 "choice only: use router='token_choice' or num_expert_groups=1")
+      if 'num_expert_groups' not in family.options:
+        MOE.fail('num_expert_groups', self.num_expert_groups, f'{self.router} routing has no '
+                 f'group-limited routing: use {_readers("num_expert_groups")} or '
+                 'num_expert_groups=1')
       if self.num_experts % self.num_expert_groups:
         MOE.fail('num_expert_groups', self.num_expert_groups,
                  f'use a divisor of num_experts={self.num_experts}')
@@ -156,16 +170,20 @@ class MoESpec:
     if self.router_logits == 'cosine' and family.logits != 'experts':
       MOE.fail('router_logits', 'cosine', f'{self.router} routing has no [T, E] router logits to '
                "make cosine: use router_logits='linear'")
-    if self.balance_over != 'group' and self.router not in ('token_choice', 'sinkhorn', 'base'):
+    if self.balance_over != 'group' and 'balance_over' not in family.options:
       MOE.fail('balance_over', self.balance_over, f'{self.router} routing has no load-balancing '
                "loss to take over other tokens: use balance_over='group'")
 
   @property
   def routing_group_by(self) -> str:
-    """The grouping routing runs with: `group_by`, but 'batch' for dispatch='ragged', which routes
-    one group (logged once). Harmless: dropless routing is per token, so outputs do not change;
-    only the load-balancing loss is then taken over the whole batch."""
-    return 'batch' if self.dispatch == 'ragged' else self.group_by
+    """The grouping routing runs with: `group_by`, but 'batch' for dispatch='ragged' (and 'auto'
+    where it resolves to 'ragged': TPU), which routes one group (logged once). Harmless: dropless
+    routing is per token, so outputs do not change; only the load-balancing loss is then taken
+    over the whole batch."""
+    executor = self.dispatch
+    if executor == AUTO:
+      executor = resolve_dispatch(self, jax.default_backend())
+    return 'batch' if executor == 'ragged' else self.group_by
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> 'MoESpec':
@@ -174,6 +192,32 @@ class MoESpec:
 
   def replace(self, **changes) -> 'MoESpec':
     return dataclasses.replace(self, **changes)
+
+
+def resolve_dispatch(spec: MoESpec, backend: str, dtype: Any = jnp.bfloat16) -> str:
+  """The executor of `spec.dispatch` on `backend` (`jax.default_backend()`: 'cpu', 'gpu', 'tpu')
+  for experts computing in `dtype`: spec.dispatch itself unless it is 'auto', which picks
+
+    GPU  'blocked' (Pallas Mosaic-GPU grouped matmuls on Hopper, fast_dispatch.py) in bf16 / fp16;
+         'gather' in float32, where the kernels' bf16 timings do not apply
+    TPU  'ragged' (`jax.lax.ragged_dot`) for dropless routing, 'gather' for capacity plans
+    CPU  'gather' (and any other backend)
+  """
+  if spec.dispatch != AUTO:
+    return spec.dispatch
+  if backend in ('gpu', 'cuda', 'rocm'):
+    return 'blocked' if jnp.dtype(dtype).itemsize == 2 else 'gather'
+  if backend == 'tpu':
+    return 'ragged' if spec.capacity_factor is None else 'gather'
+  return 'gather'
+
+
+def _readers(option: str) -> str:
+  """The routers whose family reads `option`, as a config fix: "router='token_choice'"."""
+  readers = tuple(name for name, f in families.FAMILIES.items() if option in f.options)
+  if len(readers) == 1:
+    return f'router={readers[0]!r}'
+  return f'router in {readers}' if readers else f'a router whose family reads {option}'
 
 
 _OPTIONAL_TYPES = {'capacity_factor': float, 'renormalize': bool}  # fields that may be None

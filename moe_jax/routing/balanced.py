@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routing.plan import RouterOutput
-from moe_jax.routing.token_choice import place
+from moe_jax.routing.placement import place
 
 
 def balanced_capacity(num_tokens: int, num_experts: int) -> int:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routing.plan import RouterOutput
-from moe_jax.routing.token_choice import Priority, capacity_for, place
+from moe_jax.routing.placement import Priority, capacity_for, place
 
 
 def hash_expert(token_ids: jax.Array, num_experts: int, seed: int = 0) -> jax.Array:

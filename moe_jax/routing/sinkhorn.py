@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routing.plan import RouterOutput
-from moe_jax.routing.token_choice import Priority, capacity_for, place
+from moe_jax.routing.placement import Priority, capacity_for, place
 
 
 def sinkhorn(logits: jax.Array, *, tol: float = 1e-4, max_iters: int = 100) -> jax.Array:

@@ -9,17 +9,29 @@ scales and the router, < 0.1% of a paper config, are counted as if they were too
 split over data * fsdp * expert (the tensor axis repeats it). Bytes per device:
 
   parameters     4 per weight held (float32 whatever config.model.dtype, the compute dtype)
-  gradients      4 per weight held, sharded as the parameters
+  gradients      4 per weight held, sharded as the parameters; 8 with config.train.microbatches > 1
+                 (the accumulated sum and the current microbatch's)
   optimizer      AdamW's two float32 moments, 8 per weight held
   updated state  parameters and optimizer again: the train step does not donate its input
                  state, so the old and the new one are both live when it ends
-  activations    what the backward pass keeps of the local batch (`activation_bytes`): an
-                 estimate, no rematerialization. On TPU (and CPU) attention keeps its float32
-                 score matrices; on GPU the LM's attention is cuDNN's fused kernel where
-                 'auto' picks it (`fused_attention_on_gpu`), which keeps none. With tensor > 1
-                 the attention heads, the dense FFN's hidden units and the logits are split over
-                 it; the residual stream and the MoE layer (which runs whole on every tensor
-                 shard) are not.
+  activations    what the backward pass keeps of one microbatch (the local batch / config.train.
+                 microbatches) (`activation_bytes`): an estimate. On TPU (and CPU) attention
+                 keeps its float32 score matrices; on GPU the LM's attention is cuDNN's fused
+                 kernel where 'auto' picks it (`fused_attention_on_gpu`), which keeps none.
+                 config.model.remat (`REMAT_KEEPS`): 'full' keeps each block's input, and the
+                 block the backward pass recomputes holds its activations and their gradients
+                 (2 blocks' worth); the policies that save matmuls without batch dimensions keep
+                 all but the attention scores (one block's, twice, at a time); other policies
+                 are counted as no remat. XLA:CPU's memory analysis of a dense 8-block LM's step
+                 (d_model 128, 8 x 256 tokens, float32; with
+                 --xla_cpu_enable_concurrency_optimized_scheduler=false, without which XLA:CPU
+                 keeps nearly all activations whatever the remat): plan / XLA for gradients +
+                 activations 1.14 without remat, 0.58 with 'full', 0.90 with
+                 'dots_with_no_batch_dims_saveable', 1.21 with 2 microbatches: the remat figures
+                 are the low side of the estimate.
+                 With tensor > 1 the attention heads, the dense FFN's hidden units and the
+                 logits are split over it; the residual stream and the MoE layer (which runs
+                 whole on every tensor shard) are not.
 FSDP also gathers each block's weights for its use: one block's weights more at the peak, not
 counted (a note says so).
 
@@ -29,8 +41,10 @@ whole against XLA's memory analysis of the compiled train step on CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from moe_jax.moe import flops
+from moe_jax.moe import families, flops
+from moe_jax.moe.spec import resolve_dispatch
 from moe_jax.parallel import sharding
 from moe_jax.run import tasks, train
 
@@ -48,6 +62,12 @@ FFN_KEPT = {'swiglu': 4, 'gelu': 2}
 # Logits per example as the output layer keeps them (float32 logits and softmax: 8 bytes each).
 OUTPUTS = {'lm': lambda config, model: config.data.seq_len * model.vocab_size,
            'vit': lambda config, model: 0}
+# What a config.model.remat keeps of a block between the forward and the backward pass: 'input'
+# (the block's input alone), 'no scores' (all but the attention score matrices, which are dots
+# with batch dimensions), or, for the rest, 'all'.
+REMAT_KEEPS = {'full': 'input', 'nothing_saveable': 'input',
+               'dots_with_no_batch_dims_saveable': 'no scores',
+               'checkpoint_dots_with_no_batch_dims': 'no scores'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +83,15 @@ class Plan:
   local_params: int  # weights held by one device
   activations: dict[str, float]  # bytes, by accelerator kind ('tpu', 'gpu')
   notes: tuple[str, ...] = ()
+  microbatches: int = 1  # config.train.microbatches: activations are one microbatch's
+  remat: str = 'none'  # config.model.remat
 
   def memory(self, kind: str = 'tpu') -> dict[str, float]:
     """Bytes per device on an accelerator of `kind`: parameters, gradients, optimizer, updated
     state, activations."""
     params, opt = 4.0 * self.local_params, 8.0 * self.local_params
-    return {'parameters': params, 'gradients': params, 'optimizer': opt,
+    grads = params * (2 if self.microbatches > 1 else 1)  # + the accumulated sum
+    return {'parameters': params, 'gradients': grads, 'optimizer': opt,
             'updated state': params + opt, 'activations': self.activations[kind]}
 
   def total(self, kind: str = 'tpu') -> float:
@@ -92,13 +115,15 @@ def fused_attention_on_gpu(config, model) -> bool:
 
 
 def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: bool,
-                 act: int, scores: bool, tensor: int = 1) -> float:
-  """Bytes one token keeps per block of `stack` for the backward pass (compute dtype `act`):
-  block input and its norms; queries, keys and values (per query head), attention output, scores
-  and their softmax in float32 and the probabilities in `act`; the FFN's hidden activations
-  (`FFN_KEPT`), and, in an MoE block, float32 router probabilities and the rows of the expert
-  slots the token's share of them fills. tensor: the size of the tensor axis, which splits the
-  heads and the dense FFN's width."""
+                 act: int, scores: bool, backend: str, tensor: int = 1) -> tuple[float, float]:
+  """Bytes one token keeps in one (dense, MoE) block of `stack` for the backward pass (compute
+  dtype `act`): block input and its norms; queries, keys and values (per query head), attention
+  output, scores and their softmax in float32 and the probabilities in `act`; the FFN's hidden
+  activations (`FFN_KEPT`), and, in an MoE block, float32 router probabilities and the rows of
+  the expert slots the token's share of them fills (dispatch as resolved on `backend`). Router
+  probabilities: one per router logit (`Family.logits_shape`: E, Soft MoE's E * S), E for a
+  family without logits. tensor: the size of the tensor axis, which splits the heads and the
+  dense FFN's width."""
   d, heads = model.d_model, model.num_heads
   size = getattr(model, 'head_size', d // heads)
   qk = size + getattr(model, 'rope_head_dim', 0)
@@ -107,42 +132,66 @@ def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: boo
   width = FFN_KEPT[model.activation]
   dense = act * (2 * d + width * model.d_ff / tensor)
   if not stack.moe_layers:
-    return stack.layers * (attention + dense)
-  if spec.capacity_factor is None and (sharded or spec.dispatch not in ('ragged', 'blocked')):
+    return attention + dense, 0.0
+  executor = resolve_dispatch(spec, backend, model.dtype)
+  if spec.capacity_factor is None and (sharded or executor not in ('ragged', 'blocked')):
     slots = spec.num_experts  # dropless through capacity slots of the group's size
   else:
     slots = flops.expert_slots_per_token(spec, tokens_per_group, 'executed')
-  router = 8 * spec.num_experts * (spec.slots_per_expert if spec.router == 'soft' else 1)
+  logits = families.family(spec).logits_shape(spec) or (spec.num_experts,)  # hash: one-hot probs
+  router = 8 * math.prod(logits)
   moe = (act * (2 * d + spec.num_shared_experts * width * spec.d_ff)
          + router + slots * act * (2 * d + width * spec.d_ff))
-  return (stack.layers - stack.moe_layers) * (attention + dense) + stack.moe_layers * (
-      attention + moe)
+  return attention + dense, attention + moe
+
+
+def _stack_bytes(model, spec, stack, groups: flops.Shape, sharded: bool, act: int,
+                 scores: bool, backend: str, tensor: int = 1) -> float:
+  """Bytes one token keeps in the blocks of `stack`, rematerialized by model.remat
+  (`REMAT_KEEPS`); tensor: as `_block_bytes`."""
+  def blocks(scores: bool) -> tuple[float, float]:
+    """(all blocks, the largest one)."""
+    dense, moe = _block_bytes(model, spec, stack, groups, sharded, act, scores, backend, tensor)
+    kinds = [(stack.layers - stack.moe_layers, dense), (stack.moe_layers, moe)]
+    return sum(n * b for n, b in kinds), max(b for n, b in kinds if n)
+
+  keeps = REMAT_KEEPS.get(getattr(model, 'remat', 'none'), 'all')
+  total, largest = blocks(scores)
+  if keeps == 'input':  # + a recomputed block's activations and their gradients
+    return stack.layers * act * model.d_model + 2 * largest
+  if keeps == 'no scores' and scores:
+    unscored, unscored_largest = blocks(False)
+    return unscored + 2 * (largest - unscored_largest)
+  return total
 
 
 def activation_bytes(config, task: tasks.Task, model, spec, local_batch: int,
-                     sharded: bool, scores: bool = True, tensor: int = 1) -> float:
-  """Bytes of activations one device keeps for the backward pass of its `local_batch` examples:
-  every stack's blocks (`_block_bytes`; scores=False: attention keeps no score matrices) and the
-  output layer's float32 logits (`OUTPUTS`)."""
+                     sharded: bool, scores: bool = True, backend: str = 'tpu',
+                     tensor: int = 1) -> float:
+  """Bytes of activations one device keeps for the backward pass of `local_batch` examples (one
+  microbatch's): every stack's blocks (`_stack_bytes`; scores=False: attention keeps no score
+  matrices; `backend`: 'tpu' or 'gpu', for config.moe.dispatch='auto') and the output layer's
+  float32 logits (`OUTPUTS`)."""
   act = DTYPE_BYTES[model.dtype]
   total = 8.0 * OUTPUTS[task.name](config, model) / tensor
   for stack in task.stacks(config):
     groups = flops.Shape(local_batch, stack.tokens)
-    total += stack.tokens * _block_bytes(model, spec, stack, groups, sharded, act, scores,
-                                         tensor)
+    total += stack.tokens * _stack_bytes(model, spec, stack, groups, sharded, act, scores,
+                                         backend, tensor)
   return local_batch * total
 
 
 def make_plan(config, name: str = '') -> Plan:
   """The `Plan` of a full experiment config on its `config.mesh`, validated first (as `moe-jax
   train` does, against an `AbstractMesh`): a bad field is a ValueError naming it."""
-  task, _, _, mesh = train.check_config(config, sharding.abstract_mesh(config))
+  task, cfg, _, mesh = train.check_config(config, sharding.abstract_mesh(config))
   data, fsdp, expert, tensor = (mesh.shape[axis] for axis in sharding.AXES)
   model, spec = task.from_config(config)
   total, active = task.param_counts(config)
   moe_layers = sum(stack.moe_layers for stack in task.stacks(config))
   experts = moe_layers * flops.expert_params(spec, model.d_model) if moe_layers else 0
   local_batch = config.data.batch_size // (data * fsdp * expert)
+  micro = local_batch // cfg.microbatches  # the examples whose activations are live at once
   sharded, notes = mesh.size > 1, []
   if spec is not None and spec.capacity_factor is None and sharded:
     notes.append('dropless routing on a mesh runs through capacity slots as large as a token '
@@ -157,12 +206,12 @@ def make_plan(config, name: str = '') -> Plan:
       flops_executed=task.flops_per_token(config, 'executed'),
       tokens_per_device=local_batch * task.token_shape(config).seq_len,
       local_params=round((total - experts) / (fsdp * tensor) + experts / (expert * fsdp * tensor)),
-      activations={'tpu': activation_bytes(config, task, model, spec, local_batch, sharded,
+      activations={'tpu': activation_bytes(config, task, model, spec, micro, sharded,
                                            tensor=tensor),
-                   'gpu': activation_bytes(config, task, model, spec, local_batch, sharded,
+                   'gpu': activation_bytes(config, task, model, spec, micro, sharded,
                                            scores=not fused_attention_on_gpu(config, model),
-                                           tensor=tensor)},
-      notes=tuple(notes))
+                                           backend='gpu', tensor=tensor)},
+      notes=tuple(notes), microbatches=cfg.microbatches, remat=model.remat)
 
 
 def _count(n: float) -> str:
@@ -185,7 +234,9 @@ def render(plan: Plan) -> str:
       f'  tokens per device {plan.tokens_per_device:,} per step',
       f'  memory per device, GiB ({_count(plan.local_params)} weights held: experts / '
       f'(expert x fsdp x tensor) = /{expert * fsdp * tensor}, the rest / (fsdp x tensor) = '
-      f'/{fsdp * tensor}; batch / (data x fsdp x expert) = /{data * fsdp * expert})',
+      f'/{fsdp * tensor}; batch / (data x fsdp x expert) = /{data * fsdp * expert}'
+      + (f'; activations of 1 of {plan.microbatches} microbatches' if plan.microbatches > 1
+         else '') + (f'; remat={plan.remat}' if plan.remat != 'none' else '') + ')',
       f'    {"":16s}{"TPU":>11s}{"GPU":>11s}']
   tpu, gpu = plan.memory('tpu'), plan.memory('gpu')
   lines += [f'    {part:16s}{tpu[part] / GiB:11.2f}{gpu[part] / GiB:11.2f}' for part in tpu]

@@ -3,9 +3,12 @@
 A run directory holds `summary.json` and `metrics.jsonl` (see moe_jax/run/train.py). `write_report`
 turns every run under a sweep directory into `results.md`, `results.csv`, `eval_loss.png`
 (eval loss against step, one line per run), `expert_load.png` (heat map of each MoE layer's final
-share of tokens per expert) and `dropped.png` (fraction of tokens dropped against step). Each run
-keeps one colour in every plot. The table's train loss is the mean over the last evaluation
-interval, and no eval loss is bold unless its lead is larger than the seed noise (`best_runs`).
+share of tokens per expert over the fair share, on a diverging scale: white at the fair share) and
+`dropped.png` (fraction of tokens dropped against step; the runs that never drop share one entry).
+Each run keeps one colour, line style and marker in every plot (`run_styles`: distinct colours for
+up to 20 runs), and the legends sit outside the axes. The table's train loss is the mean over the
+last evaluation interval, and no eval loss is bold unless its lead is larger than the seed noise
+(`best_runs`).
 """
 from __future__ import annotations
 
@@ -13,13 +16,17 @@ import csv
 import json
 import math
 import pathlib
+import textwrap
 from typing import Any
 
 import numpy as np
 
 # flops_active / flops_executed: forward FLOPs per token by each convention of moe_jax/moe/flops.py
 # (active: k experts per token, the papers'; executed: capacity padding counts).
-COLUMNS = ('run', 'ffn', 'eval_loss', 'train_loss', 'flops_active', 'flops_executed',
+# eval_loss: nats per token of the run's tokenizer; bits_per_byte: the same held-out text's total
+# nats / (ln 2 x its UTF-8 bytes), comparable across tokenizers.
+COLUMNS = ('run', 'ffn', 'eval_loss', 'bits_per_byte', 'train_loss', 'flops_active',
+           'flops_executed',
            'params_total', 'params_active', 'dropped', 'max_over_mean_load', 'tokens_per_s')
 
 
@@ -43,16 +50,22 @@ def find_runs(workdir: pathlib.Path) -> list[dict]:
   """Every finished run under `workdir` (a run directory itself, or a sweep of them)."""
   workdir = pathlib.Path(workdir)
   dirs = [workdir] if (workdir / 'summary.json').exists() else sorted(
-      p.parent for p in workdir.glob('*/summary.json'))
+      p.parent for pattern in ('*/summary.json', '*/seed_*/summary.json')
+      for p in workdir.glob(pattern))
   members = _sweep_members(workdir)
   order = {name: i for i, name in enumerate(members)}
-  dirs.sort(key=lambda d: order.get(d.name, len(order)))
+  member = lambda d: d.parent.name if d.name.startswith('seed_') and d != workdir else d.name
+  dirs.sort(key=lambda d: (order.get(member(d), len(order)), member(d)))
   if not dirs:
     raise FileNotFoundError(f'no finished runs (summary.json) under {workdir}; train or sweep '
                             'into it first.')
-  runs = [read_run(d) for d in dirs]
-  for run in runs:  # the sweep's short description of each member's FFN, where there is one
-    run['ffn'] = members.get(run['name'], {}).get('description', run['summary'].get('router', ''))
+  runs = []
+  for d in dirs:  # a sweep with seeds: each run is <member>/seed_<s>
+    run = read_run(d)
+    run['name'] = f'{member(d)}/{d.name}' if member(d) != d.name else d.name
+    # the sweep's short description of each member's FFN, where there is one
+    run['ffn'] = members.get(member(d), {}).get('description', run['summary'].get('router', ''))
+    runs.append(run)
   return runs
 
 
@@ -87,12 +100,25 @@ def last_interval_train_loss(metrics: list[dict]) -> float | None:
   return float(np.mean(losses)) if losses else None
 
 
+def bits_per_byte(run: dict) -> float | None:
+  """The run's held-out bits per byte: summary.json's eval_bits_per_byte, else (a run from
+  before it was logged) eval_loss / ln 2 for a byte-level run."""
+  s = run['summary']
+  if s.get('eval_bits_per_byte') is not None:
+    return s['eval_bits_per_byte']
+  tokenizer = run['config'].get('data', {}).get('tokenizer', 'bytes')
+  if s.get('eval_loss') is not None and tokenizer == 'bytes' and 'eval_accuracy' not in s:  # text
+    return s['eval_loss'] / math.log(2)
+  return None
+
+
 def table_rows(runs: list[dict]) -> list[dict]:
   rows = []
   for run in runs:
     s = run['summary']
     rows.append({
         'run': run['name'], 'ffn': run['ffn'], 'eval_loss': s.get('eval_loss'),
+        'bits_per_byte': bits_per_byte(run),
         'train_loss': last_interval_train_loss(run['metrics']),
         'flops_active': s.get('flops_active'), 'flops_executed': s.get('flops_executed'),
         'params_total': s.get('params_total'), 'params_active': s.get('params_active'),
@@ -106,7 +132,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
 def _fmt(column: str, value) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return '–'
-  if column in ('eval_loss', 'train_loss'):
+  if column in ('eval_loss', 'train_loss', 'bits_per_byte'):
     return f'{value:.4f}'
   if column == 'dropped':
     return f'{100 * value:.1f}%'
@@ -175,11 +201,32 @@ TRAIN_LOSS_NOTE = ('train_loss: the mean of the train losses logged over the las
                    'interval, not one batch.')
 
 
-def _colours(runs: list[dict]) -> dict[str, Any]:
-  """One colour per run, the same in every plot."""
-  import matplotlib
-  cmap = matplotlib.colormaps['tab10' if len(runs) <= 10 else 'tab20']
-  return {run['name']: cmap(i % cmap.N) for i, run in enumerate(runs)}
+# tab10, then ten more colours picked to differ most from it and from each other (tab20 pairs a
+# colour with a paler twin: neighbouring runs looked alike). Runs past the tenth are dashed as well.
+PALETTE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f',
+           '#bcbd22', '#17becf', '#000000', '#000075', '#f032e6', '#a6761d', '#1b9e77', '#800000',
+           '#911eb4', '#2b3d26', '#e7298a', '#b3446c')
+LINESTYLES = ('-', '--', '-.', ':')
+MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>', 'h', 'p', 'd', '8', 'H')
+
+
+def run_styles(runs: list[dict]) -> dict[str, dict[str, Any]]:
+  """{run: {'color', 'linestyle', 'marker'}}, the same in every plot: a colour of PALETTE each (up
+  to 20 runs), a line style per ten runs, and a marker each."""
+  return {run['name']: {'color': PALETTE[i % len(PALETTE)],
+                        'linestyle': LINESTYLES[(i // 10) % len(LINESTYLES)],
+                        'marker': MARKERS[i % len(MARKERS)]}
+          for i, run in enumerate(runs)}
+
+
+def _legend_outside(ax, notes: tuple[str, ...] = ()) -> None:
+  """The legend right of the axes, where it hides no curve (saved with bbox_inches='tight'), with
+  `notes` as entries of their own, without a line."""
+  from matplotlib.lines import Line2D
+  handles, labels = ax.get_legend_handles_labels()
+  handles += [Line2D([], [], linestyle='none') for _ in notes]
+  ax.legend(handles, labels + list(notes), fontsize=8, loc='upper left',
+            bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
 
 
 def _csv_rows(rows: list[dict]) -> list[dict]:
@@ -192,18 +239,16 @@ def plot_eval_loss(runs: list[dict], path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  colours = _colours(runs)
+  styles = run_styles(runs)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for run in runs:
     points = [(m['step'], m['eval_loss']) for m in run['metrics'] if 'eval_loss' in m]
     if points:
-      ax.plot(*zip(*points), marker='o', markersize=3, label=run['name'],
-              color=colours[run['name']])
+      ax.plot(*zip(*points), markersize=4, label=run['name'], **styles[run['name']])
   ax.set(xlabel='step', ylabel='eval loss (nats / byte)', title='Held-out loss at equal FLOPs')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _legend_outside(ax)
+  fig.savefig(path, dpi=120, bbox_inches='tight')
   plt.close(fig)
 
 
@@ -211,25 +256,37 @@ def plot_dropped(runs: list[dict], path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  colours = _colours(runs)
+  styles = run_styles(runs)
   fig, ax = plt.subplots(figsize=(7, 4))
+  never, no_router = [], []
   for run in runs:
     steps = [m['step'] for m in run['metrics'] if any(k.endswith('/fraction_dropped') for k in m)]
     series = moe_series(run['metrics'], 'fraction_dropped')
-    if series:
-      ax.plot(steps, 100 * np.mean(list(series.values()), axis=0), label=run['name'],
-              color=colours[run['name']])
+    if not series:
+      no_router.append(run['name'])
+      continue
+    dropped = 100 * np.mean(list(series.values()), axis=0)
+    if not dropped.any():  # drawn once for all of them below: overlapping lines hide each other
+      never.append(run['name'])
+      continue
+    ax.plot(steps, dropped, label=run['name'], markersize=4,
+            markevery=max(1, len(steps) // 10), **styles[run['name']])
+  if never:
+    ax.axhline(0.0, color='0.55', linewidth=3, alpha=0.6,
+               label=textwrap.fill('never drop (0% at every step): ' + ', '.join(never), 34))
   ax.set(xlabel='step', ylabel='tokens dropped (%, mean over MoE layers)',
          title='Dropped tokens (they pass through the residual)')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _legend_outside(ax, (textwrap.fill('no router: ' + ', '.join(no_router), 34),) if no_router
+                  else ())
+  fig.savefig(path, dpi=120, bbox_inches='tight')
   plt.close(fig)
 
 
 def plot_expert_load(runs: list[dict], path: pathlib.Path) -> bool:
-  """Heat map: one row per (run, MoE layer), share of tokens per expert at the last log step.
+  """Heat map: one row per (run, MoE layer), share of tokens per expert at the last log step over
+  the fair share (1/E), on a diverging scale centred on 1 (white): blue below, red above, so that a
+  balanced router is white and an idle expert dark blue. Grey cells: the layer has fewer experts.
 
   Row labels take their run's colour in the other plots."""
   rows, labels = [], []
@@ -243,20 +300,25 @@ def plot_expert_load(runs: list[dict], path: pathlib.Path) -> bool:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  colours = _colours(runs)
+  from matplotlib.colors import TwoSlopeNorm
+  styles = run_styles(runs)
   width = max(len(r) for r in rows)
   grid = np.full((len(rows), width), np.nan)
   for i, r in enumerate(rows):
     grid[i, :len(r)] = r
+  top = max(2.0, float(np.nanmax(grid)))
   fig, ax = plt.subplots(figsize=(max(6, 0.25 * width + 3), 0.4 * len(rows) + 1.5))
-  image = ax.imshow(grid, aspect='auto', cmap='magma', vmin=0)
+  cmap = matplotlib.colormaps['RdBu_r'].with_extremes(bad='0.8')  # grey: no such expert
+  image = ax.imshow(grid, aspect='auto', cmap=cmap,
+                    norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top))
   ax.set_yticks(range(len(labels)), [f'{name} / {layer}' for name, layer in labels], fontsize=7)
   for tick, (name, _) in zip(ax.get_yticklabels(), labels):
-    tick.set_color(colours[name])
+    tick.set_color(styles[name]['color'])
   ax.set_xticks(range(0, width, max(1, width // 16)))
   ax.set(xlabel='expert index', ylabel='run / MoE layer',
-         title='Expert load at the end of training (1 = fair share)')
-  fig.colorbar(image, ax=ax, fraction=0.03, label='share of tokens / fair share')
+         title='Expert load at the end of training (white = fair share, blue = under, red = over)')
+  bar = fig.colorbar(image, ax=ax, fraction=0.03, label='share of tokens / fair share')
+  bar.set_ticks([0.0, 0.5, 1.0, *np.arange(2.0, top + 1e-9, max(1.0, np.ceil(top / 4) - 1.0))])
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -5,20 +5,26 @@
     metrics.jsonl    one JSON object per logged step (`RunLog`)
     events.out.tfevents.*  the same records for TensorBoard (`moe_jax.run.events`)
     checkpoints/     orbax CheckpointManager (written by `moe_jax.run.train`)
+    unreadable_checkpoints/  checkpoints that did not restore, moved aside (`moe_jax.run.train`)
     timing.json      wall and training seconds up to the latest checkpoint (`RunTime`)
     summary.json     the finished run's numbers (`write_summary`)
+    run.lock         held by the live run that uses the directory (`locked`)
 
 Only process 0 of a multi-process run writes these files (`is_primary`); orbax coordinates the
 checkpoints of all processes itself.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import logging
 import os
 import pathlib
+import socket
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 
@@ -45,6 +51,46 @@ def run_directory(workdir: str | os.PathLike) -> pathlib.Path:
   return path
 
 
+class RunInUse(OSError):
+  """Another live process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def locked(workdir: pathlib.Path) -> Iterator[None]:
+  """Holds workdir/run.lock (creating workdir) until the block ends or the process dies, so that
+  two runs never write one directory; RunInUse when another process holds it. The lock is
+  `fcntl.flock`'s, which the kernel drops with its holder (even after kill -9), and the file, left
+  in place, names its last holder. Process 0 of a multi-process run holds it alone."""
+  if not is_primary():
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  fd = os.open(workdir / 'run.lock', os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+      raise RunInUse(f'{workdir} is in use by a live run ({holder}); wait for it to end or stop '
+                     'it (Ctrl-C), then rerun to resume, or use another --workdir.') from None
+    except OSError as e:  # a file system without flock (some network ones): run unguarded
+      logging.getLogger(__name__).warning('cannot lock %s (%s): a second run into it would not '
+                                          'be refused', workdir / 'run.lock', e.strerror)
+    else:
+      os.ftruncate(fd, 0)
+      os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}\n'.encode())
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  """The steps of workdir/checkpoints/ written to the end (orbax renames each into place when it is
+  complete), in order."""
+  path = workdir / 'checkpoints'
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+
+
 def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
   """{'section.field': value} of a nested dict."""
   out = {}
@@ -56,9 +102,12 @@ def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def write_config(config, workdir: pathlib.Path, may_differ: tuple[str, ...] = ()) -> dict | None:
+def write_config(config, workdir: pathlib.Path, may_differ: tuple[str, ...] = (),
+                 added: dict | None = None) -> dict | None:
   """Writes workdir/config.json, or checks that the one there holds the same config but for the
-  fields `may_differ` ('section.field'), which keep the first call's values.
+  fields `may_differ` ('section.field'), which keep the first call's values. `added`: {'section.
+  field': default} of fields newer than some config.json files; one that lacks such a field
+  holds its default.
 
   Returns the config found there, flattened (`flatten`), or None for a new run. Raises ValueError
   naming every differing field.
@@ -71,6 +120,7 @@ def write_config(config, workdir: pathlib.Path, may_differ: tuple[str, ...] = ()
       write_atomic(path, text)
     return None
   old, new = flatten(json.loads(path.read_text())), flatten(json.loads(text))
+  old.update({key: value for key, value in (added or {}).items() if key in new and key not in old})
   diff = [f'  {key}: {old.get(key, "<absent>")!r} in {path.name}, {new.get(key, "<absent>")!r} now'
           for key in sorted(set(old) | set(new))
           if key not in may_differ and old.get(key) != new.get(key)]

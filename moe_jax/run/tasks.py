@@ -9,6 +9,7 @@ encoder-decoder's: of its decoder tokens, the text that follows its encoder's).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
@@ -16,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moe_jax.data import images as image_data, text
+from moe_jax.data import images as image_data, pipeline, text, tokenizers
 from moe_jax.models import transformer, vit
 from moe_jax.moe import flops
 
+log = logging.getLogger(__name__)
 Batch = Any  # one batch of a task's data: a pytree of [B, ...] host arrays
 
 
@@ -27,10 +29,24 @@ Batch = Any  # one batch of a task's data: a pytree of [B, ...] host arrays
 class Data:
   """A task's data set, loaded: `train_batch(i)` is training batch i, a function of (seed, i)
   only, so a resumed run continues exactly; `eval_batches` are the held-out batches, whose metrics
-  average with `eval_weights` (None: equally)."""
-  train_batch: Callable[[int], Batch]
+  average with `eval_weights` (None: equally).
+
+  Tokenized text streams instead (`moe_jax.data.pipeline`): `stream(sharding)` is then the
+  `StreamFeed` of this process's rows, whose state is saved beside each checkpoint, and
+  train_batch is None. `eval_bytes_per_token`: UTF-8 bytes of the held-out text scored per scored
+  token (text only; None for images), for bits per byte."""
+  train_batch: Callable[[int], Batch] | None
   eval_batches: list[Batch]
   eval_weights: list[int] | None = None
+  stream: Callable[[Any], Any] | None = None
+  eval_bytes_per_token: float | None = None
+
+  def feed(self, sharding):
+    """The training batches placed by `sharding`: `batch(i)`, `save(workdir, step, kept_steps)`,
+    `restore(workdir, step)` (`pipeline.IndexedFeed` or `pipeline.StreamFeed`)."""
+    if self.stream is not None:
+      return self.stream(sharding)
+    return pipeline.IndexedFeed(self.train_batch, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +97,42 @@ def _build_lm(config) -> transformer.Transformer:
 
 
 def _load_text(config) -> Data:
-  """Batches of [batch_size, input_len + seq_len + 1] bytes (`moe_jax.data.text`; input_len: an
-  encoder-decoder's encoder tokens, else 0); held out: the validation split."""
-  splits = text.load_text_splits(config.data.name, data_dir=config.data.data_dir,
-                                 manual_dir=config.data.manual_dir)
-  tokens = text.encode(splits['train'])
+  """Batches of [batch_size, input_len + seq_len + 1] tokens (input_len: an encoder-decoder's
+  encoder tokens, else 0); held out: the validation split, laid out by `text.eval_batches`.
+
+  config.data.tokenizer='bytes': the text read into memory as bytes, training batch i a function
+  of (seed, i) (`moe_jax.data.text`). A SentencePiece model: streamed through Grain
+  (`moe_jax.data.pipeline`), the held-out batches from the whole validation split (its first
+  `pipeline.EVAL_TOKENS` tokens when larger)."""
+  tokenizer = tokenizers.of(config)
   size, length = config.data.batch_size, transformer.input_len(config) + config.data.seq_len
-  held_out = text.eval_batches(text.encode(splits['validation']), size, length,
-                               config.train.eval_batches)
-  return Data(lambda i: text.train_batch(tokens, i, size, length, config.seed), list(held_out))
+  if tokenizer.name == tokenizers.BYTES:
+    splits = text.load_text_splits(config.data.name, data_dir=config.data.data_dir,
+                                   manual_dir=config.data.manual_dir)
+    tokens = text.encode(splits['train'])
+    held_out = text.eval_batches(text.encode(splits['validation']), size, length,
+                                 config.train.eval_batches)
+    return Data(lambda i: text.train_batch(tokens, i, size, length, config.seed),
+                list(held_out), eval_bytes_per_token=1.0)
+  sources = text.text_sources(config.data.name, data_dir=config.data.data_dir,
+                              manual_dir=config.data.manual_dir)
+  windows = max(config.train.eval_batches, text.MIN_ROW_GAP_WINDOWS) * size
+  held_tokens = pipeline.eval_tokens(sources['validation'], tokenizer,
+                                     max(windows * length + 1, pipeline.EVAL_TOKENS))
+  held_out = text.eval_batches(held_tokens, size, length, config.train.eval_batches)
+  scored = held_out[..., -config.data.seq_len:]  # the targets the loss scores
+  bytes_per_token = float(tokenizer.piece_bytes[scored].sum()) / scored.size
+  if not tokenizer.lossless:
+    log.warning('tokenizer %s does not round-trip text exactly (normalization): bits per byte '
+                'count the bytes of the text as it normalizes it', tokenizer.name)
+
+  def stream(sharding):
+    return pipeline.StreamFeed(
+        lambda rows: pipeline.PackedRows(sources['train'], tokenizer, rows=rows, num_rows=size,
+                                         length=length + 1, seed=config.seed),
+        sharding, size, length + 1)
+
+  return Data(None, list(held_out), stream=stream, eval_bytes_per_token=bytes_per_token)
 
 
 def cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:

@@ -6,9 +6,14 @@ global-norm clipping) on the task's loss plus the MoE auxiliary loss, into the r
 of {params, opt_state, model_state (router_bias)}, timing.json, summary.json).
 
 Training restarts from the latest checkpoint and continues exactly as an uninterrupted run
-would: batch i is the task's `Data.train_batch(i)`, a function of (seed, i) only, and its RNG
-is fold_in(key, i). Records past the restored step are dropped first (metrics.jsonl, events).
+would: batch i is the task's `Data.train_batch(i)`, a function of (seed, i) only (tokenized
+text: read in order by `moe_jax.data.pipeline`, whose state is saved in workdir/data_state/<step>/
+beside each checkpoint and restored with it), and its RNG is fold_in(key, i). Records past the
+restored step are dropped first (metrics.jsonl, events).
 Ctrl-C checkpoints the current step first; a non-finite loss stops the run before it is saved.
+A checkpoint that does not restore (cut short, corrupted) is moved aside and the run resumes from
+the one before it; one that cannot be written (a full disk) stops the run with `CheckpointNotSaved`,
+the earlier ones intact. A run holds its workdir's lock (`run_dir.locked`) while it lives.
 
 `config.mesh` = {data, fsdp, expert, tensor} (absent: all 1, one device) lays the run out on a
 device mesh (`moe_jax.parallel.sharding`, `moe_jax.parallel.rules`, docs/parallelism.md): params and
@@ -18,12 +23,16 @@ expert, the MoE layers expert-parallel under `jax.shard_map`. A run may resume o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import os
 import pathlib
+import re
+import shutil
 import sys
 import time
 from typing import Any, NamedTuple
@@ -36,7 +45,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.sharding import Mesh
 
-from moe_jax import reproducibility
+from moe_jax import interrupt, reproducibility, routing
 from moe_jax.models import describe_ffn, transformer
 from moe_jax.moe import flops
 from moe_jax.parallel import rules, sharding
@@ -48,22 +57,25 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """`config.train`. Steps count optimizer updates; 0 for an `*_every` field means 'final only'."""
+  """`config.train` (configs/common.py `train()` builds it from these fields and defaults). Steps
+  count optimizer updates; 0 for an `*_every` field means 'final only'. microbatches: gradient
+  accumulation, each step's batch in that many equal microbatches (`train_step`)."""
   steps: int = 300
   learning_rate: float = 3e-3
-  end_lr_fraction: float = 0.1
+  end_lr_fraction: float = 0.1  # cosine decays to learning_rate * end_lr_fraction
   warmup_steps: int = 30
   weight_decay: float = 0.1
-  clip_norm: float = 1.0
+  clip_norm: float = 1.0  # 0 = no clipping
   log_every: int = 10
   eval_every: int = 100
   eval_batches: int = 8
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
   progress: bool = True
+  microbatches: int = 1  # divides config.data.batch_size
 
   def __post_init__(self):
-    for name in ('steps', 'log_every', 'eval_batches', 'keep_checkpoints'):
+    for name in ('steps', 'log_every', 'eval_batches', 'keep_checkpoints', 'microbatches'):
       TRAIN.positive(name, getattr(self, name))
     for name in ('eval_every', 'checkpoint_every'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
@@ -100,7 +112,15 @@ def check_config(config, mesh: Mesh | jax.sharding.AbstractMesh | None = None) -
   cfg = TrainConfig.from_config(config.train)
   model = task.build(config)
   mesh = sharding.mesh_from_config(config) if mesh is None else mesh
-  sharding.check_mesh(model.spec, mesh, config.data.batch_size, task.token_shape(config).seq_len)
+  batch_size, seq_len = config.data.batch_size, task.token_shape(config).seq_len
+  sharding.check_mesh(model.spec, mesh, batch_size, seq_len)
+  if cfg.microbatches > 1:
+    shards = sharding.batch_shards(mesh)
+    if batch_size % (cfg.microbatches * shards):
+      TRAIN.fail('microbatches', cfg.microbatches, f'it must divide config.data.batch_size='
+                 f'{batch_size} into microbatches that divide over the {shards} batch shard(s) '
+                 '(data * fsdp * expert)')
+    sharding.check_mesh(model.spec, mesh, batch_size // cfg.microbatches, seq_len)
   return Setup(task, cfg, model, mesh)
 
 
@@ -191,15 +211,24 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
   With `mesh`: state as `init_state(..., mesh)`, batch over every device; the model runs under
   `shard_map`. The loss (of the whole batch + the globally averaged aux loss) and its gradients
   are taken outside the shard_map: with group_by='sequence' they equal one device's.
+
+  cfg.microbatches = k > 1 accumulates the gradients of k microbatches (`_accumulate`): the
+  same update as one batch wherever the loss is a mean of per-group terms of equal groups.
   """
 
-  def loss_fn(params):
-    (logits, aux), model_state = _apply(model, mesh, {'params': params, **state['model_state']},
-                                        task.inputs(batch), train=True, rngs={'router': rng})
-    loss, metrics = task.loss(logits, batch)
-    return loss + aux['loss'], (loss, metrics, aux, model_state)
+  def grad_fn(params, batch, rng):
+    def loss_fn(params):
+      (logits, aux), model_state = _apply(model, mesh, {'params': params, **state['model_state']},
+                                          task.inputs(batch), train=True, rngs={'router': rng})
+      loss, metrics = task.loss(logits, batch)
+      return loss + aux['loss'], (loss, metrics, aux, model_state)
+    return jax.grad(loss_fn, has_aux=True)(params)
 
-  grads, (loss, extra, aux, model_state) = jax.grad(loss_fn, has_aux=True)(state['params'])
+  if cfg.microbatches == 1:
+    grads, (loss, extra, aux, model_state) = grad_fn(state['params'], batch, rng)
+  else:
+    grads, (loss, extra, aux, model_state) = _accumulate(
+        grad_fn, state, batch, rng, cfg.microbatches, mesh, model.spec)
   updates, opt_state = make_optimizer(cfg).tx.update(grads, state['opt_state'], state['params'])
   new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                'model_state': dict(model_state)}
@@ -211,6 +240,47 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
              'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
              'layers': aux['layers']}
   return new_state, metrics
+
+
+def _accumulate(grad_fn, state: dict, batch, rng: jax.Array, k: int, mesh: Mesh | None, spec):
+  """grad_fn(params, microbatch, rng) -> (grads, (loss, metrics, aux, model_state)) over k
+  microbatches of batch_size / k examples (rows j, j + k, j + 2k, ...: each device's share of
+  the batch splits evenly) in a `jax.lax.scan`, with their own router RNGs (split from `rng`).
+  Returns the same as grad_fn of the whole batch: gradients, losses and metrics are the
+  microbatches' means (tokens_per_expert: their sum).
+
+  Equal to one batch of batch_size when every term of the loss is a mean over equal token groups
+  that a microbatch holds whole: the task's loss (a mean over examples), the aux losses with
+  group_by='sequence' (balance_over 'group' or 'sequence') and dropless or capacity routing, whose
+  capacity is per group. group_by 'batch' / 'position' and balance_over='global' route or balance
+  over a microbatch's tokens, not the batch's. Every microbatch routes with the step's router_bias,
+  and the aux-loss-free bias then takes one update from the whole batch's load (the summed
+  tokens_per_expert), as one batch would.
+  """
+  split = lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+  def body(total, xs):
+    micro, key = xs
+    if mesh is not None:
+      micro = jax.lax.with_sharding_constraint(micro, sharding.batch_sharding(mesh))
+    grads, out = grad_fn(state['params'], micro, key)
+    return jax.tree.map(jnp.add, total, grads), out
+
+  zeros = jax.tree.map(jnp.zeros_like, state['params'])
+  grads, (loss, extra, aux, model_states) = jax.lax.scan(
+      body, zeros, (jax.tree.map(split, batch), jax.random.split(rng, k)))
+  mean = lambda tree: jax.tree.map(lambda x: x.mean(0), tree)
+  layers = {block: {name: value.sum(0) if name == 'tokens_per_expert' else value.mean(0)
+                    for name, value in values.items()} for block, values in aux['layers'].items()}
+  model_state = dict(jax.tree.map(lambda x: x[-1], model_states))
+  if 'router_bias' in model_state:  # one sign-rule update from the whole batch's load
+    model_state['router_bias'] = {
+        block: jax.tree.map(lambda bias, block=block: routing.update_bias(
+            bias, layers[block]['tokens_per_expert'], spec.bias_update_rate), tree)
+        for block, tree in state['model_state']['router_bias'].items()}
+  return (jax.tree.map(lambda g: g / k, grads),
+          (loss.mean(0), mean(extra), {'loss': aux['loss'].mean(0), 'layers': layers},
+           model_state))
 
 
 @functools.partial(jax.jit, static_argnames=('task', 'model', 'mesh'))
@@ -260,11 +330,61 @@ def describe_router(config) -> str:
 
 
 class Interrupted(KeyboardInterrupt):
-  """Ctrl-C during training, raised after the state was checkpointed at `step`."""
+  """Ctrl-C during training, raised after the state was checkpointed at `step` (0: before the
+  first step, with nothing to resume but config.json)."""
 
   def __init__(self, step: int):
-    super().__init__(f'interrupted at step {step}; rerun the same command to resume')
+    super().__init__(f'interrupted at step {step}; rerun the same command to resume' if step else
+                     'interrupted before the first step; rerun the same command to start the run')
     self.step = step
+
+
+class CheckpointNotSaved(OSError):
+  """A checkpoint could not be written (a full disk, a read-only directory); the earlier ones are
+  kept."""
+
+
+def _reason(error: BaseException) -> str:
+  """The gist of a save or restore error, for one line: orbax's (tensorstore's) messages run to
+  several lines of paths, with the operating system's error code inside; the first error of the
+  chain says most."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  code = re.search(r"os_error_code='?(\d+)", str(error))
+  if code:
+    return os.strerror(int(code.group(1)))
+  lines = str(error).strip().splitlines()
+  line = lines[0] if lines else type(error).__name__
+  return line if len(line) <= 160 else line[:160] + '...'
+
+
+def _not_saved(step: int | None, workdir: pathlib.Path, error: Exception) -> CheckpointNotSaved:
+  good = [s for s in run_dir.checkpoint_steps(workdir) if s != step]
+  kept = (f'the last good checkpoint, step {good[-1]}, is kept' if good else
+          'there is no checkpoint yet')
+  return CheckpointNotSaved(
+      f'could not save the checkpoint at step {step} in {workdir / "checkpoints"}: '
+      f'{_reason(error)}; {kept}. Free space (or make it writable), then rerun the same command '
+      'to resume.')
+
+
+@jax.jit
+def _leaf_sums(state) -> list[jax.Array]:
+  """Per leaf, the sum of its elements' bits as unsigned integers, modulo 2**32: integer sums do
+  not depend on the order of the additions, so on the mesh."""
+  def bits(x):
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).sum(dtype=jnp.uint32)
+  return [bits(x) for x in jax.tree.leaves(state)]
+
+
+def fingerprint(state) -> str:
+  """A hash of every bit of `state`, saved with each checkpoint and checked when it is restored:
+  orbax reads some damaged files (bytes overwritten) without an error."""
+  sums = np.asarray(jax.device_get(_leaf_sums(state)), np.uint32)
+  return hashlib.sha256(sums.tobytes()).hexdigest()[:16]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -313,28 +433,61 @@ def _check_finite(unchecked: list[tuple], manager, workdir: pathlib.Path, advice
           f'likely meet it again: start a new --workdir with {advice}.')
 
 
-def _checkpoint(manager, step: int, state, clock: run_dir.RunTime, workdir: pathlib.Path) -> None:
-  manager.save(step, args=ocp.args.StandardSave(state))
-  clock.save(workdir)
+def _checkpoint(manager, step: int, state, clock: run_dir.RunTime, workdir: pathlib.Path,
+                save_data=None) -> None:
+  """Saves `state` at `step` (asynchronously) through `manager`, and timing.json; save_data(workdir,
+  step, kept_steps) first writes the input pipeline's state after `step` batches (`Data.feed`).
+  Raises CheckpointNotSaved when this save, or the earlier one still being written, fails."""
+  _finish_saves(manager, workdir)  # an asynchronous save's error surfaces here, or at the end
+  try:
+    if save_data is not None:
+      save_data(workdir, step, manager.all_steps())
+    manager.save(step, args=ocp.args.StandardSave(state),
+                 custom_metadata={'fingerprint': fingerprint(state)})
+    clock.save(workdir)
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises Exception, ValueError, ...
+    raise _not_saved(step, workdir, e) from e
+
+
+def _finish_saves(manager, workdir: pathlib.Path) -> None:
+  """Waits for the save in flight; CheckpointNotSaved when it failed."""
+  in_flight = manager.latest_step()  # orbax forgets a failed save's step
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _not_saved(in_flight, workdir, e) from e
+
+
+def _close(manager, workdir: pathlib.Path) -> None:
+  """Waits for the save in flight (CheckpointNotSaved when it failed), then closes `manager`."""
+  try:
+    _finish_saves(manager, workdir)
+  finally:
+    with contextlib.suppress(Exception):  # close() raises a failed save's error again
+      manager.close()
 
 
 def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager,
               workdir: pathlib.Path, schedule, tokens_per_step: int, call_start: float,
-              name: str = 'train', z_loss_coef: float | None = None) -> StepsDone:
+              name: str = 'train', z_loss_coef: float | None = None,
+              save_data=None) -> StepsDone:
   """The training loop of every task: steps `state` from `start` to cfg.steps.
 
   step_fn(state, i) -> (state, metrics) runs optimizer step i (metrics as `train_step`'s);
   evaluate(state) -> {'eval_...': float}. Every log_every steps a `_record` goes to metrics.jsonl
   and the TensorBoard events (`run_dir.RunLog`); evaluation runs every eval_every steps and at the
   end; the state is checkpointed through `manager` (with timing.json, `run_dir.RunTime`;
-  call_start: when this call started) every checkpoint_every steps and at the end. A tqdm bar
+  call_start: when this call started) every checkpoint_every steps and at the end, the input
+  pipeline's state with it (`save_data`, see `_checkpoint`). A tqdm bar
   shows progress when cfg.progress and stderr is a terminal. Only process 0 writes files (every process steps, evaluates and checkpoints).
 
   Before a step is logged or checkpointed, the losses and gradient norms of the steps since the
   last check must be finite, else NonFiniteLoss (the bad state is not saved; its message names
   the knobs of `stability_advice`, z_loss_coef: the MoE layers', None: dense). Ctrl-C checkpoints
-  the last completed step and raises `Interrupted`. A ValueError from step_fn or evaluate comes
-  from the model's code, not from the user's input: it is re-raised as a RuntimeError.
+  the last completed step and raises `Interrupted` (within `interrupt.deferred()`: once the step in
+  progress is done). A failed save raises `CheckpointNotSaved`. A ValueError from step_fn or
+  evaluate comes from the model's code, not from the user's input: it is re-raised as a
+  RuntimeError.
   """
   advice = stability_advice(cfg, z_loss_coef)
   run_log = run_dir.RunLog(workdir, start)
@@ -377,21 +530,22 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
         bar.set_postfix(loss=f'{record["train_loss"]:.3f}')
         last_step, last_time = step, time.perf_counter()
       if saving:
-        _checkpoint(manager, step, state, clock, workdir)
+        _checkpoint(manager, step, state, clock, workdir, save_data)
       done = (state, step)
+      if interrupt.requested() and not final:  # Ctrl-C (moe_jax/interrupt.py): stop, as below
+        raise KeyboardInterrupt
   except KeyboardInterrupt:
     state, step = done
     if step > (manager.latest_step() or 0):
       _check_finite([u for u in unchecked if u[0] <= step], manager, workdir, advice)
-      _checkpoint(manager, step, state, clock, workdir)
+      _checkpoint(manager, step, state, clock, workdir, save_data)
     raise Interrupted(step) from None
   except ValueError as e:
     raise RuntimeError(f'training failed at step {i + 1}: {e}') from e
   finally:
     bar.close()
     run_log.close()
-    manager.wait_until_finished()
-    manager.close()
+    _close(manager, workdir)
   return StepsDone(state, run_log.records, first_step_s, clock)
 
 
@@ -423,6 +577,8 @@ def _summary(config, loop: StepsDone, *, task: tasks.Task, cfg: TrainConfig, sta
 
 MESH_FIELDS = ('mesh.data', 'mesh.fsdp', 'mesh.expert', 'mesh.tensor')  # device layout: may
 # change when a run resumes
+# Fields newer than some run directories: a config.json without one holds this default.
+ADDED_FIELDS = {'model.remat': 'none', 'train.microbatches': 1}
 
 
 def _check_held_out(data: tasks.Data, mesh: Mesh) -> None:
@@ -465,9 +621,65 @@ def train(config, workdir: str | os.PathLike) -> dict:
   Raises, before writing anything: ValueError for a bad config field, when workdir/config.json
   holds a different config, or when config.upcycle.from_workdir (relative: to the current
   directory) holds no dense run to upcycle; NotADirectoryError when workdir is a file;
-  FileNotFoundError when the data set is not found. While training: `Interrupted` (Ctrl-C, after
-  a checkpoint) and `NonFiniteLoss` (see `run_steps`).
+  FileNotFoundError when the data set is not found; `run_dir.RunInUse` when another live run holds
+  workdir. While training: `Interrupted` (Ctrl-C, after a checkpoint; at any moment of this call,
+  `moe_jax.interrupt`), `NonFiniteLoss` (see `run_steps`) and `CheckpointNotSaved`.
   """
+  with interrupt.deferred(), contextlib.ExitStack() as hold:
+    return _train(config, workdir, hold)
+
+
+def _stop_if_interrupted(step: int, manager=None) -> None:
+  """Raises Interrupted(step) after Ctrl-C (`moe_jax.interrupt`), closing `manager` first."""
+  if interrupt.requested():
+    if manager is not None:
+      manager.close()
+    raise Interrupted(step)
+
+
+def _saved_fingerprint(manager, step: int) -> str | None:
+  """The `fingerprint` saved with checkpoint `step`; None if unreadable or absent (saved before
+  checkpoints had one)."""
+  try:
+    return (manager.metadata(step).custom_metadata or {}).get('fingerprint')
+  except Exception:  # pylint: disable=broad-except  # then the arrays alone decide
+    return None
+
+
+def _restore(manager, target, workdir: pathlib.Path, mesh: Mesh) -> tuple[Any, int]:
+  """(state, step) of the latest checkpoint that restores onto `target`'s shardings ((None, 0) if
+  none does), in one log line. One that does not restore (cut short, corrupted) is moved to
+  workdir/unreadable_checkpoints/ and the one before it is tried (on one process only)."""
+  bad = []
+  while step := manager.latest_step():
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(target))
+      saved = _saved_fingerprint(manager, step)
+      if saved is not None and saved != fingerprint(state):
+        raise ValueError('its arrays do not match the fingerprint saved with them: damaged bytes')
+      break
+    except Exception as e:  # pylint: disable=broad-except  # orbax raises Exception, ValueError
+      if isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() > 1:
+        raise  # the device (e.g. its memory), not the files; or processes that must agree
+      aside = workdir / 'unreadable_checkpoints' / str(step)
+      while aside.exists():
+        aside = aside.with_name(aside.name + '+')
+      aside.parent.mkdir(exist_ok=True)
+      shutil.move(workdir / 'checkpoints' / str(step), aside)
+      manager.reload()
+      bad.append(f'checkpoints/{step} did not restore ({_reason(e)}) and was moved to {aside}')
+  else:
+    state = None
+  if bad:
+    log.warning('%s: resuming from %s', '; '.join(bad),
+                f'step {step}' if step else 'the start (no checkpoint restores)')
+  elif step:
+    log.info('restored the checkpoint at step %d from %s onto mesh %s', step,
+             workdir / 'checkpoints', dict(mesh.shape))
+  return state, step or 0
+
+
+def _train(config, workdir: str | os.PathLike, hold: contextlib.ExitStack) -> dict:
   call_start = time.perf_counter()
   reproducibility.configure_from(config)  # before JAX starts its backends
   task, cfg, model, mesh = check_config(config)
@@ -480,7 +692,9 @@ def train(config, workdir: str | os.PathLike) -> dict:
   if dense_run is not None and not upcycling.latest_step(workdir):  # a new run: read and map
     dense_params = upcycling.dense_params(dense_run)  # the dense weights before writing anything
     upcycling.check_params(abstract_state(model, cfg, inputs, mesh)['params'], dense_params)
-  old = run_dir.write_config(config, workdir, may_differ=MESH_FIELDS)
+  _stop_if_interrupted(0)  # nothing written yet
+  hold.enter_context(run_dir.locked(workdir))  # until this call ends: no second run in workdir
+  old = run_dir.write_config(config, workdir, may_differ=MESH_FIELDS, added=ADDED_FIELDS)
   if old is not None:
     _log_mesh_change(old, config, model.spec)
   finished = run_dir.finished_summary(workdir, cfg.steps)
@@ -496,34 +710,41 @@ def train(config, workdir: str | os.PathLike) -> dict:
       workdir / 'checkpoints',
       options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
   start = manager.latest_step() or 0
+  feed = data.feed(sharding.batch_sharding(mesh))  # training batches, placed on the mesh
   if start:  # onto this mesh, whichever mesh wrote it
-    target = abstract_state(model, cfg, inputs, mesh)
-    state = manager.restore(start, args=ocp.args.StandardRestore(target))
-    log.info('restored the checkpoint at step %d from %s onto mesh %s', start,
-             workdir / 'checkpoints', dict(mesh.shape))
+    state, start = _restore(manager, abstract_state(model, cfg, inputs, mesh), workdir, mesh)
+  if start:
+    feed.restore(workdir, start)  # a streamed data set: its reader's state at that step
   else:
     state = init_state(model, cfg, init_key, inputs, mesh)
+    if dense_run is not None and dense_params is None:  # no checkpoint restored: start over
+      dense_params = upcycling.dense_params(dense_run)
     if dense_params is not None:  # sparse upcycling: start from the dense run's weights
       params = upcycling.upcycle_params(state['params'], dense_params, init_key,
                                         config.upcycle.noise_std)
       state['params'] = jax.device_put(params, state_shardings(model, cfg, inputs, mesh)['params'])
       log.info('upcycled the dense run %s (step %d) into %s', dense_run,
                upcycling.latest_step(dense_run), workdir)
+  _stop_if_interrupted(start, manager)  # after compiling the initial state or restoring one
 
   def step_fn(state, i):
-    return train_step(state, place(data.train_batch(i)), jax.random.fold_in(train_key, i),
+    return train_step(state, feed.batch(i), jax.random.fold_in(train_key, i),
                       task=task, model=model, cfg=cfg, mesh=mesh)
 
   def evaluate(state) -> dict:
     values = [eval_step(state['params'], state['model_state'], batch, task=task, model=model,
                         mesh=mesh) for batch in eval_set]
-    return held_out_means(jax.device_get(values), data.eval_weights)
+    means = held_out_means(jax.device_get(values), data.eval_weights)
+    if data.eval_bytes_per_token:  # text: nats per token -> bits per UTF-8 byte
+      means['eval_bits_per_byte'] = means['eval_loss'] / (math.log(2) * data.eval_bytes_per_token)
+    return means
 
   shape = task.token_shape(config)
   tokens_per_step = shape.batch_size * shape.seq_len
   loop = run_steps(state, step_fn, evaluate, cfg=cfg, start=start, manager=manager,
                    workdir=workdir, schedule=schedule, tokens_per_step=tokens_per_step,
                    call_start=call_start, name=workdir.name,
-                   z_loss_coef=getattr(task.from_config(config)[1], 'z_loss_coef', None))
+                   z_loss_coef=getattr(task.from_config(config)[1], 'z_loss_coef', None),
+                   save_data=feed.save)
   return run_dir.write_summary(workdir, _summary(config, loop, task=task, cfg=cfg, start=start,
                                                  tokens_per_step=tokens_per_step))
