@@ -57,10 +57,12 @@ def with_presets(config: ml_collections.ConfigDict, arg: str | None,
 
 
 def mesh() -> ml_collections.ConfigDict:
-  """`config.mesh` (docs/parallelism.md): 1x1, one device."""
+  """`config.mesh` (docs/parallelism.md, moe_jax/parallel/rules.py): all 1, one device."""
   config = ml_collections.ConfigDict()
-  config.data = 1  # data * expert = the device count, or 1x1 = one device
+  config.data = 1  # data * fsdp * expert * tensor = the device count, or all 1 = one device
+  config.fsdp = 1  # parameters and optimizer state sharded over it (ZeRO-3), and the batch
   config.expert = 1  # divides moe.num_experts; expert weights are sharded over it
+  config.tensor = 1  # attention heads and dense FFN width (Megatron); the batch is not split
   return config
 
 

@@ -5,7 +5,7 @@
   moe-jax sweep  --config configs/compare_routers.py --workdir DIR [--only dense,switch_top1]
   moe-jax report --workdir DIR
   moe-jax config --config FILE [--config.moe.router=soft ...]   (prints the resolved config)
-  moe-jax plan   --config FILE --config.mesh.data=D --config.mesh.expert=X
+  moe-jax plan   --config FILE --config.mesh.data=D --config.mesh.expert=X [--config.mesh.fsdp=F ...]
                  (parameters, FLOPs, memory per device and the accelerators it fits; no device used)
   moe-jax tokenizer --data english_mix --vocab_size 8192 --out DIR
                  (a SentencePiece vocabulary from the training split; --config.data.tokenizer=

@@ -184,7 +184,7 @@ def test_plan_answers_on_two_meshes(name, mesh):
   config = paper_config(name, data=mesh[0], expert=mesh[1])
   result = memory_plan.make_plan(config, name)
   total = tasks.of(config).param_counts(config)[0]
-  assert result.mesh == mesh and result.params_total == total
+  assert result.mesh == (mesh[0], 1, mesh[1], 1) and result.params_total == total
   assert 0 < result.local_params <= total
   assert result.tokens_per_device * mesh[0] * mesh[1] == (
       config.data.batch_size * tasks.of(config).token_shape(config).seq_len)
@@ -215,7 +215,8 @@ def test_plan_counts_remat_and_microbatches():
   assert micro.tokens_per_device == plain.tokens_per_device
   config.model.remat = 'full'
   text = memory_plan.render(memory_plan.make_plan(config))
-  assert '(1.07B weights held; activations of 1 of 4 microbatches; remat=full)' in text
+  assert '(1.07B weights held: ' in text
+  assert '; activations of 1 of 4 microbatches; remat=full)' in text
 
 
 def test_plan_command_prints_the_plan_without_touching_a_device():
@@ -227,7 +228,7 @@ def test_plan_command_prints_the_plan_without_touching_a_device():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                        cwd=ROOT)
   assert out.returncode == 0, out.stderr
-  assert 'on mesh data=32 x expert=8 (256 devices)' in out.stdout
+  assert 'on mesh data=32 x fsdp=1 x expert=8 x tensor=1 (256 devices)' in out.stdout
   assert '7.42B total' in out.stdout and 'H100 (80 GiB)' in out.stdout
 
 
@@ -264,7 +265,8 @@ def test_plan_arithmetic_matches_a_real_step_on_cpu():
   assert held == pytest.approx(memory['parameters'] + memory['optimizer'], rel=1e-5)
   batch = jax.ShapeDtypeStruct((inputs.shape[0], inputs.shape[1] + 1), jnp.int32,
                                sharding=sharding.batch_sharding(mesh))
-  compiled = train.train_step.lower(sharding.restore_target(state, mesh), batch,
+  shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
+  compiled = train.train_step.lower(sharding.restore_target(state, shardings), batch,
                                     jax.random.key(0), task=task, model=model, cfg=cfg,
                                     mesh=mesh).compile()
   stats = compiled.memory_analysis()
@@ -273,3 +275,26 @@ def test_plan_arithmetic_matches_a_real_step_on_cpu():
   working = (memory['gradients'] + memory['activations']) / stats.temp_size_in_bytes
   assert 0.6 <= working <= 1.6, (memory, stats)
   assert 0.75 <= result.total('tpu') / measured <= 1.5, (memory, stats)
+
+
+@pytest.mark.parametrize('mesh', [{'fsdp': 8}, {'fsdp': 2, 'expert': 2, 'tensor': 2}],
+                         ids=['fsdp8', 'fsdp2_expert2_tensor2'])
+def test_plan_divides_the_state_over_fsdp_and_tensor(mesh):
+  """The plan's parameters and optimizer state per device on fsdp / tensor meshes are the bytes
+  device 0 holds after `init_state` (to 2%: the plan counts norm scales and the router as if
+  sharded like the matrices), and its tokens per device split over data * fsdp * expert."""
+  config = lm_tiny.get_config()
+  config.model.update(num_layers=2, moe_every=2, d_model=64, d_ff=256)
+  config.mesh.update(**mesh)
+  result = memory_plan.make_plan(config)
+  assert result.mesh == tuple(mesh.get(axis, 1) for axis in sharding.AXES)
+  shards = mesh.get('fsdp', 1) * mesh.get('expert', 1)
+  assert result.tokens_per_device * shards == config.data.batch_size * config.data.seq_len
+  task, cfg, model, devices = train.check_config(config)
+  state = train.init_state(model, cfg, jax.random.key(0), task.input_spec(config), devices)
+  device = devices.devices.flat[0]
+  held = sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+             for shard in leaf.addressable_shards if shard.device == device)
+  memory = result.memory('tpu')
+  assert held == pytest.approx(memory['parameters'] + memory['optimizer'], rel=0.02)
+  assert 'fsdp=' in memory_plan.render(result)

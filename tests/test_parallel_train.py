@@ -101,7 +101,8 @@ def test_checkpoint_resumes_on_another_mesh(data_dir, tmp_path, caplog):
   with caplog.at_level(logging.INFO, logger=train.__name__):
     summary = train.train(resumed_config, resumed)
   assert summary['resumed_from_step'] == 4
-  assert 'resuming on mesh (data, expert) = (4, 2) a run started on (2, 4)' in caplog.text
+  assert ('resuming on mesh (data, fsdp, expert, tensor) = (4, 1, 2, 1) a run started on '
+          '(2, 1, 4, 1)') in caplog.text
   assert (resumed / 'config.json').read_text() == (straight / 'config.json').read_text()
   expected, got = read_metrics(straight), read_metrics(resumed)
   assert [r['step'] for r in got] == list(range(1, 9))
@@ -116,7 +117,7 @@ def test_checkpoint_resumes_on_another_mesh(data_dir, tmp_path, caplog):
   with ocp.CheckpointManager(straight / 'checkpoints') as manager:
     state = manager.restore(4, args=ocp.args.StandardRestore(target))
   w_in = state['params']['block_1']['moe']['experts']['w_in']
-  assert w_in.sharding.mesh.shape == {'data': 4, 'expert': 2}
+  assert w_in.sharding.mesh.shape == {'data': 4, 'fsdp': 1, 'expert': 2, 'tensor': 1}
   assert w_in.addressable_shards[0].data.shape == (4, 32, 64)
 
 
@@ -145,7 +146,7 @@ def test_bad_mesh_config_fails_before_any_work(tmp_path, monkeypatch, overrides,
 def test_absent_mesh_section_is_one_device():
   cfg = config((2, 4))
   del cfg['mesh']
-  assert train.check_config(cfg).mesh.devices.shape == (1, 1)
+  assert train.check_config(cfg).mesh.devices.shape == (1, 1, 1, 1)
 
 
 VIT = ['--config.data.batch_size=32', '--config.model.d_model=32', '--config.model.num_layers=2',

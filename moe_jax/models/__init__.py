@@ -2,9 +2,10 @@
 
 Both are a stack of pre-norm blocks whose FFN is dense or MoE (`run_blocks`, `ffn`); a block or
 model module has fields config (num_layers, d_ff, activation, dtype, is_moe(block)), spec (a
-`MoESpec`, or None for a dense FFN), expert_axis and batch_axes (`MoELayer`'s: set by
-`sharding.expert_parallel` to run inside `jax.shard_map`). config.remat (`REMATS`) rematerializes
-each block in the backward pass (`remat_block`).
+`MoESpec`, or None for a dense FFN). Weights and activations name their dims logically; on a mesh
+(`moe_jax.parallel.rules.use`) the rules shard them and each MoE layer runs under its own
+`jax.shard_map`. config.remat (`REMATS`) rematerializes each block in the backward pass
+(`remat_block`).
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def ffn(block, h, *, train: bool, token_ids=None):
   cfg, dtype = block.config, jnp.dtype(block.config.dtype)
   if block.spec is None:
     return FeedForward(cfg.d_ff, cfg.activation, dtype, name='ffn')(h), None
-  return MoELayer(block.spec, dtype, block.expert_axis, block.batch_axes, name='moe')(
+  return MoELayer(block.spec, dtype, name='moe')(
       h, train=train, token_ids=token_ids)
 
 
@@ -122,8 +123,9 @@ def run_blocks(model, block_cls, x, *, train: bool, num_layers: int | None = Non
   for i in range(cfg.num_layers if num_layers is None else num_layers):
     name = f'{prefix}_{i}'
     spec = model.spec if cfg.is_moe(i) else None
-    block = block_cls(cfg, spec, model.expert_axis, model.batch_axes, name=name)
+    block = block_cls(cfg, spec, name=name)
     x, layer_aux = remat_block(block, getattr(cfg, 'remat', 'none'), train, **block_inputs)(x)
+    x = nn.with_logical_constraint(x, ('batch', 'length', None))
     if layer_aux is not None:
       aux['loss'] = aux['loss'] + layer_aux['loss']
       aux['layers'][name] = {**layer_aux['metrics'],

@@ -36,7 +36,7 @@ from moe_jax import reproducibility
 from moe_jax.data import tokenizers
 from moe_jax.data.text import VOCAB_SIZE
 from moe_jax.models import REMATS, Stack, ffn, run_blocks
-from moe_jax.moe import causality, flops
+from moe_jax.moe import causality, experts, flops
 from moe_jax.moe.experts import ACTIVATIONS
 from moe_jax.moe.spec import MoESpec
 from moe_jax.validate import Section, section_values
@@ -169,6 +169,16 @@ def input_len(config) -> int:
   return config.data.get('input_len', 0) or 0
 
 
+def logical(names: tuple[str | None, ...], init=nn.initializers.lecun_normal()):
+  """`init` (flax's Dense default) with its dims named logically (`moe_jax.parallel.rules`)."""
+  return experts.logical(init, names)
+
+
+def rms_norm(dtype, name: str) -> nn.RMSNorm:
+  """An RMSNorm whose scale is named ('norm',): replicated."""
+  return nn.RMSNorm(dtype=dtype, scale_init=logical(('norm',), nn.initializers.ones), name=name)
+
+
 def rope(x: jax.Array, base: float) -> jax.Array:
   """Rotary position embedding (rotate-half form). x: [B, L, H, D] -> [B, L, H, D]."""
   length, dim = x.shape[1], x.shape[-1]
@@ -228,18 +238,21 @@ class Attention(nn.Module):
   def __call__(self, x, memory=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     heads, kv_heads, size = cfg.num_heads, cfg.kv_heads, cfg.head_size
-    dense = lambda shape, name, y: nn.DenseGeneral(shape, use_bias=False, dtype=dtype,
-                                                   name=name)(y)
+    dense = lambda shape, name, y, names: nn.DenseGeneral(
+        shape, use_bias=False, dtype=dtype, kernel_init=logical(names), name=name)(y)
     source = x if memory is None else memory
-    q = dense((heads, size), 'query', x)  # [B, L, H, D]
-    k, v = (dense((kv_heads, size), name, source) for name in ('key', 'value'))
+    q = dense((heads, size), 'query', x, ('embed', 'heads', 'kv'))  # [B, L, H, D]
+    k, v = (dense((kv_heads, size), name, source, ('embed', 'kv_heads', 'kv'))
+            for name in ('key', 'value'))
     k, v = (jnp.repeat(y, heads // kv_heads, axis=2) for y in (k, v))  # shared by query groups
     if memory is None:
       q, k = rope(q, cfg.rope_base), rope(k, cfg.rope_base)
     implementation = attention_implementation(cfg.attention, dtype, size)
+    q, k, v = (nn.with_logical_constraint(y, ('batch', 'length', 'heads', 'kv'))
+               for y in (q, k, v))
     out = attend(q, k, v, implementation, causal=self.causal and memory is None)
     return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=dtype,
-                           name='out')(out)
+                           kernel_init=logical(('heads', 'kv', 'embed')), name='out')(out)
 
 
 class LatentAttention(nn.Module):
@@ -259,24 +272,26 @@ class LatentAttention(nn.Module):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     heads, size, rope_size, rank = (cfg.num_heads, cfg.head_size, cfg.rope_head_dim,
                                     cfg.kv_lora_rank)
-    dense = lambda shape, name, y: nn.DenseGeneral(shape, use_bias=False, dtype=dtype,
-                                                   name=name)(y)
-    norm = lambda name, y: nn.RMSNorm(dtype=dtype, name=name)(y)
+    dense = lambda shape, name, y, names: nn.DenseGeneral(
+        shape, use_bias=False, dtype=dtype, kernel_init=logical(names), name=name)(y)
+    norm = lambda name, y: rms_norm(dtype, name)(y)
     if cfg.q_lora_rank:
       q = dense((heads, size + rope_size), 'q_up',
-                norm('q_norm', dense(cfg.q_lora_rank, 'q_down', x)))
+                norm('q_norm', dense(cfg.q_lora_rank, 'q_down', x, ('embed', 'latent'))),
+                ('latent', 'heads', 'kv'))
     else:
-      q = dense((heads, size + rope_size), 'query', x)  # [B, L, H, D + R]
-    kv = dense(rank + rope_size, 'kv_down', x)  # [B, L, r + R]
+      q = dense((heads, size + rope_size), 'query', x, ('embed', 'heads', 'kv'))  # [B, L, H, D + R]
+    kv = dense(rank + rope_size, 'kv_down', x, ('embed', 'latent'))  # [B, L, r + R]
     k_rope = rope(kv[..., None, rank:], cfg.rope_base)  # [B, L, 1, R]
-    k_v = dense((heads, 2 * size), 'kv_up', norm('kv_norm', kv[..., :rank]))
+    k_v = dense((heads, 2 * size), 'kv_up', norm('kv_norm', kv[..., :rank]),
+                ('latent', 'heads', 'kv'))
     k, v = jnp.split(k_v, 2, axis=-1)  # [B, L, H, D] each
     q = jnp.concatenate([q[..., :size], rope(q[..., size:], cfg.rope_base)], axis=-1)
     k = jnp.concatenate([k, jnp.broadcast_to(k_rope, (*k.shape[:-1], rope_size))], axis=-1)
     implementation = 'xla' if cfg.attention == 'auto' else cfg.attention  # Dq != Dv
     out = attend(q, k, v, implementation, causal=self.causal)
     return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), use_bias=False, dtype=dtype,
-                           name='out')(out)
+                           kernel_init=logical(('heads', 'kv', 'embed')), name='out')(out)
 
 
 class Block(nn.Module):
@@ -284,13 +299,10 @@ class Block(nn.Module):
   x: [B, L, d] -> ([B, L, d], aux).
 
   aux is the MoE layer's aux dict, or None for a dense FFN. causal=False: an encoder block.
-  memory [B, M, d] (the encoder output): a decoder block of an encoder-decoder. expert_axis,
-  batch_axes: as `MoELayer`.
+  memory [B, M, d] (the encoder output): a decoder block of an encoder-decoder.
   """
   config: TransformerConfig
   spec: MoESpec | None = None
-  expert_axis: str | None = None
-  batch_axes: tuple[str, ...] = ()
   causal: bool = True
 
   @nn.compact
@@ -298,7 +310,7 @@ class Block(nn.Module):
     """x: [B, L, d]; memory: [B, M, d] encoder output to cross-attend, or None; token_ids: [B, L]
     the tokens of x (hash routing)."""
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-    norm = lambda name, y: nn.RMSNorm(dtype=dtype, name=name)(y)
+    norm = lambda name, y: rms_norm(dtype, name)(y)
     attention = LatentAttention if cfg.latent else Attention
     x = x + attention(cfg, self.causal, name='attention')(norm('attention_norm', x))
     if memory is not None:
@@ -313,17 +325,15 @@ class Transformer(nn.Module):
 
   aux: as `models.run_blocks` (an encoder-decoder's layers are named 'encoder_block_i' and
   'block_i'). Training with a router that has jitter or noise needs the 'router' RNG stream;
-  aux-loss-free balancing needs `mutable=['router_bias']` (see `MoELayer`). expert_axis /
-  batch_axes set (by `sharding.expert_parallel`), the MoE layers run expert-parallel inside
-  `jax.shard_map`; the rest is data-parallel on the local batch (`sharding.shard_module`).
+  aux-loss-free balancing needs `mutable=['router_bias']` (see `MoELayer`). Weights name their
+  dims logically (embed, heads, kv, mlp, vocab, exp); on a mesh (`sharding.shard_module`) the
+  rules of `moe_jax.parallel.rules` shard them and the MoE layers run under `jax.shard_map`.
 
   Building one whose routing can see later tokens raises ValueError naming the `config.moe`
   field (`causality.require_causal`) unless `config.allow_future_leak`.
   """
   config: TransformerConfig
   spec: MoESpec | None = None
-  expert_axis: str | None = None
-  batch_axes: tuple[str, ...] = ()
   input_len: int = 0  # encoder tokens at the start of each example (encoder-decoder)
 
   def __post_init__(self):
@@ -340,26 +350,28 @@ class Transformer(nn.Module):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     if cfg.moe_every and self.spec is None:
       raise ValueError(f'moe_every={cfg.moe_every} needs a MoESpec; pass spec=, or moe_every=0.')
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, name='embed')
-    x = embed(tokens).astype(dtype)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, name='embed', embedding_init=logical(
+        ('vocab', 'embed'), nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', out_axis=0)))
+    x = nn.with_logical_constraint(embed(tokens).astype(dtype), ('batch', 'length', None))
     memory, encoder_aux = None, None
     if cfg.encoder_layers:
       memory, encoder_aux = run_blocks(self, functools.partial(Block, causal=False),
                                        x[:, :self.input_len], train=train,
                                        num_layers=cfg.encoder_layers, prefix='encoder_block',
                                        token_ids=tokens[:, :self.input_len])
-      memory = nn.RMSNorm(dtype=dtype, name='encoder_norm')(memory)
+      memory = rms_norm(dtype, 'encoder_norm')(memory)
       x = x[:, self.input_len:]
     x, aux = run_blocks(self, Block, x, train=train, memory=memory,
                         token_ids=tokens[:, self.input_len:])
     if encoder_aux is not None:
       aux = {'loss': encoder_aux['loss'] + aux['loss'],
              'layers': {**encoder_aux['layers'], **aux['layers']}}
-    x = nn.RMSNorm(dtype=dtype, name='final_norm')(x)
+    x = rms_norm(dtype, 'final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name='unembed')(x)
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name='unembed',
+                        kernel_init=logical(('embed', 'vocab')))(x)
     return logits.astype(jnp.float32), aux
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from moe_jax.data import images as image_data
 from moe_jax.models import Stack, ffn, run_blocks
-from moe_jax.models.transformer import MODEL, check_block_stack, model_and_spec
+from moe_jax.models.transformer import MODEL, check_block_stack, logical, model_and_spec
 from moe_jax.moe import flops
 from moe_jax.moe.spec import MoESpec
 from moe_jax.validate import section_values
@@ -80,21 +80,18 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 
 
 class Block(nn.Module):
-  """Pre-norm encoder block. x: [B, L, d] -> ([B, L, d], aux or None for a dense FFN).
-
-  expert_axis, batch_axes: as `MoELayer`.
-  """
+  """Pre-norm encoder block. x: [B, L, d] -> ([B, L, d], aux or None for a dense FFN)."""
   config: ViTConfig
   spec: MoESpec | None = None
-  expert_axis: str | None = None
-  batch_axes: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     h = nn.LayerNorm(dtype=dtype, name='attention_norm')(x)
-    x = x + nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=dtype, use_bias=False,
-                                            name='attention')(h, h)
+    x = x + nn.MultiHeadDotProductAttention(
+        cfg.num_heads, dtype=dtype, use_bias=False, name='attention',
+        kernel_init=logical(('embed', 'heads', 'kv')),
+        out_kernel_init=logical(('heads', 'kv', 'embed')))(h, h)
     y, aux = ffn(self, nn.LayerNorm(dtype=dtype, name='ffn_norm')(x), train=train)
     return x + y, aux
 
@@ -102,15 +99,13 @@ class Block(nn.Module):
 class ViT(nn.Module):
   """Image classifier. images [B, h, w, c] float -> (logits [B, num_classes] float32, aux).
 
-  aux: as `models.run_blocks`. expert_axis / batch_axes set (by `sharding.expert_parallel`), the
-  MoE layers run expert-parallel inside `jax.shard_map`; with `group_by='sequence'` (each image
-  routed alone) that equals one device.
+  aux: as `models.run_blocks`. On a mesh (`sharding.shard_module`) the MoE layers run
+  expert-parallel under `jax.shard_map`; with `group_by='sequence'` (each image routed alone)
+  that equals one device.
   """
   config: ViTConfig
   num_classes: int
   spec: MoESpec | None = None
-  expert_axis: str | None = None
-  batch_axes: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -118,7 +113,8 @@ class ViT(nn.Module):
     if cfg.moe_every and self.spec is None:
       raise ValueError(f'moe_every={cfg.moe_every} needs a MoESpec; pass spec=, or moe_every=0.')
     cfg.num_tokens(images.shape[1:])  # checks the patch size
-    x = nn.Dense(cfg.d_model, dtype=dtype, name='patch_embed')(patchify(images, cfg.patch_size))
+    x = nn.Dense(cfg.d_model, dtype=dtype, name='patch_embed',
+                 kernel_init=logical(('patch', 'embed')))(patchify(images, cfg.patch_size))
     if cfg.pool == 'cls':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, cfg.d_model))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.d_model)).astype(x.dtype), x],
@@ -127,7 +123,8 @@ class ViT(nn.Module):
     x, aux = run_blocks(self, Block, x, train=train)
     x = nn.LayerNorm(dtype=dtype, name='final_norm')(x)
     pooled = x[:, 0] if cfg.pool == 'cls' else x.mean(axis=1)
-    logits = nn.Dense(self.num_classes, dtype=dtype, name='head')(pooled)
+    logits = nn.Dense(self.num_classes, dtype=dtype, name='head',
+                      kernel_init=logical(('embed', 'classes')))(pooled)
     return logits.astype(jnp.float32), aux
 
 

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax.routers.projection import logical  # noqa: F401 (the layers' annotations)
+
 ACTIVATIONS = ('swiglu', 'gelu')
 
 
@@ -39,9 +41,10 @@ def _check_activation(activation: str) -> None:
     raise ValueError(f'activation must be one of {ACTIVATIONS}, got {activation!r}.')
 
 
-def _kernel_init(batch_axis=()):
-  return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=-2,
-                                          out_axis=-1, batch_axis=batch_axis)
+def _kernel_init(names: tuple[str, ...], batch_axis=()):
+  """The FFN weights' initializer, its dims named logically."""
+  return logical(nn.initializers.variance_scaling(
+      1.0, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1, batch_axis=batch_axis), names)
 
 
 class FeedForward(nn.Module):
@@ -54,9 +57,9 @@ class FeedForward(nn.Module):
   def __call__(self, x):
     _check_activation(self.activation)
     d = x.shape[-1]
-    w_in = self.param('w_in', _kernel_init(), (d, self.d_ff))
-    w_out = self.param('w_out', _kernel_init(), (self.d_ff, d))
-    w_gate = (self.param('w_gate', _kernel_init(), (d, self.d_ff))
+    w_in = self.param('w_in', _kernel_init(('embed', 'mlp')), (d, self.d_ff))
+    w_out = self.param('w_out', _kernel_init(('mlp', 'embed')), (self.d_ff, d))
+    w_gate = (self.param('w_gate', _kernel_init(('embed', 'mlp')), (d, self.d_ff))
               if self.activation == 'swiglu' else None)
     cast = lambda w: None if w is None else w.astype(self.dtype)
     return feed_forward(_dense, x.astype(self.dtype), cast(w_in), cast(w_out), cast(w_gate))
@@ -76,10 +79,11 @@ class Experts(nn.Module):
   def setup(self):
     _check_activation(self.activation)
     e, d, f = self.num_experts, self.d_model, self.d_ff
-    init = _kernel_init(batch_axis=(0,))
-    self.w_in = self.param('w_in', init, (e, d, f))
-    self.w_out = self.param('w_out', init, (e, f, d))
-    self.w_gate = self.param('w_gate', init, (e, d, f)) if self.activation == 'swiglu' else None
+    up, down = (_kernel_init(names, batch_axis=(0,)) for names in (('exp', 'embed', 'mlp'),
+                                                                   ('exp', 'mlp', 'embed')))
+    self.w_in = self.param('w_in', up, (e, d, f))
+    self.w_out = self.param('w_out', down, (e, f, d))
+    self.w_gate = self.param('w_gate', up, (e, d, f)) if self.activation == 'swiglu' else None
 
   def weights(self):
     """(w_in, w_out, w_gate or None) in the compute dtype."""

@@ -10,12 +10,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from moe_jax import routing
 from moe_jax.moe import dispatch, families
 from moe_jax.moe.experts import Experts, FeedForward
 from moe_jax.moe.spec import MoESpec, resolve_dispatch
 from moe_jax.routers.projection import CosineProjection, RouterProjection  # noqa: F401 (re-export)
+
+EXPERTS = 'experts'  # the `Experts` submodule: stacked weights [E, ...], sharded over the experts
 
 
 def to_groups(x: jax.Array, group_by: str) -> jax.Array:
@@ -61,6 +64,9 @@ class MoELayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, token_ids: jax.Array | None = None):
     """x: [B, L, d]; token_ids: [B, L] int, the LM's input ids (needed by hash routing)."""
+    axes = None if self.expert_axis is not None or self.is_initializing() else context_axes()
+    if axes is not None:
+      return self._shard_mapped(x, train, token_ids, *axes)
     spec = self.spec
     groups = to_groups(x, spec.routing_group_by)  # [G, T, d]
     logits = self._router_logits(groups, train)
@@ -74,7 +80,7 @@ class MoELayer(nn.Module):
         spec, families.Group(lg, selection_bias, rng, train, tid)))(logits, rngs, ids)
 
     experts = Experts(self._num_local_experts(), x.shape[-1], spec.d_ff, spec.activation,
-                      self.dtype, name='experts')
+                      self.dtype, name=EXPERTS)
     executor = resolve_dispatch(spec, jax.default_backend(), self.dtype)
     y = dispatch.moe_apply(out.plan, groups, experts, executor, dtype=self.dtype,
                            expert_axis=self.expert_axis, num_chunks=spec.num_chunks)
@@ -87,6 +93,37 @@ class MoELayer(nn.Module):
       bias.value = routing.update_bias(selection_bias, aux['metrics']['tokens_per_expert'],
                                        spec.bias_update_rate)
     return from_groups(y, spec.routing_group_by, x.shape).astype(x.dtype), aux
+
+  def _shard_mapped(self, x, train: bool, token_ids, expert_axis: str, batch_axes: tuple):
+    """The layer under `jax.shard_map` over the context mesh (`context_axes`): each shard routes
+    its own sequences (x split over `batch_axes`) and holds E / size(expert_axis) experts. The
+    variables enter with the experts over `expert_axis` and everything else whole: XLA gathers
+    what the logical rules store sharded (the experts' embed dim over 'fsdp', ...) first. Tokens
+    are whole on the mesh's other axes (tensor), which repeat the same work."""
+    local = self.clone(parent=None, expert_axis=expert_axis, batch_axes=batch_axes)
+    variables = {name: dict(value) for name, value in self.variables.items()}
+    mutable = (['router_bias'] if train and 'router_bias' in variables
+               and self.is_mutable_collection('router_bias') else False)
+    spec = self.spec
+    key = self.make_rng('router') if train and (spec.jitter > 0 or spec.noise_std > 0) else None
+    tokens = P(batch_axes)
+    variable_specs = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: P(expert_axis) if EXPERTS in {getattr(k, 'key', None) for k in path}
+        else P(), variables)
+
+    def body(variables, x, key, token_ids):
+      return local.apply(variables, x, train=train, token_ids=token_ids, mutable=mutable,
+                         rngs=None if key is None else {'router': key})
+
+    out_specs = (tokens, P())
+    if mutable:
+      out_specs = (out_specs, {'router_bias': P()})
+    out = jax.shard_map(body, in_specs=(variable_specs, tokens, P(), tokens),
+                        out_specs=out_specs)(variables, x, key, token_ids)
+    if mutable:
+      out, updated = out
+      self.put_variable('router_bias', 'bias', updated['router_bias']['bias'])
+    return out
 
   def _router_logits(self, groups: jax.Array, train: bool) -> jax.Array | None:
     """[G, T, E] float32 logits ([G, T, E, S] for a family of logits='slots', Soft MoE; None for
@@ -127,6 +164,20 @@ class MoELayer(nn.Module):
                        f'divide config.moe.num_experts={self.spec.num_experts}: use an expert axis '
                        f'size that divides {self.spec.num_experts}.')
     return self.spec.num_experts // size
+
+
+def context_axes() -> tuple[str, tuple[str, ...]] | None:
+  """(expert axis, batch axes) when a mesh and logical axis rules are in context with automatic
+  axes (`moe_jax.parallel.rules.use`; not inside a shard_map over them): the mesh axes of the
+  logical names 'exp' and 'batch'. None otherwise: the layer runs on the tokens it is given."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not mesh.auto_axes or not nn.get_logical_axis_rules():
+    return None
+  expert, = nn.logical_to_mesh_axes(('exp',))
+  batch, = nn.logical_to_mesh_axes(('batch',))
+  if expert is None or batch is None:
+    return None
+  return expert, (batch,) if isinstance(batch, str) else tuple(batch)
 
 
 def layer_aux(spec: MoESpec, out: routing.RouterOutput, batch_axes: tuple[str, ...],

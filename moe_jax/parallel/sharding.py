@@ -1,12 +1,15 @@
-"""Expert + data parallelism: one mesh, partition specs by path, the MoE layer under `shard_map`.
+"""The mesh, the train state's layout, and a model on a mesh (each MoE layer under `shard_map`).
 
-Layout. A 2-D mesh with axes ('data', 'expert') over all devices (a 1x1 mesh is one device, no
-shard_map).
-  * tokens: the batch dim is sharded over both axes: each device holds b = B / (data * expert)
-    sequences (`BATCH`).
-  * expert weights (leaves under a module named 'experts', leading dim E): sharded over 'expert'
-    (E / expert experts per device), replicated over 'data'.
-  * everything else (router, shared experts, the aux-free bias, scalars): replicated.
+Layout. A 4-D mesh with axes ('data', 'fsdp', 'expert', 'tensor') over all devices (all sizes 1 is
+one device, no shard_map). Weights are stored by their logical names through `rules.RULES`
+(`state_shardings`): d_model over 'fsdp', heads / FFN width / vocabulary over 'tensor', the experts'
+E over 'expert'; the optimizer moments alike.
+  * tokens: the batch dim is sharded over data * fsdp * expert: each device holds
+    b = B / (data * fsdp * expert) sequences (`BATCH`), the same ones on every 'tensor' shard.
+  * inside the MoE layer's shard_map: expert weights (leaves under a module named 'experts',
+    leading dim E) over 'expert' (E / expert experts per device), everything else (router,
+    shared experts, the aux-free bias, scalars) whole; XLA gathers the fsdp / tensor shards.
+  * the rest of the model runs under jit's automatic partitioning (GSPMD).
 Inside `shard_map` each device routes its own token groups, and `MoELayer(expert_axis='expert')`
 sends every expert's tokens to the device holding it over the 'expert' axis, runs its E / expert
 local experts and sends the outputs back. How is chosen by the plan (`dispatch.dispatcher`):
@@ -19,7 +22,7 @@ local experts and sends the outputs back. How is chosen by the plan (`dispatch.d
 Gradients of replicated params are summed over the devices that share them by `shard_map` itself.
 
 Exactness. Routing is per token group (`MoESpec.group_by`), and a shard routes only its own tokens.
-Let s = 0..N-1, N = data * expert, index the shards data-major (the order of `BATCH`).
+Let s = 0..N-1, N = data * fsdp * expert, index the shards data-major (the order of `BATCH`).
   * 'sequence': groups never straddle shards, so the sharded layer equals the unsharded layer on
     the whole batch: outputs, aux losses, metrics, gradients, bias update (float rounding aside).
   * 'position' and 'batch': a shard's groups hold only its b local sequences (one position of b
@@ -43,65 +46,86 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.moe import families, flops
-from moe_jax.moe.layer import MoELayer
+from moe_jax.moe.layer import EXPERTS as EXPERTS_KEY, MoELayer
 from moe_jax.moe.spec import MoESpec
+from moe_jax.parallel import rules
+from moe_jax.parallel.rules import BATCH_AXES, DATA, EXPERT, FSDP, TENSOR
 from moe_jax.validate import Section
 
-DATA, EXPERT = 'data', 'expert'
-AXES = (DATA, EXPERT)
-BATCH = P(AXES)  # leading (batch) dim sharded over every device
-EXPERTS_KEY = 'experts'  # the MoELayer's `Experts` submodule: stacked weights [E, ...]
+AXES = rules.MESH_AXES  # ('data', 'fsdp', 'expert', 'tensor')
+BATCH = P(BATCH_AXES)  # leading (batch) dim sharded over data * fsdp * expert
 MESH = Section('mesh')
 
 
-def make_mesh(data: int, expert: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'expert') mesh of shape [data, expert] over `devices` (default: all devices)."""
+def make_mesh(data: int = 1, expert: int = 1, devices: Sequence[jax.Device] | None = None, *,
+              fsdp: int = 1, tensor: int = 1) -> Mesh:
+  """A ('data', 'fsdp', 'expert', 'tensor') mesh of those sizes over `devices` (default: all)."""
   devices = jax.devices() if devices is None else list(devices)
-  MESH.positive('data', data)
-  MESH.positive('expert', expert)
-  if data * expert != len(devices):
+  sizes = {DATA: data, FSDP: fsdp, EXPERT: expert, TENSOR: tensor}
+  for name, size in sizes.items():
+    MESH.positive(name, size)
+  total = math.prod(sizes.values())
+  if total != len(devices):
     n = len(devices)
+    named = _fields(' * ', **sizes)
     hint = f'data={n // expert}, expert={expert}' if n % expert == 0 else f'data={n}, expert=1'
     simulate = ''
-    if data * expert > n and all(d.platform == 'cpu' for d in devices):
-      simulate = (f' To try this mesh on a CPU, simulate {data * expert} devices: start the '
-                  f'command with XLA_FLAGS=--xla_force_host_platform_device_count={data * expert}.')
+    if total > n and all(d.platform == 'cpu' for d in devices):
+      simulate = (f' To try this mesh on a CPU, simulate {total} devices: start the '
+                  f'command with XLA_FLAGS=--xla_force_host_platform_device_count={total}.')
     raise ValueError(
-        f'config.mesh.data={data} * config.mesh.expert={expert} = {data * expert} does not match '
-        f'the {n} devices: choose sizes whose product is {n} (e.g. {hint}).{simulate}')
-  return jax.make_mesh((data, expert), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+        f'{named} = {total} does not match the {n} devices: choose sizes whose product is {n} '
+        f'(e.g. {hint}).{simulate}')
+  return jax.make_mesh(tuple(sizes.values()), AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def mesh_shape(config) -> tuple[int, int]:
-  """(data, expert) of `config.mesh` (an absent section or field: 1), each a positive int."""
-  sizes = dict(config.mesh.items()) if 'mesh' in config else {}
-  MESH.known(sizes, AXES)
-  data, expert = sizes.get(DATA, 1), sizes.get(EXPERT, 1)
-  MESH.positive('data', data)
-  MESH.positive('expert', expert)
-  return data, expert
+def mesh_shape(config) -> dict[str, int]:
+  """{axis: size} of `config.mesh` for the four axes (an absent section or field: 1), each a
+  positive int."""
+  given = dict(config.mesh.items()) if 'mesh' in config else {}
+  MESH.known(given, AXES)
+  sizes = {axis: given.get(axis, 1) for axis in AXES}
+  for name, size in sizes.items():
+    MESH.positive(name, size)
+  return sizes
 
 
 def mesh_from_config(config) -> Mesh:
-  """The mesh of `config.mesh` = {data, expert}; an absent section means 1x1.
+  """The mesh of `config.mesh` = {data, fsdp, expert, tensor}; an absent section means 1x1.
 
-  1x1 is one (local) device however many there are; otherwise data * expert must equal the device
-  count (`make_mesh`).
+  All sizes 1 is one (local) device however many there are; otherwise their product must equal
+  the device count (`make_mesh`).
   """
-  data, expert = mesh_shape(config)
-  return make_mesh(data, expert, jax.local_devices()[:1] if (data, expert) == (1, 1) else None)
+  sizes = mesh_shape(config)
+  one = math.prod(sizes.values()) == 1
+  return make_mesh(sizes[DATA], sizes[EXPERT], jax.local_devices()[:1] if one else None,
+                   fsdp=sizes[FSDP], tensor=sizes[TENSOR])
 
 
 def abstract_mesh(config) -> jax.sharding.AbstractMesh:
   """`config.mesh` as a device-free `AbstractMesh` (for `check_mesh` and planning: no device is
   touched, so it may describe a pod from a laptop)."""
-  return jax.sharding.AbstractMesh(mesh_shape(config), AXES)
+  return jax.sharding.AbstractMesh(tuple(mesh_shape(config).values()), AXES)
+
+
+def _fields(sep: str, **sizes) -> str:
+  """'config.mesh.data=2 * config.mesh.expert=4' (sep ' * '): data and expert always, the other
+  axes when larger than 1."""
+  return sep.join(f'config.mesh.{name}={size}' for name, size in sizes.items()
+                  if size > 1 or name in (DATA, EXPERT))
+
+
+def batch_shards(mesh) -> int:
+  """The shards of the batch: data * fsdp * expert (the tensor axis repeats them)."""
+  return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
 
 
 def check_mesh(spec: MoESpec | None, mesh: Mesh | jax.sharding.AbstractMesh, batch_size: int,
@@ -115,17 +139,17 @@ def check_mesh(spec: MoESpec | None, mesh: Mesh | jax.sharding.AbstractMesh, bat
   missing = [a for a in AXES if a not in mesh.shape]
   if missing:
     raise ValueError(f'mesh axes {tuple(mesh.axis_names)} lack {missing}: build the mesh with '
-                     f'parallel.make_mesh(config.mesh.data, config.mesh.expert).')
-  data, expert = mesh.shape[DATA], mesh.shape[EXPERT]
+                     f'parallel.sharding.make_mesh (config.mesh.data, fsdp, expert, tensor).')
+  data, fsdp, expert = (mesh.shape[axis] for axis in BATCH_AXES)
   if spec is not None and spec.num_experts % expert:
     raise ValueError(f'config.mesh.expert={expert} does not divide config.moe.num_experts='
                      f'{spec.num_experts}: use an expert axis size that divides the experts.')
-  shards = data * expert
+  shards = data * fsdp * expert
   if batch_size % shards:
     raise ValueError(
-        f'config.data.batch_size={batch_size} is not divisible by config.mesh.data={data} * '
-        f'config.mesh.expert={expert} = {shards}: tokens are sharded over both axes; use a '
-        f'multiple of {shards}.')
+        f'config.data.batch_size={batch_size} is not divisible by '
+        f'{_fields(" * ", data=data, fsdp=fsdp, expert=expert)} = {shards}: tokens are sharded '
+        f'over these axes; use a multiple of {shards}.')
   if spec is None or seq_len is None:
     return
   group_by = spec.routing_group_by
@@ -134,7 +158,7 @@ def check_mesh(spec: MoESpec | None, mesh: Mesh | jax.sharding.AbstractMesh, bat
     families.route_shapes(spec, n)
   except ValueError as e:
     raise ValueError(
-        f'Under config.mesh.data={data}, config.mesh.expert={expert} each device routes '
+        f'Under {_fields(", ", data=data, fsdp=fsdp, expert=expert)} each device routes '
         f"group_by={group_by!r} groups of {n} tokens ({batch_size // shards} local sequences of "
         f'{seq_len}): {e} Or raise config.data.batch_size / use fewer devices.') from e
 
@@ -145,89 +169,84 @@ def _leaf_spec(path, leaf) -> P:
 
 
 def param_specs(tree: Any) -> Any:
-  """PartitionSpecs for a variables / params / optimizer-state pytree, by path.
-
-  Leaves under a key 'experts' (stacked expert weights [E, ...], and optimizer moments mirroring
-  them) get P('expert'); everything else P() (replicated).
-  """
+  """The MoE layer's compute layout inside its shard_map, by path: leaves under a key 'experts'
+  (stacked expert weights [E, ...]) get P('expert'); everything else P() (whole). Storage follows
+  the logical rules instead (`state_shardings`, `moe_jax.parallel.rules`)."""
   return jax.tree_util.tree_map_with_path(_leaf_spec, tree)
 
 
 def param_shardings(tree: Any, mesh: Mesh) -> Any:
-  """`NamedSharding`s for `tree` (as `param_specs`), for `jax.jit` in/out_shardings."""
+  """`NamedSharding`s of `param_specs(tree)`."""
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: NamedSharding(mesh, _leaf_spec(path, leaf)), tree)
 
 
-def constrain(tree: Any, mesh: Mesh) -> Any:
-  """`tree` laid out by `param_shardings` (inside jit): pins params / optimizer state of a step."""
-  return jax.lax.with_sharding_constraint(tree, param_shardings(tree, mesh))
+def state_shardings(boxed: Any, mesh: Mesh) -> Any:
+  """`NamedSharding`s of a variables / params / train-state pytree from its logical annotations:
+  `boxed` holds the `nn.LogicallyPartitioned` boxes of `module.init` (and of an optimizer state
+  built from boxed params), from `rules.boxed_shapes`. The result has the unboxed structure
+  (`rules.shardings`)."""
+  return rules.shardings(boxed, mesh)
 
 
-def restore_target(tree: Any, mesh: Mesh) -> Any:
-  """`jax.ShapeDtypeStruct`s of `tree` (arrays or shapes) carrying `param_shardings` over `mesh`.
+def restore_target(tree: Any, shardings: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s of `tree` (arrays or shapes) carrying `shardings` (a mesh's
+  `state_shardings`).
 
   An orbax restore target (`ocp.args.StandardRestore(restore_target(...))`): it lays a checkpoint
   written on any mesh out on this one.
   """
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      param_shardings(tree, mesh))
+                      shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a [B, ...] token batch: B over every device."""
+  """Sharding of a [B, ...] token batch: B over data * fsdp * expert."""
   return NamedSharding(mesh, BATCH)
 
 
 def init_variables(module, mesh: Mesh, rngs, *args, **kwargs):
-  """`module.init(rngs, *args, **kwargs)` with its outputs laid out by `param_shardings`.
-
-  Use an unsharded module (expert_axis=None): its variables have the global shapes, and the values
-  are the same as on one device.
-  """
-  abstract = jax.eval_shape(lambda r: module.init(r, *args, **kwargs), rngs)
+  """`module.init(rngs, *args, **kwargs)` laid out by its logical annotations
+  (`state_shardings`); the values are the same as on one device."""
+  boxed = rules.boxed_shapes(lambda r: module.init(r, *args, **kwargs), rngs)
+  # A function of its own: JAX's trace cache knows nothing of flax's rules context.
   return jax.jit(lambda r: module.init(r, *args, **kwargs),
-                 out_shardings=param_shardings(abstract, mesh))(rngs)
+                 out_shardings=state_shardings(boxed, mesh))(rngs)
 
 
 def expert_parallel(module: MoELayer) -> MoELayer:
-  """`module` (a `MoELayer`, or a `Transformer` or `ViT` of them) configured to run inside
-  shard_map over a ('data', 'expert') mesh."""
-  return module.clone(expert_axis=EXPERT, batch_axes=AXES)
+  """`module` (a `MoELayer`) configured to run inside your own shard_map over a `make_mesh`
+  mesh: experts over 'expert', tokens over data * fsdp * expert."""
+  return module.clone(expert_axis=EXPERT, batch_axes=BATCH_AXES)
 
 
-def shard_module(module: MoELayer, mesh: Mesh, *, train: bool = False,
+def shard_module(module, mesh: Mesh, *, train: bool = False,
                  mutable: bool | Sequence[str] = False, seq_len: int | None = None,
                  always_shard: bool = False) -> Callable:
-  """`module.apply` run expert-parallel over `mesh` with `jax.shard_map`.
+  """`module.apply` laid out over `mesh` by the logical rules (`rules.use`).
 
-  `module`: an unsharded `MoELayer`, or a model of them (`Transformer`, `ViT`: fields spec,
-  expert_axis, batch_axes). seq_len: the tokens per example its MoE layers see, for `check_mesh`
-  (default x.shape[1], for token inputs x [B, L, ...]; a ViT's images have more dims).
-  Returns apply(variables, x, rngs=None) with module.apply's outputs: (y, aux), or ((y, aux),
-  updated collections) when `mutable` names collections (e.g. ['router_bias']). `variables` hold
-  global arrays (an unsharded module's tree, e.g. from `init_variables`); x: [B, ...] with B over
-  every device; y: [B, ...] sharded alike; aux and mutable collections replicated. On a one-device
-  mesh this is plain `module.apply` (no shard_map: random draws as unsharded), unless
-  `always_shard`: then the expert-parallel path runs with its exchange local (tests, benchmarks).
+  `module`: an unsharded `MoELayer`, or a model of them (`Transformer`, `ViT`). Its dense layers
+  run under jit's automatic partitioning (weights stored as the rules say, XLA gathering the fsdp
+  shards for use, heads and FFN width over 'tensor'); each MoE layer runs under its own
+  `jax.shard_map`, tokens over data * fsdp * expert and experts over 'expert' (`MoELayer`).
+  seq_len: the tokens per example its MoE layers see, for `check_mesh` (default x.shape[1], for
+  token inputs x [B, L, ...]; a ViT's images have more dims). Returns apply(variables, x,
+  rngs=None) with module.apply's outputs: (y, aux), or ((y, aux), updated collections) when
+  `mutable` names collections (e.g. ['router_bias']). `variables` hold global arrays (an
+  unsharded module's tree, e.g. from `init_variables`); x: [B, ...] with B over data * fsdp *
+  expert. On a one-device mesh this is plain `module.apply` (no shard_map: random draws as
+  unsharded), unless `always_shard`: then the expert-parallel path runs with its exchange local
+  (tests, benchmarks).
   """
-  sharded = expert_parallel(module)
 
   def apply(variables, x, rngs=None):
     check_mesh(module.spec, mesh, batch_size=x.shape[0],
                seq_len=x.shape[1] if seq_len is None else seq_len)
     if mesh.size == 1 and not always_shard:
       return module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
-    names = list(variables) if mutable is True else list(mutable or ())
-    out_specs = (BATCH, P())
-    if names:
-      out_specs = (out_specs, param_specs({c: variables[c] for c in names if c in variables}))
-
-    def body(variables, x, rngs):
-      return sharded.apply(variables, x, train=train, rngs=rngs, mutable=names or False)
-
-    return jax.shard_map(body, mesh=mesh, in_specs=(param_specs(variables), BATCH, P()),
-                         out_specs=out_specs)(variables, x, rngs)
+    with rules.use(mesh):
+      x = jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
+      return module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
 
   return apply
 

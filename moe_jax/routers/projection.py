@@ -4,9 +4,30 @@ linear projection, L2-normalized for Soft MoE, and the cosine router. A family p
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def logical(init, names: tuple[str | None, ...]):
+  """`init` with its dims named logically (the names' mesh axes: `moe_jax.parallel.rules`).
+
+  While logical axis rules are in context (`nn.logical_axis_rules`, as `parallel.rules` sets
+  them to derive the train state's shardings and to run on a mesh), the value comes boxed in
+  `nn.LogicallyPartitioned` (`nn.with_logical_partitioning`); elsewhere `module.init` returns
+  plain arrays, as it did before. The box only records the names: the state's shardings apply
+  them (jit's out_shardings), never a constraint inside init, which flax also runs abstractly for
+  its shape check at apply time, where DenseGeneral boxes a flattened kernel (rules=() skips it).
+  """
+  boxed = nn.with_logical_partitioning(init, names, rules=())
+
+  @functools.wraps(init)
+  def wrapper(*args, **kwargs):
+    return (boxed if nn.get_logical_axis_rules() else init)(*args, **kwargs)
+
+  return wrapper
 
 
 class RouterProjection(nn.Module):
@@ -21,7 +42,8 @@ class RouterProjection(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x.astype(jnp.float32)
-    kernel = self.param('kernel', nn.initializers.normal(0.02), (x.shape[-1], self.num_outputs))
+    kernel = self.param('kernel', logical(nn.initializers.normal(0.02), ('embed', None)),
+                        (x.shape[-1], self.num_outputs))
     if self.normalize:
       scale = self.param('scale', nn.initializers.ones, ())
       x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
@@ -43,7 +65,8 @@ class CosineProjection(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x.astype(jnp.float32)
-    project = self.param('project', nn.initializers.lecun_normal(), (x.shape[-1], self.dim))
+    project = self.param('project', logical(nn.initializers.lecun_normal(), ('embed', None)),
+                         (x.shape[-1], self.dim))
     centroids = self.param('centroids', nn.initializers.normal(0.01), (self.dim, self.num_outputs))
     log_scale = self.param('log_scale', nn.initializers.constant(jnp.log(2.0)), ())
     unit = lambda v, axis: v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis, keepdims=True), 1e-12))

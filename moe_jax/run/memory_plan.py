@@ -2,14 +2,16 @@
 
 Counts come from the project's analytic code (`Task.param_counts`, `Task.flops_per_token`), the
 mesh from `config.mesh` as an `AbstractMesh`: nothing is allocated, so a laptop can plan a pod.
-Memory per device follows the trainer's layout (moe_jax/parallel/sharding.py): the routed experts'
-weights are sharded over config.mesh.expert, every other weight is replicated, and the batch is
-split over all data * expert devices. Bytes per device:
+Memory per device follows the trainer's layout (the logical rules of moe_jax/parallel/rules.py):
+the routed experts' weights are sharded over expert * fsdp * tensor, every other weight over
+fsdp * tensor (its d_model dim over fsdp, its heads / FFN width / vocabulary over tensor; norm
+scales and the router, < 0.1% of a paper config, are counted as if they were too), and the batch is
+split over data * fsdp * expert (the tensor axis repeats it). Bytes per device:
 
-  parameters     4 per weight (float32 whatever config.model.dtype, the compute dtype)
-  gradients      4 per weight, sharded as the parameters; 8 with config.train.microbatches > 1
+  parameters     4 per weight held (float32 whatever config.model.dtype, the compute dtype)
+  gradients      4 per weight held, sharded as the parameters; 8 with config.train.microbatches > 1
                  (the accumulated sum and the current microbatch's)
-  optimizer      AdamW's two float32 moments, 8 per weight
+  optimizer      AdamW's two float32 moments, 8 per weight held
   updated state  parameters and optimizer again: the train step does not donate its input
                  state, so the old and the new one are both live when it ends
   activations    what the backward pass keeps of one microbatch (the local batch / config.train.
@@ -27,6 +29,11 @@ split over all data * expert devices. Bytes per device:
                  activations 1.14 without remat, 0.58 with 'full', 0.90 with
                  'dots_with_no_batch_dims_saveable', 1.21 with 2 microbatches: the remat figures
                  are the low side of the estimate.
+                 With tensor > 1 the attention heads, the dense FFN's hidden units and the
+                 logits are split over it; the residual stream and the MoE layer (which runs
+                 whole on every tensor shard) are not.
+FSDP also gathers each block's weights for its use: one block's weights more at the peak, not
+counted (a note says so).
 
 `tests/test_paper_configs.py` checks the state against a real run's arrays, and the rest and the
 whole against XLA's memory analysis of the compiled train step on CPU.
@@ -67,7 +74,7 @@ REMAT_KEEPS = {'full': 'input', 'nothing_saveable': 'input',
 class Plan:
   """A config on a mesh: its counts and its bytes per device (module docstring)."""
   name: str
-  mesh: tuple[int, int]  # (data, expert)
+  mesh: tuple[int, int, int, int]  # (data, fsdp, expert, tensor)
   params_total: int
   params_active: float
   flops_active: float  # forward FLOPs per token, the papers' convention
@@ -108,21 +115,22 @@ def fused_attention_on_gpu(config, model) -> bool:
 
 
 def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: bool,
-                 act: int, scores: bool, backend: str) -> tuple[float, float]:
+                 act: int, scores: bool, backend: str, tensor: int = 1) -> tuple[float, float]:
   """Bytes one token keeps in one (dense, MoE) block of `stack` for the backward pass (compute
   dtype `act`): block input and its norms; queries, keys and values (per query head), attention
   output, scores and their softmax in float32 and the probabilities in `act`; the FFN's hidden
   activations (`FFN_KEPT`), and, in an MoE block, float32 router probabilities and the rows of
   the expert slots the token's share of them fills (dispatch as resolved on `backend`). Router
   probabilities: one per router logit (`Family.logits_shape`: E, Soft MoE's E * S), E for a
-  family without logits."""
+  family without logits. tensor: the size of the tensor axis, which splits the heads and the
+  dense FFN's width."""
   d, heads = model.d_model, model.num_heads
   size = getattr(model, 'head_size', d // heads)
   qk = size + getattr(model, 'rope_head_dim', 0)
-  attention = act * (2 * d + heads * (2 * qk + 2 * size))
-  attention += heads * stack.keys * (8 + act) if scores else 0
+  attention = act * (2 * d + heads * (2 * qk + 2 * size) / tensor)
+  attention += heads * stack.keys * (8 + act) / tensor if scores else 0
   width = FFN_KEPT[model.activation]
-  dense = act * (2 * d + width * model.d_ff)
+  dense = act * (2 * d + width * model.d_ff / tensor)
   if not stack.moe_layers:
     return attention + dense, 0.0
   executor = resolve_dispatch(spec, backend, model.dtype)
@@ -138,12 +146,12 @@ def _block_bytes(model, spec, stack, tokens_per_group: flops.Shape, sharded: boo
 
 
 def _stack_bytes(model, spec, stack, groups: flops.Shape, sharded: bool, act: int,
-                 scores: bool, backend: str) -> float:
+                 scores: bool, backend: str, tensor: int = 1) -> float:
   """Bytes one token keeps in the blocks of `stack`, rematerialized by model.remat
-  (`REMAT_KEEPS`)."""
+  (`REMAT_KEEPS`); tensor: as `_block_bytes`."""
   def blocks(scores: bool) -> tuple[float, float]:
     """(all blocks, the largest one)."""
-    dense, moe = _block_bytes(model, spec, stack, groups, sharded, act, scores, backend)
+    dense, moe = _block_bytes(model, spec, stack, groups, sharded, act, scores, backend, tensor)
     kinds = [(stack.layers - stack.moe_layers, dense), (stack.moe_layers, moe)]
     return sum(n * b for n, b in kinds), max(b for n, b in kinds if n)
 
@@ -158,17 +166,18 @@ def _stack_bytes(model, spec, stack, groups: flops.Shape, sharded: bool, act: in
 
 
 def activation_bytes(config, task: tasks.Task, model, spec, local_batch: int,
-                     sharded: bool, scores: bool = True, backend: str = 'tpu') -> float:
+                     sharded: bool, scores: bool = True, backend: str = 'tpu',
+                     tensor: int = 1) -> float:
   """Bytes of activations one device keeps for the backward pass of `local_batch` examples (one
   microbatch's): every stack's blocks (`_stack_bytes`; scores=False: attention keeps no score
   matrices; `backend`: 'tpu' or 'gpu', for config.moe.dispatch='auto') and the output layer's
   float32 logits (`OUTPUTS`)."""
   act = DTYPE_BYTES[model.dtype]
-  total = 8.0 * OUTPUTS[task.name](config, model)
+  total = 8.0 * OUTPUTS[task.name](config, model) / tensor
   for stack in task.stacks(config):
     groups = flops.Shape(local_batch, stack.tokens)
     total += stack.tokens * _stack_bytes(model, spec, stack, groups, sharded, act, scores,
-                                         backend)
+                                         backend, tensor)
   return local_batch * total
 
 
@@ -176,28 +185,32 @@ def make_plan(config, name: str = '') -> Plan:
   """The `Plan` of a full experiment config on its `config.mesh`, validated first (as `moe-jax
   train` does, against an `AbstractMesh`): a bad field is a ValueError naming it."""
   task, cfg, _, mesh = train.check_config(config, sharding.abstract_mesh(config))
-  data, expert = mesh.shape[sharding.DATA], mesh.shape[sharding.EXPERT]
+  data, fsdp, expert, tensor = (mesh.shape[axis] for axis in sharding.AXES)
   model, spec = task.from_config(config)
   total, active = task.param_counts(config)
   moe_layers = sum(stack.moe_layers for stack in task.stacks(config))
   experts = moe_layers * flops.expert_params(spec, model.d_model) if moe_layers else 0
-  local_batch = config.data.batch_size // (data * expert)
+  local_batch = config.data.batch_size // (data * fsdp * expert)
   micro = local_batch // cfg.microbatches  # the examples whose activations are live at once
   sharded, notes = mesh.size > 1, []
   if spec is not None and spec.capacity_factor is None and sharded:
     notes.append('dropless routing on a mesh runs through capacity slots as large as a token '
                  'group (num_experts / k times the expert buffers, docs/parallelism.md): a '
                  'config.moe.capacity_factor bounds them')
+  if fsdp > 1:
+    notes.append(f'fsdp={fsdp} gathers each block\'s weights for its use: add one block\'s '
+                 'weights to the peak')
   return Plan(
-      name=name, mesh=(data, expert), params_total=total, params_active=active,
+      name=name, mesh=(data, fsdp, expert, tensor), params_total=total, params_active=active,
       flops_active=task.flops_per_token(config, 'active'),
       flops_executed=task.flops_per_token(config, 'executed'),
       tokens_per_device=local_batch * task.token_shape(config).seq_len,
-      local_params=total - experts + experts // expert,
-      activations={'tpu': activation_bytes(config, task, model, spec, micro, sharded),
+      local_params=round((total - experts) / (fsdp * tensor) + experts / (expert * fsdp * tensor)),
+      activations={'tpu': activation_bytes(config, task, model, spec, micro, sharded,
+                                           tensor=tensor),
                    'gpu': activation_bytes(config, task, model, spec, micro, sharded,
                                            scores=not fused_attention_on_gpu(config, model),
-                                           backend='gpu')},
+                                           backend='gpu', tensor=tensor)},
       notes=tuple(notes), microbatches=cfg.microbatches, remat=model.remat)
 
 
@@ -210,21 +223,24 @@ def _count(n: float) -> str:
 
 def render(plan: Plan) -> str:
   """The plan as `moe-jax plan` prints it."""
-  data, expert = plan.mesh
+  data, fsdp, expert, tensor = plan.mesh
   lines = [
-      f'{plan.name} on mesh data={data} x expert={expert} ({data * expert} devices)',
+      f'{plan.name} on mesh data={data} x fsdp={fsdp} x expert={expert} x tensor={tensor} '
+      f'({data * fsdp * expert * tensor} devices)',
       f'  parameters        {_count(plan.params_total)} total, {_count(plan.params_active)} '
       f'active per token',
       f'  FLOPs per token   {_count(plan.flops_active)} forward (active), '
       f'{_count(plan.flops_executed)} as executed; training ~3x',
       f'  tokens per device {plan.tokens_per_device:,} per step',
-      f'  memory per device, GiB ({_count(plan.local_params)} weights held'
+      f'  memory per device, GiB ({_count(plan.local_params)} weights held: experts / '
+      f'(expert x fsdp x tensor) = /{expert * fsdp * tensor}, the rest / (fsdp x tensor) = '
+      f'/{fsdp * tensor}; batch / (data x fsdp x expert) = /{data * fsdp * expert}'
       + (f'; activations of 1 of {plan.microbatches} microbatches' if plan.microbatches > 1
          else '') + (f'; remat={plan.remat}' if plan.remat != 'none' else '') + ')',
-      f'    {"":16s}{"TPU":>9s}{"GPU":>9s}']
+      f'    {"":16s}{"TPU":>11s}{"GPU":>11s}']
   tpu, gpu = plan.memory('tpu'), plan.memory('gpu')
-  lines += [f'    {part:16s}{tpu[part] / GiB:9.2f}{gpu[part] / GiB:9.2f}' for part in tpu]
-  lines.append(f'    {"total":16s}{plan.total("tpu") / GiB:9.2f}{plan.total("gpu") / GiB:9.2f}')
+  lines += [f'    {part:16s}{tpu[part] / GiB:11.2f}{gpu[part] / GiB:11.2f}' for part in tpu]
+  lines.append(f'    {"total":16s}{plan.total("tpu") / GiB:11.2f}{plan.total("gpu") / GiB:11.2f}')
   lines.append(f'  fits (at most {HEADROOM:.0%} of HBM): ' + ', '.join(
       f'{name} ({ACCELERATORS[name][1] / GiB:.0f} GiB) {"yes" if ok else "no"}'
       for name, ok in plan.fits().items()))

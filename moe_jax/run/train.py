@@ -15,10 +15,11 @@ A checkpoint that does not restore (cut short, corrupted) is moved aside and the
 the one before it; one that cannot be written (a full disk) stops the run with `CheckpointNotSaved`,
 the earlier ones intact. A run holds its workdir's lock (`run_dir.locked`) while it lives.
 
-`config.mesh` = {data, expert} (absent: 1x1, one device) lays the run out on a device mesh
-(`moe_jax.parallel.sharding`, docs/parallelism.md): params and optimizer state by `sharding.param_shardings`,
-the batch over every device, the MoE layers expert-parallel under `jax.shard_map`. A run may resume
-on a different mesh (config.mesh is exempt from the config.json check).
+`config.mesh` = {data, fsdp, expert, tensor} (absent: all 1, one device) lays the run out on a
+device mesh (`moe_jax.parallel.sharding`, `moe_jax.parallel.rules`, docs/parallelism.md): params and
+optimizer state by their logical annotations (`state_shardings`), the batch over data * fsdp *
+expert, the MoE layers expert-parallel under `jax.shard_map`. A run may resume on a different mesh
+(config.mesh is exempt from the config.json check).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from jax.sharding import Mesh
 from moe_jax import interrupt, reproducibility, routing
 from moe_jax.models import describe_ffn, transformer
 from moe_jax.moe import flops
-from moe_jax.parallel import sharding
+from moe_jax.parallel import rules, sharding
 from moe_jax.run import run_dir, tasks, upcycling
 from moe_jax.validate import Section, section_values
 
@@ -114,9 +115,11 @@ def check_config(config, mesh: Mesh | jax.sharding.AbstractMesh | None = None) -
   batch_size, seq_len = config.data.batch_size, task.token_shape(config).seq_len
   sharding.check_mesh(model.spec, mesh, batch_size, seq_len)
   if cfg.microbatches > 1:
-    if batch_size % (cfg.microbatches * mesh.size):
+    shards = sharding.batch_shards(mesh)
+    if batch_size % (cfg.microbatches * shards):
       TRAIN.fail('microbatches', cfg.microbatches, f'it must divide config.data.batch_size='
-                 f'{batch_size} into microbatches that divide over the {mesh.size} device(s)')
+                 f'{batch_size} into microbatches that divide over the {shards} batch shard(s) '
+                 '(data * fsdp * expert)')
     sharding.check_mesh(model.spec, mesh, batch_size // cfg.microbatches, seq_len)
   return Setup(task, cfg, model, mesh)
 
@@ -146,16 +149,35 @@ def init_state(model, cfg: TrainConfig, rng: jax.Array, inputs: jax.ShapeDtypeSt
   """{'params', 'opt_state', 'model_state'}; model_state holds the non-trainable collections.
 
   inputs: a batch of model inputs (`Task.input_spec`). With `mesh`, laid out by
-  `sharding.param_shardings` (the values do not depend on the mesh).
+  `state_shardings` (the values do not depend on the mesh).
   """
   return _init_state(rng, model=model, cfg=cfg, inputs=inputs, mesh=mesh)
+
+
+def _boxed_state(rng, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct) -> dict:
+  """The train state; under logical axis rules (`rules.boxed_shapes`) with the params'
+  `nn.LogicallyPartitioned` boxes, which optax's moments carry too."""
+  variables = model.init({'params': rng, 'router': rng}, jnp.zeros(inputs.shape, inputs.dtype),
+                         train=False)
+  params = variables.pop('params')
+  return {'params': params, 'opt_state': make_optimizer(cfg).tx.init(params),
+          'model_state': dict(variables)}
+
+
+@functools.lru_cache(maxsize=64)
+def state_shardings(model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct, mesh: Mesh) -> dict:
+  """`NamedSharding`s of the train state on `mesh`, from the params' logical annotations
+  (`sharding.state_shardings`): every weight and its AdamW moments stored alike."""
+  boxed = rules.boxed_shapes(functools.partial(_boxed_state, model=model, cfg=cfg, inputs=inputs),
+                            jax.random.key(0))
+  return sharding.state_shardings(boxed, mesh)
 
 
 def abstract_state(model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct, mesh: Mesh) -> dict:
   """`init_state`'s shapes with `mesh`'s shardings: the orbax restore target on this mesh."""
   shapes = jax.eval_shape(functools.partial(init_state, model, cfg, inputs=inputs),
                           jax.random.key(0))
-  return sharding.restore_target(shapes, mesh)
+  return sharding.restore_target(shapes, state_shardings(model, cfg, inputs, mesh))
 
 
 def _apply(model, mesh: Mesh | None, variables, inputs, *, train: bool, rngs=None):
@@ -174,12 +196,10 @@ def _apply(model, mesh: Mesh | None, variables, inputs, *, train: bool, rngs=Non
 @functools.partial(jax.jit, static_argnames=('model', 'cfg', 'inputs', 'mesh'))
 def _init_state(rng, *, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct,
                 mesh: Mesh | None):
-  variables = model.init({'params': rng, 'router': rng}, jnp.zeros(inputs.shape, inputs.dtype),
-                         train=False)
-  params = variables.pop('params')
-  state = {'params': params, 'opt_state': make_optimizer(cfg).tx.init(params),
-           'model_state': dict(variables)}
-  return state if mesh is None else sharding.constrain(state, mesh)
+  state = _boxed_state(rng, model, cfg, inputs)  # no rules in context: plain arrays
+  if mesh is None:
+    return state
+  return jax.lax.with_sharding_constraint(state, state_shardings(model, cfg, inputs, mesh))
 
 
 @functools.partial(jax.jit, static_argnames=('task', 'model', 'cfg', 'mesh'))
@@ -213,7 +233,9 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
   new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
                'model_state': dict(model_state)}
   if mesh is not None:
-    new_state = sharding.constrain(new_state, mesh)
+    inputs = task.inputs(batch)
+    new_state = jax.lax.with_sharding_constraint(new_state, state_shardings(
+        model, cfg, jax.ShapeDtypeStruct(inputs.shape, inputs.dtype), mesh))
   metrics = {'train_loss': loss, **{f'train_{name}': value for name, value in extra.items()},
              'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
              'layers': aux['layers']}
@@ -553,7 +575,8 @@ def _summary(config, loop: StepsDone, *, task: tasks.Task, cfg: TrainConfig, sta
   }
 
 
-MESH_FIELDS = ('mesh.data', 'mesh.expert')  # device layout: may change when a run resumes
+MESH_FIELDS = ('mesh.data', 'mesh.fsdp', 'mesh.expert', 'mesh.tensor')  # device layout: may
+# change when a run resumes
 # Fields newer than some run directories: a config.json without one holds this default.
 ADDED_FIELDS = {'model.remat': 'none', 'train.microbatches': 1}
 
@@ -561,9 +584,11 @@ ADDED_FIELDS = {'model.remat': 'none', 'train.microbatches': 1}
 def _check_held_out(data: tasks.Data, mesh: Mesh) -> None:
   """Raises ValueError when a held-out batch does not divide over the mesh's devices."""
   sizes = sorted({len(jax.tree.leaves(batch)[0]) for batch in data.eval_batches})
-  if any(size % mesh.size for size in sizes):
-    raise ValueError(f'held-out batches of {sizes} examples do not divide over the {mesh.size} '
-                     'devices of config.mesh: change config.train.eval_batches so that they do.')
+  shards = sharding.batch_shards(mesh)
+  if any(size % shards for size in sizes):
+    raise ValueError(f'held-out batches of {sizes} examples do not divide over the {shards} '
+                     'batch shards of config.mesh (data * fsdp * expert): change '
+                     'config.train.eval_batches so that they do.')
 
 
 def _log_mesh_change(old: dict, config, spec) -> None:
@@ -572,12 +597,14 @@ def _log_mesh_change(old: dict, config, spec) -> None:
   old_mesh, new_mesh = (tuple(flat.get(key, 1) for key in MESH_FIELDS) for flat in (old, new))
   if old_mesh == new_mesh:
     return
-  log.info('resuming on mesh (data, expert) = %s a run started on %s', new_mesh, old_mesh)
-  if spec is not None and math.prod(old_mesh) != math.prod(new_mesh) and (
+  log.info('resuming on mesh (data, fsdp, expert, tensor) = %s a run started on %s', new_mesh,
+           old_mesh)
+  shards = lambda mesh: math.prod(mesh[:3])  # data * fsdp * expert: the routing shards
+  if spec is not None and shards(old_mesh) != shards(new_mesh) and (
       spec.routing_group_by != 'sequence' or spec.jitter or spec.noise_std):
     log.warning('the number of shards changes from %d to %d: with group_by=%r, dispatch=%r, '
                 'jitter=%r, noise_std=%r routing is per shard, so the resumed run trains a '
-                'different model (docs/parallelism.md)', math.prod(old_mesh), math.prod(new_mesh),
+                'different model (docs/parallelism.md)', shards(old_mesh), shards(new_mesh),
                 spec.group_by, spec.dispatch, spec.jitter, spec.noise_std)
 
 
@@ -695,7 +722,7 @@ def _train(config, workdir: str | os.PathLike, hold: contextlib.ExitStack) -> di
     if dense_params is not None:  # sparse upcycling: start from the dense run's weights
       params = upcycling.upcycle_params(state['params'], dense_params, init_key,
                                         config.upcycle.noise_std)
-      state['params'] = jax.device_put(params, sharding.param_shardings(params, mesh))
+      state['params'] = jax.device_put(params, state_shardings(model, cfg, inputs, mesh)['params'])
       log.info('upcycled the dense run %s (step %d) into %s', dense_run,
                upcycling.latest_step(dense_run), workdir)
   _stop_if_interrupted(start, manager)  # after compiling the initial state or restoring one
