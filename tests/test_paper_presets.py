@@ -18,9 +18,8 @@ from moe_jax.run import memory_plan, tasks
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NAMES = sorted({path.stem for path in (ROOT / 'configs' / 'papers').glob('*.py')}
                - {'__init__', 'common'})
-# The cpu presets' mesh: 8 simulated devices. With FSDP: ['--config.mesh.data=4',
-# '--config.mesh.fsdp=2'].
-MESH_ARGS = ['--config.mesh.data=8']
+# The cpu presets' mesh: 8 simulated devices, parameters and optimizer state sharded over fsdp=2.
+MESH_ARGS = ['--config.mesh.data=4', '--config.mesh.fsdp=2']
 ROUTING = ('router', 'k', 'capacity_factor', 'num_shared_experts', 'score', 'renormalize',
            'priority', 'group_by', 'slots_per_expert', 'dispatch', 'bias_update_rate',
            'balance_over', 'activation')
