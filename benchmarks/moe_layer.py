@@ -42,6 +42,7 @@ from moe_jax.moe import fast_dispatch, layer  # noqa: E402
 from moe_jax.moe.experts import FeedForward  # noqa: E402
 from moe_jax.moe.kernels import grouped_matmul as gm  # noqa: E402
 from moe_jax.moe.spec import MoESpec  # noqa: E402
+from moe_jax.routers.projection import RouterProjection  # noqa: E402
 from moe_jax.routing.plan import DroplessPlan  # noqa: E402
 
 FAST = 'blocked'
@@ -287,7 +288,7 @@ def overheads(case: Case, dtype, block_rows: int, iters: int) -> dict:
   """Router alone; dispatch+combine alone (identity experts) for 'gather' and the fast path."""
   x, ct = inputs(case, dtype)
   spec = family_spec(case, 'top_k', 'gather')
-  router = layer.RouterProjection(case.experts)
+  router = RouterProjection(case.experts)
   rparams = router.init(jax.random.key(0), x)
 
   def plan_of(rp, xs):

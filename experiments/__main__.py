@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from experiments import CLAIMS, common, runs as runs_lib
+from configs.common import SCALES
 
 PILOT_SEEDS = (1000, 1001, 1002)  # the pilot's seeds; final runs use 0, 1, ... (PROTOCOL.md)
 PILOT_SIZES = (3, 4, 5, 6, 8, 10, 12, 16, 20)  # final seed counts the pilot reports an MDE for
@@ -196,7 +197,7 @@ def pilot(keys: list[str], args) -> None:
       lines += [f'## ({key}) {member} − {baseline}, {metric}', '',
                 f'- {member}: ' + ', '.join(f'{v:.4f}' for v in entry['member'].values()),
                 f'- {baseline}: ' + ', '.join(f'{v:.4f}' for v in entry['baseline'].values()),
-                f'- differences: ' + ', '.join(f'{d:+.4f}' for d in diffs) +
+                '- differences: ' + ', '.join(f'{d:+.4f}' for d in diffs) +
                 f' (mean {entry["mean"]:+.4f}, sd {sd:.4f}, n={len(diffs)})',
                 '- MDE(n): ' + ', '.join(f'{n}: {m:.4f}' for n, m in entry['mde'].items()), '']
     missing = [f'{r.member}/seed_{r.seed}' for r in runs if r not in finished]
@@ -219,7 +220,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog='python -m experiments', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('command', choices=['run', 'pilot', 'train-one'])
-  parser.add_argument('--scale', choices=common.SCALES, default='cpu')
+  parser.add_argument('--scale', choices=SCALES, default='cpu')
   parser.add_argument('--claims', default=','.join(CLAIMS),
                       help=f'comma-separated keys of {sorted(CLAIMS)} (default: all)')
   parser.add_argument('--seeds', default=None,

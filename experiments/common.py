@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 from configs import lm_tiny, vit_digits
-from configs.common import SCALES, check_scale, parse_arg
+from configs.common import check_scale, parse_arg
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASES = {'lm': lm_tiny, 'vit': vit_digits}  # each task's base config (`at_scale` presets)

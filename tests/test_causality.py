@@ -22,7 +22,6 @@ import pkgutil
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 import configs

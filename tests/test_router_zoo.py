@@ -10,7 +10,8 @@ import pytest
 
 from moe_jax import routing
 from moe_jax.moe import flops
-from moe_jax.moe.layer import CosineProjection, MoELayer
+from moe_jax.moe.layer import MoELayer
+from moe_jax.routers.projection import CosineProjection
 from moe_jax.moe.spec import MoESpec
 from tests import reference
 from tests.test_routing import check_slot_plan_invariants, dense_combine, random_logits

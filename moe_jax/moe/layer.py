@@ -16,7 +16,6 @@ from moe_jax import routing
 from moe_jax.moe import dispatch, families
 from moe_jax.moe.experts import Experts, FeedForward
 from moe_jax.moe.spec import MoESpec, resolve_dispatch
-from moe_jax.routers.projection import CosineProjection, RouterProjection  # noqa: F401 (re-export)
 
 EXPERTS = 'experts'  # the `Experts` submodule: stacked weights [E, ...], sharded over the experts
 

@@ -49,7 +49,6 @@ from typing import Any, Callable, Sequence
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.moe import families, flops

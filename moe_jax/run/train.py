@@ -46,7 +46,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from moe_jax import interrupt, reproducibility, routing
-from moe_jax.models import describe_ffn, transformer
+from moe_jax.models import describe_ffn
 from moe_jax.moe import flops
 from moe_jax.parallel import rules, sharding
 from moe_jax.run import run_dir, tasks, upcycling
