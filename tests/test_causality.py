@@ -27,6 +27,7 @@ import pytest
 import configs
 import configs.papers
 from configs import lm_tiny
+from configs.common import SCALES
 from experiments import CLAIMS, common
 from moe_jax.models import transformer
 from moe_jax.moe import families
@@ -101,7 +102,7 @@ def claim_configs() -> dict[str, ml_collections.ConfigDict]:
   configs_ = {}
   for key, claim in CLAIMS.items():
     module = importlib.import_module(f'experiments.{claim}')
-    for scale in common.SCALES:
+    for scale in SCALES:
       try:
         configs_[f'{key}_{claim}@{scale}'] = module.get_config(f'scale={scale}')
       except ValueError as error:

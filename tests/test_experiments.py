@@ -10,13 +10,14 @@ import json
 import numpy as np
 import pytest
 
+from configs.common import SCALES
 from experiments import CLAIMS, common
 from experiments.__main__ import main
 from moe_jax.models import transformer
 from moe_jax.run import sweep, tasks
 
 
-@pytest.mark.parametrize('scale', common.SCALES)
+@pytest.mark.parametrize('scale', SCALES)
 @pytest.mark.parametrize('key', sorted(CLAIMS))
 def test_every_claim_builds_with_its_flops(key, scale):
   module = importlib.import_module(f'experiments.{CLAIMS[key]}')
