@@ -28,7 +28,7 @@ import configs
 import configs.papers
 from configs import lm_tiny
 from configs.common import SCALES
-from experiments import CLAIMS, common
+from experiments import CLAIMS
 from moe_jax.models import transformer
 from moe_jax.moe import families
 from moe_jax.run import sweep
