@@ -41,32 +41,40 @@ def kind_of(name: str) -> str:
   return next((kind for kind, pattern in KINDS if re.search(pattern, lowered)), 'other')
 
 
-def device_kernel_times(trace_dir: str, sequence: list | None = None) -> dict[str, float]:
-  """{kernel name: summed device ns} over the device planes of the trace in `trace_dir` (on CPU,
-  the XLA op events of the host plane stand in for kernels). Appends (start ns, name, ns) of every
-  GPU kernel to `sequence` if given."""
+def kernel_events(trace_dir: str) -> list[tuple[int, str, str, int]]:
+  """(start ns, kernel name, HLO instruction, ns) of every GPU kernel of the trace in `trace_dir`
+  (on CPU, the XLA ops of the host threads stand in for kernels). The HLO instruction is the
+  event's `hlo_op` ('' where the trace names none, e.g. a memcpy)."""
   paths = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True)
   if not paths:
     raise FileNotFoundError(f'no *.xplane.pb under {trace_dir}')
   data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
   device_planes = [p for p in data.planes if p.name.startswith('/device:GPU')]
-  times = collections.Counter()
+  events = []
   for plane in device_planes:
     for line in plane.lines:
       if 'stream' not in line.name.lower():  # kernel lines are per stream
         continue
-      for event in line.events:
-        times[event.name] += event.duration_ns
-        if sequence is not None:
-          sequence.append((event.start_ns, event.name, event.duration_ns))
+      events += [(e.start_ns, e.name, dict(e.stats).get('hlo_op', ''), e.duration_ns)
+                 for e in line.events]
   if not device_planes:  # CPU: XLA ops on the host threads
     for plane in data.planes:
       if plane.name.startswith('/host:CPU'):
         for line in plane.lines:
           if 'xla' in line.name.lower() or 'pjrt' in line.name.lower():
-            for event in line.events:
-              if not event.name.startswith('ThunkExecutor'):  # the executor's own spans
-                times[event.name] += event.duration_ns
+            events += [(e.start_ns, e.name, dict(e.stats).get('hlo_op', ''), e.duration_ns)
+                       for e in line.events if 'hlo_op' in dict(e.stats)]
+  return events
+
+
+def device_kernel_times(trace_dir: str, sequence: list | None = None) -> dict[str, float]:
+  """{kernel name: summed device ns} over the kernels of the trace in `trace_dir`
+  (`kernel_events`). Appends (start ns, name, ns) of every kernel to `sequence` if given."""
+  times = collections.Counter()
+  for start, name, _, ns in kernel_events(trace_dir):
+    times[name] += ns
+    if sequence is not None:
+      sequence.append((start, name, ns))
   return dict(times)
 
 

@@ -21,6 +21,8 @@ the H100's matrix units). `--shapes` adds a Mixtral-like and a DeepSeek-like mod
   python benchmarks/train_step.py --out train_step.json    # GPU: ~1B model, gather and blocked
   python benchmarks/train_step.py --shapes mixtral,deepseek --dispatch blocked --big-batch 0
   python benchmarks/train_step.py --shapes mixtral --capacity-factor none,1.25 --dispatch blocked
+  python benchmarks/train_step.py --shapes deepseek,mixtral --capacity-factor none \
+      --dispatch blocked --big-batch 0 --profile 3  # and where each step's device time goes
   python benchmarks/train_step.py --small                  # CPU smoke run, seconds
   python benchmarks/train_step.py --deterministic ...      # the same with XLA's deterministic ops
 """
@@ -51,6 +53,7 @@ from moe_jax.run.tasks import cross_entropy  # noqa: E402
 from moe_jax.run.train import TrainConfig, make_optimizer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_profile  # noqa: E402
 from moe_layer import elapsed, log  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (no sparsity)
@@ -132,21 +135,26 @@ def make_step(model: Transformer, tx):
 
   def loss_fn(params, batch):
     logits, aux = model.apply({'params': params}, batch[:, :-1], train=True)
-    loss = cross_entropy(logits, batch)
+    with jax.named_scope('loss'):  # the trainer's scopes, which name the parts in profiles
+      loss = cross_entropy(logits, batch)
     dropped = jnp.mean(jnp.stack([m['assignments_dropped'] for m in aux['layers'].values()]))
     return loss + aux['loss'], (loss, dropped)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, batch):
     grads, (loss, dropped) = jax.grad(loss_fn, has_aux=True)(state['params'], batch)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state["params"], updates)
+    with jax.named_scope('optimizer'):
+      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+      params = optax.apply_updates(state['params'], updates)
     return {'params': params, 'opt_state': opt_state}, (loss, dropped)
 
   return step
 
 
-def run_case(case: Case, warmup: int, steps: int, peak: float | None) -> dict:
+def run_case(case: Case, warmup: int, steps: int, peak: float | None,
+             profile_steps: int = 0) -> dict:
+  """Compiles and times `case`'s step; with profile_steps > 0, then traces that many steps and
+  adds their device time by part of the model ('parts', `step_profile.attribute`)."""
   model = case.model()
   tx = make_optimizer(TrainConfig()).tx
 
@@ -206,10 +214,14 @@ def run_case(case: Case, warmup: int, steps: int, peak: float | None) -> dict:
       'mfu_kept': None if peak is None else kept / step_s / 1e12 / peak,
       'compile_s': compile_s, 'losses': losses, **mem,
   }
+  if profile_steps:
+    result['parts'], state = step_profile.profile_step(compiled, state, batch, profile_steps)
   log(f'{case.name}: step {result["step_ms"]:.1f} ms (all {[round(t, 1) for t in result["step_ms_all"]]}), '
       f'{result["tflops_executed"]:.0f} / {result["tflops_useful"]:.0f} / {result["tflops_kept"]:.0f} '
       f'TFLOP/s executed / useful / kept, {100 * dropped:.1f}% assignments dropped, '
       f'loss {losses[0]:.3f} -> {losses[-1]:.3f}')
+  if profile_steps:
+    print(step_profile.markdown(case.name, result['parts'], result['step_ms']), flush=True)
   del state, compiled
   return result
 
@@ -302,11 +314,17 @@ def main() -> None:
                       help='on GPU: only check cuDNN attention against the XLA reference')
   parser.add_argument('--budget-s', type=float, default=330.0,
                       help='start no new case after this many seconds')
+  parser.add_argument('--profile', type=int, default=0, metavar='N',
+                      help='after timing, trace N steps of each case and print their device time '
+                           'by part of the model (attention, router, permutation, experts, '
+                           'optimizer, ...); turns XLA:GPU command buffers off for the whole run')
   parser.add_argument('--deterministic', action='store_true',
                       help='XLA:GPU deterministic ops (config.deterministic): run once with and '
                            'once without to measure its cost')
   args = parser.parse_args()
   reproducibility.configure(args.deterministic)  # before JAX starts its backends
+  if args.profile:
+    step_profile.disable_command_buffers()
 
   device = jax.devices()[0]
   on_gpu = device.platform == 'gpu'
@@ -340,6 +358,7 @@ def main() -> None:
   def save():
     out = {'jax': jax.__version__, 'device': device.device_kind, 'platform': device.platform,
            'xla_gpu_deterministic_ops': reproducibility.deterministic_flag_set(),
+           'xla_flags': os.environ.get('XLA_FLAGS', ''),
            'attention_check': attention_check,
            'peak_tflops': peak, 'peak': peak_name, 'results': results}
     if args.out:
@@ -351,7 +370,7 @@ def main() -> None:
       log(f'{case.name}: skipped, past --budget-s={args.budget_s}')
       return
     try:
-      results.append(run_case(case, args.warmup, args.steps, peak))
+      results.append(run_case(case, args.warmup, args.steps, peak, args.profile))
     except Exception as e:  # e.g. out of memory: report it and go on
       traceback.print_exc()
       results.append({'name': case.name, 'config': dataclasses.asdict(case),

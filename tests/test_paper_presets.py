@@ -97,7 +97,7 @@ def test_cpu_preset_is_the_family_at_a_test_size(name):
 def test_gpu_preset_fits_one_80gb_gpu_with_the_paper_routing(name):
   full, big = paper(name), paper(name, 'scale=gpu')
   plan = memory_plan.make_plan(big, name)
-  assert plan.mesh == (1, 1) and big.model.dtype == 'bfloat16'
+  assert plan.mesh == (1, 1, 1, 1) and big.model.dtype == 'bfloat16'  # one device
   assert plan.fits()['H100'], memory_plan.render(plan)
   assert big.data.name == full.data.name
   assert {f: big.model.get(f) for f in MODEL_KIND} == {f: full.model.get(f) for f in MODEL_KIND}

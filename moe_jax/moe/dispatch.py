@@ -237,9 +237,13 @@ def moe_apply(plan: Plan, x: jax.Array, experts: Callable, executor: str = 'gath
   another. `options` as `dispatcher`'s; dtype defaults to x's.
   """
   options = {'dtype': x.dtype, **options}
-  if num_chunks == 1:
-    d = dispatcher(plan, executor, **options)
-    return d.combine(experts(d.dispatch(x), d.matmul))
+  if num_chunks == 1:  # the scopes name the permutations in profiles
+    with jax.named_scope('permute'):
+      d = dispatcher(plan, executor, **options)
+      rows = d.dispatch(x)
+    y = experts(rows, d.matmul)
+    with jax.named_scope('unpermute'):
+      return d.combine(y)
   ys = [moe_apply(part, xs, experts, executor, **options)
         for part, xs in split_tokens(plan, x, num_chunks)]
   return jnp.concatenate(ys, axis=1).reshape(x.shape)

@@ -68,15 +68,16 @@ class MoELayer(nn.Module):
       return self._shard_mapped(x, train, token_ids, *axes)
     spec = self.spec
     groups = to_groups(x, spec.routing_group_by)  # [G, T, d]
-    logits = self._router_logits(groups, train)
     bias = (self.variable('router_bias', 'bias', jnp.zeros, (spec.num_experts,), jnp.float32)
             if spec.bias_update_rate > 0 else None)
     selection_bias = None if bias is None else bias.value
-    rngs = (jax.random.split(self._router_key(), groups.shape[0])
-            if train and spec.noise_std > 0 else None)
-    ids = self._grouped_ids(token_ids)
-    out = jax.vmap(lambda lg, rng, tid: families.route(
-        spec, families.Group(lg, selection_bias, rng, train, tid)))(logits, rngs, ids)
+    with jax.named_scope('route'):  # logits, top-k and the plan; the scope names it in profiles
+      logits = self._router_logits(groups, train)
+      rngs = (jax.random.split(self._router_key(), groups.shape[0])
+              if train and spec.noise_std > 0 else None)
+      ids = self._grouped_ids(token_ids)
+      out = jax.vmap(lambda lg, rng, tid: families.route(
+          spec, families.Group(lg, selection_bias, rng, train, tid)))(logits, rngs, ids)
 
     experts = Experts(self._num_local_experts(), x.shape[-1], spec.d_ff, spec.activation,
                       self.dtype, name=EXPERTS)

@@ -220,7 +220,8 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
     def loss_fn(params):
       (logits, aux), model_state = _apply(model, mesh, {'params': params, **state['model_state']},
                                           task.inputs(batch), train=True, rngs={'router': rng})
-      loss, metrics = task.loss(logits, batch)
+      with jax.named_scope('loss'):
+        loss, metrics = task.loss(logits, batch)
       return loss + aux['loss'], (loss, metrics, aux, model_state)
     return jax.grad(loss_fn, has_aux=True)(params)
 
@@ -229,9 +230,10 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
   else:
     grads, (loss, extra, aux, model_state) = _accumulate(
         grad_fn, state, batch, rng, cfg.microbatches, mesh, model.spec)
-  updates, opt_state = make_optimizer(cfg).tx.update(grads, state['opt_state'], state['params'])
-  new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
-               'model_state': dict(model_state)}
+  with jax.named_scope('optimizer'):  # the scopes name the step's parts in profiles
+    updates, opt_state = make_optimizer(cfg).tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+  new_state = {'params': params, 'opt_state': opt_state, 'model_state': dict(model_state)}
   if mesh is not None:
     inputs = task.inputs(batch)
     new_state = jax.lax.with_sharding_constraint(new_state, state_shardings(

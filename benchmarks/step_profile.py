@@ -1,0 +1,154 @@
+"""Where a training step's device time goes, by part of the model: attention, router + top-k,
+permutation, routed experts, shared experts, norms, embedding + logits + loss, optimizer update,
+collectives, the rest; forward and backward apart.
+
+Each kernel of a `jax.profiler` trace names the HLO instruction that launched it (`hlo_op`); the
+compiled HLO gives that instruction's opcode and source scope (`op_name`: the flax module path
+and the named scopes 'route', 'permute', 'unpermute', 'loss', 'optimizer' that the layer and the
+trainer open). `train_step.py --profile N` prints the table for its cases.
+
+On GPU, XLA's command buffers (CUDA graphs) hide which instruction launched a kernel:
+`disable_command_buffers()` (before JAX starts its backend) turns them off for a profile.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import tempfile
+
+import jax
+
+import profile_layer
+
+# (part, scope names), the first part with a scope on the op_name path wins (a scope may sit in a
+# transformation's parentheses: jvp(loss)/...); collectives go by opcode first.
+PARTS = (
+    ('optimizer update', r'optimizer'),
+    ('router + top-k', r'route'),
+    ('permutation', r'(un)?permute'),
+    ('shared experts', r'shared_experts'),
+    ('routed experts', r'experts'),
+    ('attention', r'(cross_)?attention'),
+    ('norms', r'\w*_norm'),
+    ('embedding, logits, loss', r'embed|unembed|loss'),
+    ('MoE layer, rest (aux losses, metrics)', r'moe'),
+)
+COLLECTIVES = ('all-reduce', 'all-gather', 'all-to-all', 'reduce-scatter', 'collective-permute',
+               'ragged-all-to-all')
+COLLECTIVE = 'collectives'
+REST = 'rest (residuals, casts, copies)'
+UNNAMED = 'kernels without an HLO instruction (memcpy, memset)'
+ORDER = [part for part, _ in PARTS] + [COLLECTIVE, REST, UNNAMED]
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
+_OPCODE = re.compile(r'(?<![\w\-.%])([a-z][a-z0-9\-]*)\(')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r'calls=%?([\w.\-]+)')
+_COMPUTATION = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  opcode: str
+  op_name: str  # '' where the HLO carries no metadata
+
+
+def instructions(hlo_text: str) -> dict[str, Instruction]:
+  """{HLO instruction name: Instruction} of every computation of a compiled module's text. An
+  instruction without an op_name (a fusion, often) takes its called computation's: the root's, or
+  else the last one found there."""
+  found, calls, scopes = {}, {}, {}
+  computation = None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and '=' not in line.split('{')[0]:
+      computation = header.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, rest = match.groups()
+    opcode = _OPCODE.search(rest.split(', metadata=')[0])
+    op_name = _OP_NAME.search(rest)
+    found[name] = Instruction(opcode.group(1) if opcode else '', op_name.group(1) if op_name else '')
+    called = _CALLS.search(rest)
+    if called:
+      calls[name] = called.group(1)
+    if op_name and computation and (computation not in scopes or line.lstrip().startswith('ROOT')
+                                    or not scopes[computation][1]):
+      scopes[computation] = (op_name.group(1), line.lstrip().startswith('ROOT'))
+  for name, computation in calls.items():
+    if not found[name].op_name and computation in scopes:
+      found[name] = dataclasses.replace(found[name], op_name=scopes[computation][0])
+  return found
+
+
+def part_of(instruction: Instruction | None) -> str:
+  """The part of the step an HLO instruction belongs to (`PARTS`, collectives, or the rest)."""
+  if instruction is None:
+    return UNNAMED
+  base = instruction.opcode.removesuffix('-start').removesuffix('-done')
+  if base in COLLECTIVES:
+    return COLLECTIVE
+  return next((part for part, names in PARTS
+               if re.search(rf'[/(]({names})([/)]|$)', instruction.op_name)), REST)
+
+
+def direction_of(instruction: Instruction | None) -> str:
+  """'backward' for the transposed (gradient) computation, else 'forward' (the optimizer update,
+  outside both, counts as forward)."""
+  return 'backward' if instruction and 'transpose(' in instruction.op_name else 'forward'
+
+
+def attribute(events, table: dict[str, Instruction], iters: int) -> dict:
+  """{part: {'forward': ms, 'backward': ms, 'kernels': {kernel: ms}}} per step, of `events`
+  ((start ns, kernel, hlo_op, ns), `profile_layer.kernel_events`) over `iters` steps."""
+  parts = {part: {'forward': 0.0, 'backward': 0.0, 'kernels': collections.Counter()}
+           for part in ORDER}
+  for _, kernel, hlo_op, ns in events:
+    instruction = table.get(hlo_op) if hlo_op else None
+    part = parts[part_of(instruction)]
+    ms = ns / 1e6 / iters
+    part[direction_of(instruction)] += ms
+    part['kernels'][kernel] += ms
+  return {name: {**p, 'kernels': dict(p['kernels'].most_common(5))} for name, p in parts.items()}
+
+
+def profile_step(compiled, state, batch, iters: int):
+  """Traces `iters` calls of compiled(state, batch) -> (state, metrics) (the state donated).
+  Returns (parts as `attribute`, the final state)."""
+  table = instructions(compiled.as_text())
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(iters):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+    events = profile_layer.kernel_events(trace_dir)
+  return attribute(events, table, iters), state
+
+
+def markdown(label: str, parts: dict, step_ms: float | None = None) -> str:
+  """The table of one step's parts: forward, backward and total ms, and the share of kernel time."""
+  total = sum(p['forward'] + p['backward'] for p in parts.values())
+  lines = [f'### {label}: {total:.2f} ms of kernels per step'
+           + (f' (step {step_ms:.2f} ms wall)' if step_ms else ''), '',
+           '| part | forward ms | backward ms | total ms | share | largest kernel |',
+           '| --- | ---: | ---: | ---: | ---: | --- |']
+  for name, p in sorted(parts.items(), key=lambda kv: -(kv[1]['forward'] + kv[1]['backward'])):
+    both = p['forward'] + p['backward']
+    if both == 0:
+      continue
+    top = next(iter(p['kernels']), '')
+    lines.append(f"| {name} | {p['forward']:.3f} | {p['backward']:.3f} | {both:.3f} "
+                 f"| {both / total:.1%} | `{top[:60]}` |")
+  return '\n'.join(lines)
+
+
+def disable_command_buffers() -> None:
+  """Turns XLA:GPU's command buffers off (appends to XLA_FLAGS), so that every kernel of a trace
+  names its HLO instruction. Call before JAX starts its backend; a no-op on CPU."""
+  flag = '--xla_gpu_enable_command_buffer='
+  if flag not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
