@@ -5,20 +5,9 @@ $JAX_NUM_PROCESSES and $JAX_PROCESS_ID set. Each process holds 4 simulated CPU d
 is the test's tiny LM on a (data 2, expert 4) mesh spanning both processes, started through
 `moe_jax.parallel.multihost.initialize_from_env` exactly as `moe-jax train` starts it.
 """
-import os
 import sys
 
-# 4 devices, and the test process's other XLA flags (conftest.py's compile settings): the
-# one-process reference it compares with was compiled with them.
-os.environ['XLA_FLAGS'] = ' '.join(
-    [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-    + ['--xla_force_host_platform_device_count=4'])
-os.environ['JAX_PLATFORMS'] = 'cpu'
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from moe_jax.parallel import multihost  # noqa: E402
-
-assert multihost.initialize_from_env()
+import worker_start  # noqa: F401  (first: the devices and jax.distributed)
 
 import jax  # noqa: E402
 

@@ -9,15 +9,7 @@ its local rows of each batch and each whole global batch (gathered from both pro
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = ' '.join(
-    [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-    + ['--xla_force_host_platform_device_count=4'])
-os.environ['JAX_PLATFORMS'] = 'cpu'
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from moe_jax.parallel import multihost  # noqa: E402
-
-assert multihost.initialize_from_env()
+import worker_start  # noqa: F401  (first: the devices and jax.distributed)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -32,17 +32,25 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path, data_dir):
-  workdir = tmp_path / 'two_processes'
+def run_two_processes(worker: str, *args) -> list[str]:
+  """Runs tests/<worker> as processes 0 and 1 of one `jax.distributed` job on localhost; returns
+  their outputs, asserting both succeeded."""
   env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'localhost:{_free_port()}',
          'JAX_NUM_PROCESSES': '2', 'PYTHONPATH': ROOT}
   workers = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'tests', 'multihost_worker.py'), str(workdir),
-       str(data_dir)], env={**env, 'JAX_PROCESS_ID': str(i)}, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+      [sys.executable, os.path.join(ROOT, 'tests', worker), *map(str, args)],
+      env={**env, 'JAX_PROCESS_ID': str(i)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
   outputs = [w.communicate(timeout=600)[0] for w in workers]
-  for i, (worker, out) in enumerate(zip(workers, outputs)):
-    assert worker.returncode == 0, f'process {i}:\n{out[-4000:]}'
+  for i, (process, out) in enumerate(zip(workers, outputs)):
+    assert process.returncode == 0, f'process {i}:\n{out[-4000:]}'
+  return outputs
+
+
+def test_two_processes_match_one_process(tmp_path, data_dir):
+  workdir = tmp_path / 'two_processes'
+  outputs = run_two_processes('multihost_worker.py', workdir, data_dir)
+  for i, out in enumerate(outputs):
     assert f'summary {i} 4 ' in out
 
   reference = tmp_path / 'one_process'
@@ -73,15 +81,7 @@ def test_two_processes_read_disjoint_shards_of_the_one_process_batch(tmp_path, d
   """Tokenized text on 2 processes x 4 devices: each process reads only the examples of the rows
   its devices hold, the two shards are disjoint, and the global batch assembled from the two
   local parts equals the batch that one process with all 8 devices reads."""
-  env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'localhost:{_free_port()}',
-         'JAX_NUM_PROCESSES': '2', 'PYTHONPATH': ROOT}
-  workers = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'tests', 'pipeline_worker.py'), str(tmp_path),
-       str(data_dir), sp_model], env={**env, 'JAX_PROCESS_ID': str(i)}, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [w.communicate(timeout=600)[0] for w in workers]
-  for i, (worker, out) in enumerate(zip(workers, outputs)):
-    assert worker.returncode == 0, f'process {i}:\n{out[-4000:]}'
+  run_two_processes('pipeline_worker.py', tmp_path, data_dir, sp_model)
 
   from moe_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   from moe_jax.run import tasks  # pylint: disable=g-import-not-at-top

@@ -571,10 +571,20 @@ def _summary(config, loop: StepsDone, *, task: tasks.Task, cfg: TrainConfig, sta
       'tokens_per_s': loop.time.tokens_per_s(tokens_per_step),
       'wall_s': loop.time.wall_s,
       'first_step_s': loop.first_step_s,
+      'peak_memory_bytes': peak_memory_bytes(),
       'resumed_from_step': start,
       'router': describe_router(config),
       'environment': reproducibility.environment(),
   }
+
+
+def peak_memory_bytes() -> int | None:
+  """The most bytes a local device has held so far in this process (`Device.memory_stats`'
+  peak_bytes_in_use, the largest over the local devices), or None where the backend does not
+  report it (CPU)."""
+  peaks = [(device.memory_stats() or {}).get('peak_bytes_in_use') for device in jax.local_devices()]
+  peaks = [peak for peak in peaks if peak is not None]
+  return max(peaks) if peaks else None
 
 
 MESH_FIELDS = ('mesh.data', 'mesh.fsdp', 'mesh.expert', 'mesh.tensor')  # device layout: may
@@ -617,7 +627,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
   train_accuracy, eval_accuracy); flops_active, flops_executed (forward FLOPs per token by each
   convention of moe_jax/moe/flops.py); params_total, params_active; tokens_per_s (training throughput
   over all calls, each call's first, compiling step and evaluations left out; a ViT's tokens are
-  patches); wall_s (all calls); first_step_s (this call's); resumed_from_step; router
+  patches); wall_s (all calls); first_step_s (this call's); peak_memory_bytes (this call's most
+  bytes on a device, `peak_memory_bytes`; None on CPU); resumed_from_step; router
   (`describe_router`); environment (`reproducibility.environment`).
 
   Raises, before writing anything: ValueError for a bad config field, when workdir/config.json

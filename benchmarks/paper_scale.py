@@ -1,0 +1,150 @@
+"""Paper configs at `:scale=gpu` on one GPU: `moe-jax plan`'s memory per device against the
+measured peak, and a short training run's throughput, useful MFU and loss.
+
+Each config of configs/papers/ trains in a process of its own (`moe-jax train`, so that the peak
+is its own) for --steps steps into a fresh folder under --workdir, on --data (read by
+--tokenizer); its plan (`moe_jax.run.memory_plan`, no device) is made here from the same config
+and overrides. A row: plan GiB (the GPU count), measured peak GiB (summary.json's
+peak_memory_bytes), measured / plan, tokens/s, useful MFU (3 x flops_active per token x tokens/s
+/ --peak-tflops: the papers' FLOPs, k expert slots per token), train loss at the first and the
+last step.
+
+  python benchmarks/paper_scale.py --configs deepseek_moe_2b,switch_base --steps 5 --out plan.json
+  python benchmarks/paper_scale.py --configs deepseek_moe_2b --steps 300 --tokenizer DIR/tokenizer.model
+  python benchmarks/paper_scale.py --scale cpu --configs switch_base --steps 2   # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from moe_jax.run import memory_plan  # noqa: E402
+
+GiB = 2 ** 30
+PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16, as train_step.py
+
+
+def overrides(args, steps: int) -> dict[str, object]:
+  """{config path: value} of a short run: steps, logging every step (every 10th past 100 steps),
+  no evaluation before the end, one checkpoint at the end, the data and tokenizer asked for."""
+  values = {'train.steps': steps, 'train.warmup_steps': max(1, steps // 20),
+            'train.log_every': 1 if steps <= 100 else 10, 'train.eval_every': 0,
+            'train.eval_batches': 2, 'train.checkpoint_every': 0, 'train.progress': False}
+  if args.data:
+    values['data.name'] = args.data
+  if args.tokenizer:
+    values['data.tokenizer'] = str(pathlib.Path(args.tokenizer).resolve())
+  if args.data_dir:
+    values['data.data_dir'] = str(pathlib.Path(args.data_dir).resolve())
+  return values
+
+
+def paper_config(name: str, scale: str, values: dict):
+  """configs/papers/<name>.py at `scale=...`, with `values` set (as --config.<path>=<value>)."""
+  config = importlib.import_module(f'configs.papers.{name}').get_config(f'scale={scale}')
+  for path, value in values.items():
+    *parents, field = path.split('.')
+    section = config
+    for parent in parents:
+      section = section[parent]
+    section[field] = value
+  return config
+
+
+def train(name: str, scale: str, values: dict, workdir: pathlib.Path, env: dict) -> dict:
+  """Trains the config in a process of its own; returns its summary.json and train losses."""
+  command = [sys.executable, '-m', 'moe_jax.cli', 'train', '--config',
+             f'{ROOT}/configs/papers/{name}.py:scale={scale}', '--workdir', str(workdir)]
+  command += [f'--config.{path}={value}' for path, value in values.items()]
+  print(' '.join(command), flush=True)
+  result = subprocess.run(command, env=env, cwd=ROOT, text=True, capture_output=True)
+  if result.returncode:
+    return {'error': (result.stderr.strip().splitlines() or ['?'])[-1][:300]}
+  summary = json.loads((workdir / 'summary.json').read_text())
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  summary['train_losses'] = [r['train_loss'] for r in records if 'train_loss' in r]
+  return summary
+
+
+def row(name: str, plan: memory_plan.Plan, summary: dict, peak_tflops: float) -> dict:
+  planned = plan.total('gpu')
+  measured = summary.get('peak_memory_bytes')
+  tokens_per_s = summary.get('tokens_per_s')
+  flops = summary.get('flops_active')
+  losses = summary.get('train_losses') or [None]
+  return {
+      'config': name, 'plan_gib': planned / GiB,
+      'measured_gib': None if measured is None else measured / GiB,
+      'measured_over_plan': None if measured is None else measured / planned,
+      'tokens_per_s': tokens_per_s,
+      'mfu_useful': (None if not tokens_per_s or not flops
+                     else 3 * flops * tokens_per_s / (peak_tflops * 1e12)),
+      'loss_first': losses[0], 'loss_last': losses[-1],
+      'params_total': plan.params_total, 'error': summary.get('error'),
+  }
+
+
+def table(rows: list[dict]) -> str:
+  def num(value, form):
+    return 'n/a' if value is None else format(value, form)
+
+  lines = ['| config | params | plan GiB | measured peak GiB | measured / plan | tokens/s '
+           '| useful MFU | train loss first -> last |', '| --- | ---: | ---: | ---: | ---: | ---: '
+           '| ---: | --- |']
+  for r in rows:
+    if r['error']:
+      lines.append(f"| {r['config']} | | {r['plan_gib']:.1f} | failed: {r['error'][:80]} | | | | |")
+      continue
+    lines.append(f"| {r['config']} | {r['params_total'] / 1e9:.2f}B | {r['plan_gib']:.1f} "
+                 f"| {num(r['measured_gib'], '.1f')} | {num(r['measured_over_plan'], '.2f')} "
+                 f"| {num(r['tokens_per_s'], ',.0f')} | {num(r['mfu_useful'], '.1%')} "
+                 f"| {num(r['loss_first'], '.3f')} -> {num(r['loss_last'], '.3f')} |")
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--configs', default='deepseek_moe_2b,switch_base',
+                      help='comma-separated names of configs/papers/*.py')
+  parser.add_argument('--scale', default='gpu', choices=('cpu', 'gpu'))
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--data', default='english_mix', help="config.data.name ('' keeps the "
+                      "config's)")
+  parser.add_argument('--tokenizer', default='', help="a SentencePiece .model ('' keeps the "
+                      "config's: bytes)")
+  parser.add_argument('--data-dir', default='', help="config.data.data_dir: where TFDS keeps the "
+                      "prepared data ('' keeps the config's)")
+  parser.add_argument('--workdir', default='paper_scale_runs', help='one fresh folder per config')
+  parser.add_argument('--peak-tflops', type=float, default=PEAK_TFLOPS)
+  parser.add_argument('--out', default='', help='JSON results path (and .md beside it)')
+  args = parser.parse_args(argv)
+
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT),
+                                                                    os.environ.get('PYTHONPATH')]))}
+  rows = []
+  for name in [n.strip() for n in args.configs.split(',') if n.strip()]:
+    values = overrides(args, args.steps)
+    plan = memory_plan.make_plan(paper_config(name, args.scale, values), name)
+    workdir = pathlib.Path(args.workdir).resolve() / f'{name}_{args.scale}'
+    if workdir.exists():
+      raise SystemExit(f'{workdir} exists: give another --workdir (a short run starts fresh)')
+    rows.append(row(name, plan, train(name, args.scale, values, workdir, env), args.peak_tflops))
+    print(table(rows[-1:]), flush=True)
+  text = table(rows)
+  print(f'\nuseful MFU against {args.peak_tflops:g} TFLOP/s; plan: moe-jax plan, GPU count\n')
+  print(text)
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps({'args': vars(args), 'rows': rows}, indent=2))
+    pathlib.Path(args.out).with_suffix('.md').write_text(text + '\n')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,32 @@
+"""benchmarks/paper_scale.py on CPU: a paper config's cpu preset trains through the console
+script's code in its own process, and its row holds the plan, the run's throughput and losses (the
+measured peak is the GPU's, None on CPU)."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_paper_scale_small(tmp_path):
+  out = tmp_path / 'paper_scale.json'
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'paper_scale.py'), '--scale', 'cpu',
+       '--configs', 'switch_base', '--steps', '2', '--data', 'tiny_shakespeare',
+       '--data-dir', str(tmp_path / 'tfds'), '--workdir', str(tmp_path / 'runs'),
+       '--out', str(out)],
+      capture_output=True, text=True, timeout=600, cwd=tmp_path,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = json.loads(out.read_text())['rows']
+  assert row['config'] == 'switch_base' and row['error'] is None, row
+  assert row['plan_gib'] > 0 and row['params_total'] > 0
+  assert row['measured_gib'] is None and row['measured_over_plan'] is None  # no peak on CPU
+  assert row['tokens_per_s'] > 0 and 0 < row['mfu_useful'] < 1
+  assert math.isfinite(row['loss_first']) and math.isfinite(row['loss_last'])
+  summary = json.loads((tmp_path / 'runs' / 'switch_base_cpu' / 'summary.json').read_text())
+  assert summary['steps'] == 2 and 'peak_memory_bytes' in summary
+  assert '| switch_base |' in (out.with_suffix('.md')).read_text()
