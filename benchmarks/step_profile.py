@@ -129,13 +129,20 @@ def profile_step(compiled, state, batch, iters: int):
   return attribute(events, table, iters), state
 
 
-def markdown(label: str, parts: dict, step_ms: float | None = None) -> str:
-  """The table of one step's parts: forward, backward and total ms, and the share of kernel time."""
+def markdown(label: str, parts: dict, step_ms: float | None = None,
+             optimizer_floor: float | None = None) -> str:
+  """The table of one step's parts: forward, backward and total ms, and the share of kernel time;
+  with `optimizer_floor` (ms, `optimizer_floor_ms`), a line on how far the update is from it."""
   total = sum(p['forward'] + p['backward'] for p in parts.values())
   lines = [f'### {label}: {total:.2f} ms of kernels per step'
-           + (f' (step {step_ms:.2f} ms wall)' if step_ms else ''), '',
-           '| part | forward ms | backward ms | total ms | share | largest kernel |',
-           '| --- | ---: | ---: | ---: | ---: | --- |']
+           + (f' (step {step_ms:.2f} ms wall)' if step_ms else ''), '']
+  if optimizer_floor is not None:
+    update = parts['optimizer update']
+    lines += [f"The optimizer update's floor at HBM bandwidth ({OPTIMIZER_BYTES_PER_PARAM} bytes "
+              f"per parameter): {optimizer_floor:.2f} ms; measured "
+              f"{update['forward'] + update['backward']:.2f} ms.", '']
+  lines += ['| part | forward ms | backward ms | total ms | share | largest kernel |',
+            '| --- | ---: | ---: | ---: | ---: | --- |']
   for name, p in sorted(parts.items(), key=lambda kv: -(kv[1]['forward'] + kv[1]['backward'])):
     both = p['forward'] + p['backward']
     if both == 0:
@@ -144,6 +151,22 @@ def markdown(label: str, parts: dict, step_ms: float | None = None) -> str:
     lines.append(f"| {name} | {p['forward']:.3f} | {p['backward']:.3f} | {both:.3f} "
                  f"| {both / total:.1%} | `{top[:60]}` |")
   return '\n'.join(lines)
+
+
+# HBM bandwidth (vendor figures, bytes/s) by the start of `Device.device_kind`.
+HBM_BANDWIDTH = {'NVIDIA H100': 3.35e12, 'NVIDIA H200': 4.8e12}
+# Bytes an AdamW step moves per float32 parameter at the least: reads parameter, gradient and two
+# moments, writes parameter and moments (7 x 4), reads the gradient once more for the global norm
+# of clipping (4), and casts the parameter to bf16 for the next step's compute (4 read, 2 written).
+OPTIMIZER_BYTES_PER_PARAM = 7 * 4 + 4 + 6
+
+
+def optimizer_floor_ms(params: int, device_kind: str) -> float | None:
+  """The least time AdamW (with clipping and the bf16 weight cast) can take per step on a GPU of
+  `device_kind`: its bytes at the HBM bandwidth. None for a device not in HBM_BANDWIDTH."""
+  bandwidth = next((bw for kind, bw in HBM_BANDWIDTH.items() if device_kind.startswith(kind)),
+                   None)
+  return None if bandwidth is None else 1e3 * params * OPTIMIZER_BYTES_PER_PARAM / bandwidth
 
 
 def disable_command_buffers() -> None:

@@ -216,12 +216,15 @@ def run_case(case: Case, warmup: int, steps: int, peak: float | None,
   }
   if profile_steps:
     result['parts'], state = step_profile.profile_step(compiled, state, batch, profile_steps)
+    result['optimizer_floor_ms'] = step_profile.optimizer_floor_ms(
+        total, jax.devices()[0].device_kind)
   log(f'{case.name}: step {result["step_ms"]:.1f} ms (all {[round(t, 1) for t in result["step_ms_all"]]}), '
       f'{result["tflops_executed"]:.0f} / {result["tflops_useful"]:.0f} / {result["tflops_kept"]:.0f} '
       f'TFLOP/s executed / useful / kept, {100 * dropped:.1f}% assignments dropped, '
       f'loss {losses[0]:.3f} -> {losses[-1]:.3f}')
   if profile_steps:
-    print(step_profile.markdown(case.name, result['parts'], result['step_ms']), flush=True)
+    print(step_profile.markdown(case.name, result['parts'], result['step_ms'],
+                                result['optimizer_floor_ms']), flush=True)
   del state, compiled
   return result
 
