@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from moe_jax.run import memory_plan, tasks
+from tests.conftest import cli_main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NAMES = sorted({path.stem for path in (ROOT / 'configs' / 'papers').glob('*.py')}
@@ -115,3 +116,18 @@ def test_unknown_preset_is_one_line_naming_the_choices():
     paper('switch_base', 'size=big')
   with pytest.raises(ValueError, match=r"scale='tpu' is invalid: choose one of \('cpu', 'gpu'\)"):
     paper('switch_base', 'scale=tpu')
+
+
+def test_cpu_preset_trains_on_a_sentencepiece_vocabulary_from_another_folder(
+    tmp_path, data_dir, sp_model, monkeypatch):
+  """A paper LM takes `--config.data.tokenizer` like every LM: DeepSeekMoE's cpu preset streams a
+  512-piece SentencePiece vocabulary of Tiny Shakespeare through the console script's code."""
+  monkeypatch.chdir(tmp_path)
+  assert cli_main(['moe-jax', 'train', '--config',
+                   f'{ROOT}/configs/papers/deepseek_moe_2b.py:scale=cpu', '--workdir', 'run',
+                   f'--config.data.data_dir={data_dir}', f'--config.data.tokenizer={sp_model}',
+                   '--config.model.vocab_size=512', '--config.train.steps=2']) == 0
+  summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+  config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert summary['steps'] == 2 and config['data']['tokenizer'] == sp_model
+  assert summary['eval_bits_per_byte'] > 0  # held out in bits per byte, comparable to bytes

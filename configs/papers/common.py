@@ -50,11 +50,12 @@ def _config(task: str, data: dict, model, moe: dict | None, train: dict):
 def lm(*, data: dict, model: dict, moe: dict | None = None, train: dict,
        arg: str | None = None) -> ml_collections.ConfigDict:
   """An LM config: data = {name, seq_len, batch_size[, input_len]} (an encoder-decoder's
-  seq_len counts decoder tokens, input_len encoder tokens), model = `TransformerConfig` fields,
-  moe = `MoESpec` fields (None: a dense model), train = `TrainConfig` fields. `arg` (the config
-  file's get_config argument): the presets `scale=cpu` and `scale=gpu` (`with_scale`)."""
-  return with_scale(_config('lm', data, every_field(TransformerConfig, 'model', **model), moe,
-                            train), arg)
+  seq_len counts decoder tokens, input_len encoder tokens; the tokenizer is bytes unless data
+  names one), model = `TransformerConfig` fields, moe = `MoESpec` fields (None: a dense model),
+  train = `TrainConfig` fields. `arg` (the config file's get_config argument): the presets
+  `scale=cpu` and `scale=gpu` (`with_scale`)."""
+  return with_scale(_config('lm', {'tokenizer': 'bytes', **data},
+                            every_field(TransformerConfig, 'model', **model), moe, train), arg)
 
 
 def vit(*, data: dict, model: dict, moe: dict | None = None, train: dict,
