@@ -49,12 +49,7 @@ def overrides(args, steps: int) -> dict[str, object]:
 def paper_config(name: str, scale: str, values: dict):
   """configs/papers/<name>.py at `scale=...`, with `values` set (as --config.<path>=<value>)."""
   config = importlib.import_module(f'configs.papers.{name}').get_config(f'scale={scale}')
-  for path, value in values.items():
-    *parents, field = path.split('.')
-    section = config
-    for parent in parents:
-      section = section[parent]
-    section[field] = value
+  config.update_from_flattened_dict(values)
   return config
 
 
