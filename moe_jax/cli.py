@@ -64,6 +64,9 @@ def _config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
   flags.mark_flags_as_required(['config'], flag_values=fv)
 
 
+MEMORY_FRACTION = 'XLA_PYTHON_CLIENT_MEM_FRACTION'  # the share of GPU memory JAX may take
+
+
 def _config_and_workdir_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
   """--config FILE (with --config.<field>=value overrides) and --workdir DIR, both required."""
   _config_flag(fv, argv)
@@ -75,8 +78,11 @@ def _config_and_workdir_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None
 
 def _train(fv: flags.FlagValues) -> None:
   from moe_jax.parallel import multihost  # here, so that `moe-jax --help` does not import JAX
-  from moe_jax.run import train  # here, so that `moe-jax --help` does not import JAX
+  from moe_jax.run import memory_plan, train  # here, so that `moe-jax --help` does not import JAX
 
+  # Before JAX starts its backend: on a GPU, JAX may take the share of memory that `moe-jax plan`
+  # counts a config as fitting (its own default is 75%); a value the user set stands.
+  os.environ.setdefault(MEMORY_FRACTION, str(memory_plan.HEADROOM))
   multihost.initialize_from_env()  # multi-host: before any mesh is built; else a no-op
 
   summary = train.train(fv.config, fv.workdir)
