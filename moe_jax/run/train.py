@@ -757,7 +757,7 @@ def _train(config, workdir: str | os.PathLike, hold: contextlib.ExitStack) -> di
   loop = run_steps(state, step_fn, evaluate, cfg=cfg, start=start, manager=manager,
                    workdir=workdir, schedule=schedule, tokens_per_step=tokens_per_step,
                    call_start=call_start, name=workdir.name,
-                   z_loss_coef=getattr(task.from_config(config)[1], 'z_loss_coef', None),
+                   z_loss_coef=getattr(model.spec, 'z_loss_coef', None),
                    save_data=feed.save)
   return run_dir.write_summary(workdir, _summary(config, loop, task=task, cfg=cfg, start=start,
                                                  tokens_per_step=tokens_per_step))
