@@ -27,13 +27,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from moe_jax.run import memory_plan  # noqa: E402
 
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+from train_step import PEAK_TFLOPS  # noqa: E402  (H100 / H200 SXM dense bf16)
+
 GiB = 2 ** 30
-PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16, as train_step.py
 
 
-def overrides(args, steps: int) -> dict[str, object]:
+def overrides(args) -> dict[str, object]:
   """{config path: value} of a short run: steps, logging every step (every 10th past 100 steps),
   no evaluation before the end, one checkpoint at the end, the data and tokenizer asked for."""
+  steps = args.steps
   values = {'train.steps': steps, 'train.warmup_steps': max(1, steps // 20),
             'train.log_every': 1 if steps <= 100 else 10, 'train.eval_every': 0,
             'train.eval_batches': 2, 'train.checkpoint_every': 0, 'train.progress': False}
@@ -124,9 +127,8 @@ def main(argv=None) -> None:
 
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT),
                                                                     os.environ.get('PYTHONPATH')]))}
-  rows = []
+  rows, values = [], overrides(args)
   for name in [n.strip() for n in args.configs.split(',') if n.strip()]:
-    values = overrides(args, args.steps)
     plan = memory_plan.make_plan(paper_config(name, args.scale, values), name)
     workdir = pathlib.Path(args.workdir).resolve() / f'{name}_{args.scale}'
     if workdir.exists():

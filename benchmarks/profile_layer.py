@@ -55,16 +55,19 @@ def kernel_events(trace_dir: str) -> list[tuple[int, str, str, int]]:
     for line in plane.lines:
       if 'stream' not in line.name.lower():  # kernel lines are per stream
         continue
-      events += [(e.start_ns, e.name, dict(e.stats).get('hlo_op', ''), e.duration_ns)
-                 for e in line.events]
+      events += [_event(e) for e in line.events]
   if not device_planes:  # CPU: XLA ops on the host threads
     for plane in data.planes:
       if plane.name.startswith('/host:CPU'):
         for line in plane.lines:
           if 'xla' in line.name.lower() or 'pjrt' in line.name.lower():
-            events += [(e.start_ns, e.name, dict(e.stats).get('hlo_op', ''), e.duration_ns)
-                       for e in line.events if 'hlo_op' in dict(e.stats)]
+            events += [event for event in map(_event, line.events) if event[2]]
   return events
+
+
+def _event(event) -> tuple[int, str, str, int]:
+  """(start ns, name, HLO instruction or '', ns) of a trace event."""
+  return event.start_ns, event.name, dict(event.stats).get('hlo_op', ''), event.duration_ns
 
 
 def device_kernel_times(trace_dir: str, sequence: list | None = None) -> dict[str, float]:

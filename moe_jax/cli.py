@@ -64,9 +64,6 @@ def _config_flag(fv: flags.FlagValues, argv: Sequence[str]) -> None:
   flags.mark_flags_as_required(['config'], flag_values=fv)
 
 
-MEMORY_FRACTION = 'XLA_PYTHON_CLIENT_MEM_FRACTION'  # the share of GPU memory JAX may take
-
-
 def _config_and_workdir_flags(fv: flags.FlagValues, argv: Sequence[str]) -> None:
   """--config FILE (with --config.<field>=value overrides) and --workdir DIR, both required."""
   _config_flag(fv, argv)
@@ -82,7 +79,7 @@ def _train(fv: flags.FlagValues) -> None:
 
   # Before JAX starts its backend: on a GPU, JAX may take the share of memory that `moe-jax plan`
   # counts a config as fitting (its own default is 75%); a value the user set stands.
-  os.environ.setdefault(MEMORY_FRACTION, str(memory_plan.HEADROOM))
+  os.environ.setdefault(memory_plan.MEMORY_FRACTION, str(memory_plan.HEADROOM))
   multihost.initialize_from_env()  # multi-host: before any mesh is built; else a no-op
 
   summary = train.train(fv.config, fv.workdir)

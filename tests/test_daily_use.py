@@ -16,7 +16,7 @@ from configs import lm_tiny
 from moe_jax import cli
 from moe_jax.data import text
 from moe_jax.moe import families, spec
-from moe_jax.run import train
+from moe_jax.run import memory_plan, train
 from tests import tensorboard_reader
 
 TINY = ['--config.data.seq_len=32', '--config.data.batch_size=4', '--config.model.d_model=32',
@@ -237,15 +237,13 @@ def test_train_lets_jax_take_the_share_of_gpu_memory_the_plan_counts(user_value,
   """`moe-jax train` sets XLA_PYTHON_CLIENT_MEM_FRACTION to the plan's HEADROOM before JAX starts
   its backend (JAX's default, 75%, would not hold a scale=gpu preset the plan fits in 90%); a
   value the user set stands."""
-  from moe_jax.run import memory_plan  # pylint: disable=g-import-not-at-top
-
-  monkeypatch.setenv(cli.MEMORY_FRACTION, 'restored after the test')
+  monkeypatch.setenv(memory_plan.MEMORY_FRACTION, 'restored after the test')
   if user_value is None:
-    monkeypatch.delenv(cli.MEMORY_FRACTION)
+    monkeypatch.delenv(memory_plan.MEMORY_FRACTION)
   else:
-    monkeypatch.setenv(cli.MEMORY_FRACTION, user_value)
+    monkeypatch.setenv(memory_plan.MEMORY_FRACTION, user_value)
   seen = []
   monkeypatch.setattr(train, 'train', lambda config, workdir: seen.append(
-      os.environ.get(cli.MEMORY_FRACTION)) or {})
+      os.environ.get(memory_plan.MEMORY_FRACTION)) or {})
   assert cli.main(train_args(data_dir, tmp_path / 'run')) == 0
   assert seen == [user_value or str(memory_plan.HEADROOM)] and memory_plan.HEADROOM == 0.9

@@ -55,6 +55,9 @@ ACCELERATORS = {'TPU v4': ('tpu', 32 * GiB), 'TPU v5e': ('tpu', 16 * GiB),
                 'TPU v5p': ('tpu', 95 * GiB), 'TPU v6e': ('tpu', 32 * GiB),
                 'H100': ('gpu', 81_559 * 2 ** 20), 'H200': ('gpu', 143_771 * 2 ** 20)}
 HEADROOM = 0.9  # a plan fits when it needs at most this share of HBM (XLA's workspace, fragments)
+# The environment variable for the share of a GPU's memory JAX may take (JAX's default: 0.75):
+# `moe-jax train` sets it to HEADROOM, a sweep's parallel runs to HEADROOM / jobs each.
+MEMORY_FRACTION = 'XLA_PYTHON_CLIENT_MEM_FRACTION'
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 # Hidden activations an FFN keeps per unit of width: SwiGLU's input and gate projections, the
 # gate's SiLU and their product; GELU's projection and its GELU.

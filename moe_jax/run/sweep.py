@@ -180,8 +180,8 @@ def train_runs(runs: Sequence[Run], *, jobs: int = 1, child_command: Callable | 
                log: Callable = print) -> None:
   """Trains every unfinished run of `runs` (duplicates once): in this process when jobs == 1,
   else up to `jobs` child processes at a time, `child_command(run)` each (its argv; log: the
-  run's directory + '.log'), with 0.9/jobs of the GPU's memory unless
-  XLA_PYTHON_CLIENT_MEM_FRACTION is set. A child that fails is reported and its run left
+  run's directory + '.log'), with HEADROOM/jobs (0.9/jobs) of the GPU's memory unless
+  XLA_PYTHON_CLIENT_MEM_FRACTION is set (`memory_plan`). A child that fails is reported and its run left
   unfinished; the others go on."""
   pending = [run for run in link_duplicates(runs) if not is_finished(run)]
   log(f'{len(pending)} run(s) to train, {len(runs) - len(pending)} finished or shared')
@@ -189,8 +189,9 @@ def train_runs(runs: Sequence[Run], *, jobs: int = 1, child_command: Callable | 
     for run in pending:
       train_one(run, log)
     return
+  from moe_jax.run import memory_plan  # the share of GPU memory the plan counts on
   env = dict(os.environ)
-  env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / jobs:.3f}')
+  env.setdefault(memory_plan.MEMORY_FRACTION, f'{memory_plan.HEADROOM / jobs:.3f}')
   running: dict[Run, subprocess.Popen] = {}
   start = time.perf_counter()
   name = lambda run: f'({run.tag}) ' * bool(run.tag) + f'{run.member} seed {run.seed}'
