@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -57,7 +58,8 @@ def paper_config(name: str, scale: str, values: dict):
 
 
 def train(name: str, scale: str, values: dict, workdir: pathlib.Path, env: dict) -> dict:
-  """Trains the config in a process of its own; returns its summary.json and train losses."""
+  """Trains the config in a process of its own; returns its summary.json and train losses. The
+  run's checkpoint is deleted (a short run keeps its metrics, not tens of GB of state)."""
   command = [sys.executable, '-m', 'moe_jax.cli', 'train', '--config',
              f'{ROOT}/configs/papers/{name}.py:scale={scale}', '--workdir', str(workdir)]
   command += [f'--config.{path}={value}' for path, value in values.items()]
@@ -68,6 +70,7 @@ def train(name: str, scale: str, values: dict, workdir: pathlib.Path, env: dict)
   summary = json.loads((workdir / 'summary.json').read_text())
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   summary['train_losses'] = [r['train_loss'] for r in records if 'train_loss' in r]
+  shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)  # tens of GB at paper scale
   return summary
 
 
