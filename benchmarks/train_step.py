@@ -41,7 +41,6 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe_jax import reproducibility  # noqa: E402
@@ -49,8 +48,8 @@ from moe_jax.models import transformer  # noqa: E402
 from moe_jax.models.transformer import Transformer, TransformerConfig  # noqa: E402
 from moe_jax.moe import flops  # noqa: E402
 from moe_jax.moe.spec import MoESpec  # noqa: E402
-from moe_jax.run.tasks import cross_entropy  # noqa: E402
-from moe_jax.run.train import TrainConfig, make_optimizer  # noqa: E402
+from moe_jax.run import tasks, train  # noqa: E402
+from moe_jax.run.train import TrainConfig  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_profile  # noqa: E402
@@ -87,6 +86,7 @@ class Case:
   capacity_factor: float | None = 1.25  # None: dropless
   attention: str = 'auto'  # TransformerConfig.attention: 'auto' is cuDNN's fused kernel on GPU
   num_shared_experts: int = 0  # DeepSeekMoE's always-on experts (one dense FFN of n * d_ff)
+  microbatches: int = 1  # gradient accumulation: one optimizer update per this many batches
 
   def model(self) -> Transformer:
     cfg = TransformerConfig(d_model=self.d_model, num_layers=self.num_layers,
@@ -102,7 +102,11 @@ class Case:
 
   @property
   def tokens(self) -> int:
-    return self.batch_size * self.seq_len
+    """Tokens per optimizer update: microbatches x batch_size x seq_len."""
+    return self.microbatches * self.batch_size * self.seq_len
+
+  def train_config(self) -> TrainConfig:
+    return TrainConfig(microbatches=self.microbatches)
 
   def _count(self, fn, spec):
     return fn(spec, self.model().config, flops.Shape(self.batch_size, self.seq_len))
@@ -130,23 +134,17 @@ class Case:
     return total, active
 
 
-def make_step(model: Transformer, tx):
-  """The training step of `moe_jax.run.train.train_step` (one device), with the state donated."""
-
-  def loss_fn(params, batch):
-    logits, aux = model.apply({'params': params}, batch[:, :-1], train=True)
-    with jax.named_scope('loss'):  # the trainer's scopes, which name the parts in profiles
-      loss = cross_entropy(logits, batch)
-    dropped = jnp.mean(jnp.stack([m['assignments_dropped'] for m in aux['layers'].values()]))
-    return loss + aux['loss'], (loss, dropped)
+def make_step(model: Transformer, cfg: TrainConfig):
+  """`moe_jax.run.train.train_step` of the LM task on one device, jit'd with the state donated:
+  (state, batch [B, L + 1]) -> (state, (loss, the layers' mean share of assignments dropped))."""
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, batch):
-    grads, (loss, dropped) = jax.grad(loss_fn, has_aux=True)(state['params'], batch)
-    with jax.named_scope('optimizer'):
-      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-      params = optax.apply_updates(state['params'], updates)
-    return {'params': params, 'opt_state': opt_state}, (loss, dropped)
+    state, metrics = train.train_step(state, batch, jax.random.key(2), task=tasks.LM,
+                                      model=model, cfg=cfg)
+    layers = metrics['layers'].values()
+    return state, (metrics['train_loss'],
+                   jnp.mean(jnp.stack([m['assignments_dropped'] for m in layers])))
 
   return step
 
@@ -155,23 +153,18 @@ def run_case(case: Case, warmup: int, steps: int, peak: float | None,
              profile_steps: int = 0) -> dict:
   """Compiles and times `case`'s step; with profile_steps > 0, then traces that many steps and
   adds their device time by part of the model ('parts', `step_profile.attribute`)."""
-  model = case.model()
-  tx = make_optimizer(TrainConfig()).tx
-
-  @jax.jit
-  def init(rng):
-    # Parameters do not depend on the batch shape or the dispatch implementation.
-    init_model = Transformer(model.config, case.spec(dispatch='gather'))
-    params = init_model.init(rng, jnp.zeros((1, min(case.seq_len, 128)), jnp.int32))['params']
-    return {'params': params, 'opt_state': tx.init(params)}
-
-  state = init(jax.random.key(0))
+  model, cfg = case.model(), case.train_config()
+  # Parameters do not depend on the batch shape or the dispatch implementation.
+  init_model = Transformer(model.config, case.spec(dispatch='gather'))
+  state = jax.jit(lambda rng: train.init_state(init_model, cfg, rng, jax.ShapeDtypeStruct(
+      (1, min(case.seq_len, 128)), jnp.int32)))(jax.random.key(0))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state['params']))
   total, active = case.params()
   assert n_params == total, (n_params, total)  # the analytic count matches the model
-  batch = jax.random.randint(jax.random.key(1), (case.batch_size, case.seq_len + 1), 0,
+  batch = jax.random.randint(jax.random.key(1),
+                             (case.microbatches * case.batch_size, case.seq_len + 1), 0,
                              TransformerConfig.vocab_size, jnp.int32)
-  step = make_step(model, tx)
+  step = make_step(model, cfg)
 
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -279,9 +272,12 @@ def table(results: list[dict], peak_name: str) -> str:
   for r in results:
     c = r['config']
     shared = f"+{c['num_shared_experts']} shared" if c.get('num_shared_experts') else ''
+    m = c.get('microbatches', 1)
+    accumulated = f' x {m} microbatches' if m > 1 else ''
     cfg = (f"{r['name']}: d={c['d_model']}, L={c['num_layers']}, H={c['num_heads']}, "
            f"E={c['num_experts']}{shared}, k={c['k']}, f={c['d_ff']}, cf={c['capacity_factor']}, "
-           f"B={c['batch_size']}x{c['seq_len']}, {c['dispatch']}, attention {c['attention']}")
+           f"B={c['batch_size']}x{c['seq_len']}{accumulated}, {c['dispatch']}, "
+           f"attention {c['attention']}")
     if 'error' in r:
       lines.append(f'| {cfg} | | | failed: {r["error"][:80]} | | | |')
       continue
@@ -305,6 +301,9 @@ def main() -> None:
   parser.add_argument('--shapes', default='base',
                       help=f'comma-separated model shapes: {", ".join(SHAPES)} (see SHAPES)')
   parser.add_argument('--batch', type=int, default=8, help='sequences per step (seq_len 2048)')
+  parser.add_argument('--microbatches', default='1',
+                      help='comma-separated counts of batches of --batch sequences accumulated per '
+                           'optimizer update (config.train.microbatches)')
   parser.add_argument('--big-batch', type=int, default=16,
                       help='after the others, rerun the fastest dispatch at this batch (0: skip)')
   parser.add_argument('--capacity-factor', default='1.25',
@@ -340,10 +339,12 @@ def main() -> None:
   dispatches = [d.strip() for d in args.dispatch.split(',') if d.strip()]
   attentions = [a.strip() for a in args.attention.split(',') if a.strip()]
   factors = [_parse_cf(c.strip()) for c in args.capacity_factor.split(',') if c.strip()]
+  microbatches = [int(m) for m in args.microbatches.split(',') if m.strip()]
   if args.small:
     base = dict(d_model=64, num_layers=1, num_heads=4, d_ff=128, seq_len=64)
-    cases = [Case(f'small-{d}-{_cf_name(cf)}', batch_size=2, dispatch=d, capacity_factor=cf,
-                  **base) for cf in factors for d in dispatches]
+    cases = [Case(f'small-{d}-{_cf_name(cf)}' + (f'-x{m}' if m > 1 else ''), batch_size=2,
+                  dispatch=d, capacity_factor=cf, microbatches=m, **base)
+             for m in microbatches for cf in factors for d in dispatches]
     big = None
     args.warmup, args.steps = 1, 3
   else:
@@ -351,9 +352,10 @@ def main() -> None:
     for shape in [s.strip() for s in args.shapes.split(',') if s.strip()]:
       base = {**dict(num_layers=args.layers, d_ff=args.d_ff, seq_len=2048), **SHAPES[shape]}
       prefix = '' if shape == 'base' else f'{shape}-'
-      cases += [Case(f'{prefix}{d}-{a}-{_cf_name(cf)}-b{args.batch}', batch_size=args.batch,
-                     dispatch=d, attention=a, capacity_factor=cf, **base)
-                for cf in factors for a in attentions for d in dispatches]
+      cases += [Case(f'{prefix}{d}-{a}-{_cf_name(cf)}-b{args.batch}' + (f'x{m}' if m > 1 else ''),
+                     batch_size=args.batch, dispatch=d, attention=a, capacity_factor=cf,
+                     microbatches=m, **base)
+                for m in microbatches for cf in factors for a in attentions for d in dispatches]
     big = args.big_batch or None
 
   results = []
