@@ -25,12 +25,19 @@ the H100's matrix units). `--shapes` adds a Mixtral-like and a DeepSeek-like mod
       --dispatch blocked --big-batch 0 --profile 3  # and where each step's device time goes
   python benchmarks/train_step.py --small                  # CPU smoke run, seconds
   python benchmarks/train_step.py --deterministic ...      # the same with XLA's deterministic ops
+  python benchmarks/train_step.py --shapes deepseek,mixtral --capacity-factor none \
+      --dispatch blocked --big-batch 0 --peer torch  # and the same model and step in PyTorch
+
+`--peer torch` adds a column: the same model and training step in PyTorch (`torch_peer.py`, its
+experts by `torch._grouped_mm`, always dropless), timed in this process on the same GPU before JAX
+takes its memory, its useful MFU counted with our useful FLOPs.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -54,6 +61,11 @@ from moe_jax.run.train import TrainConfig  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_profile  # noqa: E402
 from moe_layer import elapsed, log  # noqa: E402
+
+# `--peer` choices: name -> (the package it needs, its module here, the module's run function,
+# (case, warmup, steps, hyper, compile_model) -> {'step_ms', 'params', 'compiled', ...}). The
+# module's `release()` frees the GPU for JAX.
+PEERS = {'torch': ('torch', 'torch_peer', 'run_torch_case')}
 
 PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (no sparsity)
 PEAK_NAME = 'H100/H200 SXM dense bf16 989 TFLOP/s'
@@ -120,6 +132,10 @@ class Case:
                        self.spec(capacity_factor=None, dispatch='gather'))
     masked = 4.0 * self.d_model * self.seq_len * (1 - (self.seq_len + 1) / (2 * self.seq_len))
     return full - self.num_layers * masked
+
+  def step_flops(self, useful: bool = False) -> float:
+    """Model FLOPs of a training step: 3 x forward (fwd + bwd) x tokens."""
+    return 3.0 * self.forward_flops_per_token(useful) * self.tokens
 
   def routed_flops_per_token(self) -> float:
     """Forward FLOPs of the k routed expert FFNs of one token, over all blocks (SwiGLU: three
@@ -189,8 +205,7 @@ def run_case(case: Case, warmup: int, steps: int, peak: float | None,
       drops.append(float(dropped))
     losses.append(float(loss))
   step_s = statistics.median(times)
-  executed = 3.0 * case.forward_flops_per_token() * case.tokens
-  useful = 3.0 * case.forward_flops_per_token(useful=True) * case.tokens
+  executed, useful = case.step_flops(), case.step_flops(useful=True)
   dropped = statistics.mean(drops)  # of the timed steps
   kept = useful - 3.0 * case.routed_flops_per_token() * case.tokens * dropped
   result = {
@@ -220,6 +235,64 @@ def run_case(case: Case, warmup: int, steps: int, peak: float | None,
                                 result['optimizer_floor_ms']), flush=True)
   del state, compiled
   return result
+
+
+def load_peer(name: str):
+  """The `--peer` module (`PEERS`), imported; exits with status 2 and one line when the package it
+  needs is not installed."""
+  package, module, _ = PEERS[name]
+  if importlib.util.find_spec(package) is None:
+    print(f'train_step.py: --peer {name} needs {package}, which is not installed', file=sys.stderr)
+    sys.exit(2)
+  return importlib.import_module(module)
+
+
+def peer_hyper(case: Case) -> dict:
+  """Our step's optimizer and aux-loss hyper-parameters, for a peer to copy."""
+  train, spec = TrainConfig(), case.spec()
+  return dict(learning_rate=train.learning_rate, weight_decay=train.weight_decay,
+              clip_norm=train.clip_norm, load_balancing_coef=spec.load_balancing_coef,
+              z_loss_coef=spec.z_loss_coef)
+
+
+def peer_case(case: Case) -> Case | None:
+  """The case as a peer runs it: dropless, whatever our dispatch and attention; None with
+  gradient accumulation (a peer times one batch per update)."""
+  if case.microbatches > 1:
+    return None
+  return dataclasses.replace(case, name='peer', dispatch='gather', attention='auto',
+                             capacity_factor=None)
+
+
+def run_peers(name: str, cases: list[Case], warmup: int, steps: int, budget_s: float,
+              compile_model: bool = True) -> dict:
+  """{peer_case: the peer's result} for `cases`, each distinct peer case run once: its step time,
+  useful TFLOP/s (our useful FLOPs), or {'error'}. Runs before JAX starts its backends."""
+  module = load_peer(name)
+  run = getattr(module, PEERS[name][2])
+  todo = {}
+  for case in cases:
+    if peer_case(case) is not None:
+      todo.setdefault(peer_case(case), case.name)
+  results = {}
+  for case, label in todo.items():
+    if elapsed() > budget_s:
+      log(f'{name} peer of {label}: skipped, past --budget-s={budget_s}')
+      continue
+    try:
+      result = run(case, warmup, steps, peer_hyper(case), compile_model)
+      total, _ = case.params()
+      assert result['params'] == total, (result['params'], total)  # the same model
+      result['tflops_useful'] = case.step_flops(useful=True) / result['step_ms'] * 1e3 / 1e12
+      results[case] = result
+      log(f'{name} peer of {label}: step {result["step_ms"]:.1f} ms (compiled '
+          f'{result["compiled"]}, {result["grouped_mm"]}), {result["tflops_useful"]:.0f} TFLOP/s '
+          f'useful, loss {result["losses"][0]:.3f} -> {result["losses"][-1]:.3f}')
+    except Exception as e:  # e.g. out of memory: report it and go on
+      traceback.print_exc()
+      results[case] = {'error': f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'}
+  module.release()
+  return results
 
 
 def check_attention(batch: int = 2, length: int = 2048, heads: int = 16, head_dim: int = 128,
@@ -258,17 +331,30 @@ def _count(n: float) -> str:
   return f'{n / 1e9:.3f}B' if n >= 1e8 else f'{n / 1e6:.3f}M'
 
 
-def table(results: list[dict], peak_name: str) -> str:
-  def pct(x):
-    return 'n/a' if x is None else f'{100 * x:.1f}%'
+def _pct(x):
+  return 'n/a' if x is None else f'{100 * x:.1f}%'
+
+
+def _peer_cell(peer: dict) -> str:
+  """'step ms / useful MFU', noting an eager run or a grouped matmul other than the fused one."""
+  if 'error' in peer:
+    return f'failed: {peer["error"][:60]}'
+  notes = ('' if peer['compiled'] else ', eager') + (
+      '' if peer['grouped_mm'] == 'grouped_mm' else f", {peer['grouped_mm']}")
+  return f"{peer['step_ms']:.1f} / {_pct(peer['mfu_useful'])}{notes}"
+
+
+def table(results: list[dict], peak_name: str, peer: str | None = None) -> str:
+  """The results as a markdown table; with a peer, a column of its step ms and useful MFU."""
+  peer = peer if any('peer' in r for r in results) else None
 
   lines = [
       f'MFU against {peak_name}; TFLOP/s and MFU as executed (capacity padding and full [L, L] '
       'scores counted) / useful (k·T expert slots, causal half of the scores) / kept (useful less '
       'the dropped assignments); fwd+bwd = 3 x forward FLOPs.', '',
       '| config | params total / active | tokens/step | step ms | dropped | TFLOP/s exec / useful '
-      '/ kept | MFU exec / useful / kept |',
-      '| --- | --- | --- | --- | --- | --- | --- |']
+      '/ kept | MFU exec / useful / kept |' + (f' {peer} step ms / useful MFU |' if peer else ''),
+      '| --- ' * (8 if peer else 7) + '|']
   for r in results:
     c = r['config']
     shared = f"+{c['num_shared_experts']} shared" if c.get('num_shared_experts') else ''
@@ -278,14 +364,16 @@ def table(results: list[dict], peak_name: str) -> str:
            f"E={c['num_experts']}{shared}, k={c['k']}, f={c['d_ff']}, cf={c['capacity_factor']}, "
            f"B={c['batch_size']}x{c['seq_len']}{accumulated}, {c['dispatch']}, "
            f"attention {c['attention']}")
+    peer_cell = (f" {_peer_cell(r['peer']) if 'peer' in r else ''} |" if peer else '')
     if 'error' in r:
-      lines.append(f'| {cfg} | | | failed: {r["error"][:80]} | | | |')
+      lines.append(f'| {cfg} | | | failed: {r["error"][:80]} | | | |{peer_cell}')
       continue
     lines.append(
         f"| {cfg} | {_count(r['params_total'])} / {_count(r['params_active'])} "
-        f"| {r['tokens_per_step']} | {r['step_ms']:.1f} | {pct(r['assignments_dropped'])} "
+        f"| {r['tokens_per_step']} | {r['step_ms']:.1f} | {_pct(r['assignments_dropped'])} "
         f"| {r['tflops_executed']:.3g} / {r['tflops_useful']:.3g} / {r['tflops_kept']:.3g} "
-        f"| {pct(r['mfu_executed'])} / {pct(r['mfu_useful'])} / {pct(r['mfu_kept'])} |")
+        f"| {_pct(r['mfu_executed'])} / {_pct(r['mfu_useful'])} / {_pct(r['mfu_kept'])} |"
+        + peer_cell)
   return '\n'.join(lines)
 
 
@@ -320,22 +408,21 @@ def main() -> None:
                       help='after timing, trace N steps of each case and print their device time '
                            'by part of the model (attention, router, permutation, experts, '
                            'optimizer, ...); turns XLA:GPU command buffers off for the whole run')
+  parser.add_argument('--peer', choices=sorted(PEERS), default=None,
+                      help='first time the same model and step in this framework (torch_peer.py) '
+                           'and add its step time and useful MFU to each row')
+  parser.add_argument('--peer-eager', action='store_true',
+                      help='run the peer eagerly (default: torch.compile, eager if that fails)')
   parser.add_argument('--deterministic', action='store_true',
                       help='XLA:GPU deterministic ops (config.deterministic): run once with and '
                            'once without to measure its cost')
   args = parser.parse_args()
+  if args.peer:
+    load_peer(args.peer)  # fails fast when its package is missing
   reproducibility.configure(args.deterministic)  # before JAX starts its backends
   if args.profile:
     step_profile.disable_command_buffers()
 
-  device = jax.devices()[0]
-  on_gpu = device.platform == 'gpu'
-  peak = PEAK_TFLOPS if on_gpu else None
-  peak_name = PEAK_NAME if on_gpu else 'no peak (CPU run)'
-  log(f'jax {jax.__version__}, {device.platform}: {device.device_kind}')
-  attention_check = check_attention() if on_gpu else None  # before any timing
-  if args.check_only:
-    return
   dispatches = [d.strip() for d in args.dispatch.split(',') if d.strip()]
   attentions = [a.strip() for a in args.attention.split(',') if a.strip()]
   factors = [_parse_cf(c.strip()) for c in args.capacity_factor.split(',') if c.strip()]
@@ -357,7 +444,18 @@ def main() -> None:
                      microbatches=m, **base)
                 for m in microbatches for cf in factors for a in attentions for d in dispatches]
     big = args.big_batch or None
+  # A peer runs first: JAX takes most of the GPU's memory when it starts its backends.
+  peers = (run_peers(args.peer, cases, args.warmup, args.steps, args.budget_s,
+                     not args.peer_eager) if args.peer and not args.check_only else {})
 
+  device = jax.devices()[0]
+  on_gpu = device.platform == 'gpu'
+  peak = PEAK_TFLOPS if on_gpu else None
+  peak_name = PEAK_NAME if on_gpu else 'no peak (CPU run)'
+  log(f'jax {jax.__version__}, {device.platform}: {device.device_kind}')
+  attention_check = check_attention() if on_gpu else None  # before any timing
+  if args.check_only:
+    return
   results = []
 
   def save():
@@ -365,7 +463,7 @@ def main() -> None:
            'xla_gpu_deterministic_ops': reproducibility.deterministic_flag_set(),
            'xla_flags': os.environ.get('XLA_FLAGS', ''),
            'attention_check': attention_check,
-           'peak_tflops': peak, 'peak': peak_name, 'results': results}
+           'peak_tflops': peak, 'peak': peak_name, 'peer': args.peer, 'results': results}
     if args.out:
       with open(args.out, 'w') as f:
         json.dump(out, f, indent=2)
@@ -380,6 +478,10 @@ def main() -> None:
       traceback.print_exc()
       results.append({'name': case.name, 'config': dataclasses.asdict(case),
                       'error': f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'})
+    peer = peers.get(peer_case(case))
+    if peer is not None:
+      results[-1]['peer'] = peer if 'error' in peer else {
+          **peer, 'mfu_useful': None if peak is None else peer['tflops_useful'] / peak}
     save()
 
   for case in cases:
@@ -392,7 +494,7 @@ def main() -> None:
     attempt(dataclasses.replace(Case(**config), batch_size=big,
                                 name=f"{config['dispatch']}-{config['attention']}-b{big}"))
   save()
-  text = table(results, peak_name)
+  text = table(results, peak_name, args.peer)
   print()
   print(text)
   if args.out:

@@ -1,9 +1,14 @@
 """benchmarks/train_step.py --small: the MFU benchmark runs end to end on CPU and reports sane numbers,
-and its profile (--profile) names the part of the model behind nearly all of the step's time."""
+and its profile (--profile) names the part of the model behind nearly all of the step's time. Its
+PyTorch peer (--peer torch) is our model and loss, and is tested where torch is installed."""
+import importlib.util
 import json
+import math
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -74,3 +79,107 @@ def test_optimizer_floor_is_its_bytes_at_the_hbm_bandwidth():
   parts = {name: {'forward': 1.0, 'backward': 0.0, 'kernels': {}} for name in step_profile.ORDER}
   assert 'floor at HBM bandwidth (38 bytes per parameter): 2.00 ms; measured 1.00 ms' in (
       step_profile.markdown('x', parts, 5.0, 2.0))
+
+
+# The PyTorch peer (`--peer torch`, benchmarks/torch_peer.py): these run where torch is installed.
+
+def _tiny_case():
+  import train_step  # pylint: disable=g-import-not-at-top
+  return train_step, train_step.Case('tiny', d_model=32, num_layers=2, num_heads=4, d_ff=16,
+                                     batch_size=2, seq_len=16, dispatch='gather', num_experts=4,
+                                     k=2, capacity_factor=None, num_shared_experts=1)
+
+
+def test_torch_peer_is_our_model_and_learns_a_repeated_batch():
+  """The peer has exactly our parameter count, and its step (eager, on CPU) drives the loss of one
+  repeated batch down from ~ln 256."""
+  pytest.importorskip('torch')
+  import torch_peer  # pylint: disable=g-import-not-at-top
+  train_step, case = _tiny_case()
+  hyper = {**train_step.peer_hyper(case), 'learning_rate': 1e-2}
+  result = torch_peer.run_torch_case(case, 1, 5, hyper, compile_model=False, device='cpu')
+  assert result['params'] == case.params()[0]
+  assert not result['compiled'] and result['grouped_mm'] in torch_peer.GROUPED_MMS
+  losses = result['losses']
+  assert len(losses) == 6 and all(math.isfinite(x) for x in losses), losses
+  assert abs(losses[0] - math.log(256)) < 1.0 and losses[-1] < losses[0] - 1.0, losses
+  assert len(result['step_ms_all']) == 5 and result['step_ms'] > 0
+
+
+def test_torch_peer_experts_match_a_dense_reference():
+  """Sorting the slots by expert and running them by grouped matmul (each implementation that runs
+  here; expert 3 gets no slot) gives each token the weighted sum of its k experts' SwiGLU outputs,
+  computed densely over all experts."""
+  torch = pytest.importorskip('torch')
+  import torch_peer  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  t, d, f, e, k = 24, 16, 8, 4, 2
+  x = torch.randn(t, d).to(torch.bfloat16)
+  index = torch.stack([torch.randperm(e - 1)[:k] for _ in range(t)])  # [T, k], distinct experts
+  weight = torch.rand(t, k)
+  matmuls = {'loop', torch_peer.pick_grouped_mm(torch.device('cpu'))}
+  for matmul in sorted(matmuls):
+    moe = torch_peer.MoE(d, f, e, k, 0, None, matmul)
+    with torch.no_grad():
+      got = moe.experts(x, index, weight).float()
+      w_gate, w_in, w_out = (w.to(torch.bfloat16).float()
+                             for w in (moe.w_gate, moe.w_in, moe.w_out))
+      h = (torch.nn.functional.silu(torch.einsum('td,edf->etf', x.float(), w_gate))
+           * torch.einsum('td,edf->etf', x.float(), w_in))
+      every = torch.einsum('etf,efd->etd', h, w_out)  # [E, T, d]
+      want = (every[index, torch.arange(t)[:, None]] * weight[..., None]).sum(1)
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max()),
+                               msg=matmul)
+
+
+def test_torch_peer_aux_loss_is_ours():
+  """The peer's weighted aux loss equals ours: the Switch loss of each sequence averaged, and the
+  z-loss (`moe_jax.routing.losses`), with MoESpec's weights."""
+  torch = pytest.importorskip('torch')
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch_peer  # pylint: disable=g-import-not-at-top
+  from moe_jax.routing import losses  # pylint: disable=g-import-not-at-top
+  train_step, case = _tiny_case()
+  hyper = train_step.peer_hyper(case)
+  logits = torch.randn(3, 10, 4)
+  probs = logits.softmax(-1)
+  index = probs.topk(2, dim=-1).indices
+  moe = torch_peer.MoE(8, 8, 4, 2, 0, torch_peer.Hyper(**hyper), 'loop')
+  got = float(moe.aux_loss(logits, probs, index))
+  p, i, lg = np.asarray(probs), np.asarray(index), np.asarray(logits)
+  balance = np.mean([losses.load_balancing_loss(p[b], i[b]) for b in range(3)])
+  z = losses.z_loss(lg.reshape(-1, 4))
+  want = hyper['load_balancing_coef'] * balance + hyper['z_loss_coef'] * float(z)
+  assert abs(got - want) < 1e-5 * abs(want), (got, want)
+
+
+def test_train_step_peer_column(tmp_path):
+  """--small --peer torch: each row gets the peer's step time (one run for both dispatches, which
+  are the same model to the peer), and the table its column."""
+  pytest.importorskip('torch')
+  out = tmp_path / 'train_step.json'
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'train_step.py'), '--small', '--peer', 'torch',
+       '--peer-eager', '--out', str(out)],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out.read_text())['results']
+  assert len(rows) == 2 and rows[0]['peer'] == rows[1]['peer'], rows
+  peer = rows[0]['peer']
+  assert peer['step_ms'] > 0 and not peer['compiled'] and peer['mfu_useful'] is None  # CPU
+  assert peer['params'] == rows[0]['params_total']
+  assert '| torch step ms / useful MFU |' in result.stdout
+  assert result.stdout.count(', eager |') == 2
+
+
+def test_train_step_peer_without_its_package_exits_2():
+  """--peer torch where torch is not installed: status 2 and one line, before anything runs."""
+  if importlib.util.find_spec('torch') is not None:
+    pytest.skip('torch is installed here')
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'benchmarks' / 'train_step.py'), '--small', '--peer', 'torch'],
+      capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'torch' in lines[0] and 'not installed' in lines[0], lines
+  assert result.stdout == ''
