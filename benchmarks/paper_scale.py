@@ -66,7 +66,9 @@ def train(name: str, scale: str, values: dict, workdir: pathlib.Path, env: dict)
   print(' '.join(command), flush=True)
   result = subprocess.run(command, env=env, cwd=ROOT, text=True, capture_output=True)
   if result.returncode:
-    return {'error': (result.stderr.strip().splitlines() or ['?'])[-1][:300]}
+    lines = result.stderr.strip().splitlines() or ['?']
+    error = next((line for line in reversed(lines) if 'Error' in line), lines[-1])
+    return {'error': error[:300], 'stderr_tail': lines[-40:]}
   summary = json.loads((workdir / 'summary.json').read_text())
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   summary['train_losses'] = [r['train_loss'] for r in records if 'train_loss' in r]
@@ -89,6 +91,7 @@ def row(name: str, plan: memory_plan.Plan, summary: dict, peak_tflops: float) ->
                      else 3 * flops * tokens_per_s / (peak_tflops * 1e12)),
       'loss_first': losses[0], 'loss_last': losses[-1],
       'params_total': plan.params_total, 'error': summary.get('error'),
+      'stderr_tail': summary.get('stderr_tail'),
   }
 
 

@@ -30,3 +30,15 @@ def test_paper_scale_small(tmp_path):
   summary = json.loads((tmp_path / 'runs' / 'switch_base_cpu' / 'summary.json').read_text())
   assert summary['steps'] == 2 and 'peak_memory_bytes' in summary
   assert '| switch_base |' in (out.with_suffix('.md')).read_text()
+
+
+def test_a_failed_run_is_a_row_naming_its_error(tmp_path):
+  """A run that fails (here: no such data set) is a row with its error line and the end of its
+  stderr, not a crash of the benchmark."""
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import paper_scale
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
+  summary = paper_scale.train('switch_base', 'cpu', {'data.name': 'no_such_corpus'},
+                              tmp_path / 'run', env)
+  assert 'no_such_corpus' in summary['error'] and summary['stderr_tail'], summary

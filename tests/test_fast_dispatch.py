@@ -253,3 +253,52 @@ def test_fuse_gate_up_policy(monkeypatch):
   assert fast_dispatch.fuse_gate_up(14336)
   monkeypatch.setattr(fast_dispatch, 'FUSE_GATE_UP', False)
   assert not fast_dispatch.fuse_gate_up(1408)
+
+
+def _layout(block_rows=128):
+  zeros = jnp.zeros((2,), jnp.int32)
+  return gm.BlockLayout(block_group=zeros, group_start=zeros, group_blocks=zeros,
+                        block_rows=block_rows)
+
+
+def test_expert_width_no_kernel_tiles_is_padded_to_one_that_does():
+  """DeepSeekMoE 2B's f = 880 (13.75 x 64) fits no kernel tiling: the kernels run 896; widths
+  that fit, and the XLA backend, keep theirs."""
+  mosaic = fast_dispatch.GroupedMatmul(_layout(), 'mosaic', (None,) * 3)
+  assert gm.kernel_tilings((128, 1280), (1, 1280, 880), 128) is None
+  assert mosaic.hidden_width(1280, 880) == 896
+  assert gm.kernel_tilings((128, 1280), (1, 1280, 896), 128) is not None
+  assert mosaic.hidden_width(2048, 1408) == 1408 and mosaic.hidden_width(4096, 14336) == 14336
+  assert fast_dispatch.GroupedMatmul(_layout(), 'xla', (None,) * 3).hidden_width(1280, 880) == 880
+
+
+class _PerExpertMatmul:
+  """rows [E, n, K] @ w [E, K, N] per expert; `hidden_width` pads f by `extra` when given."""
+
+  def __init__(self, extra=None):
+    if extra is not None:
+      self.hidden_width = lambda d, f: f + extra
+
+  def __call__(self, rows, w):
+    return jnp.einsum('enk,ekm->enm', rows, w)
+
+
+@pytest.mark.parametrize('activation', ['swiglu', 'gelu'])
+def test_padded_expert_width_gives_the_same_output_and_gradients(activation):
+  """`experts.Experts` zero-pads the weights to a matmul's `hidden_width`: the output and the
+  gradients of every real weight are those of the unpadded experts."""
+  from moe_jax.moe.experts import Experts
+  module = Experts(num_experts=3, d_model=16, d_ff=20, activation=activation)
+  rows = jax.random.normal(jax.random.key(0), (3, 5, 16))
+  params = module.init(jax.random.key(1), rows, _PerExpertMatmul())['params']
+  ct = jax.random.normal(jax.random.key(2), (3, 5, 16))
+
+  def loss(params, matmul):
+    return jnp.sum(module.apply({'params': params}, rows, matmul) * ct)
+
+  want, want_grads = jax.value_and_grad(loss)(params, _PerExpertMatmul())
+  got, got_grads = jax.value_and_grad(loss)(params, _PerExpertMatmul(extra=12))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for name in want_grads:
+    assert got_grads[name].shape == params[name].shape
+    np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)

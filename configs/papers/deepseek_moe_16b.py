@@ -14,7 +14,7 @@ backward, 3 x forward) of 4,096 tokens, attention included. Data: the paper's co
 public; C4 stands in.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 2 blocks (the first dense), batch 8 (62.4 GiB planned).
+one 80 GB GPU: 2 blocks (the first dense), 32 experts, batch 8 (55.2 GiB planned).
 """
 from configs.papers import common
 
@@ -25,7 +25,7 @@ def get_config(arg=None):
       model=dict(d_model=2048, num_layers=28, num_heads=16, d_ff=10944, moe_every=1,
                  first_dense_layers=1, vocab_size=102_400, dtype='bfloat16'),
       moe=dict(router='token_choice', num_experts=64, num_shared_experts=2, k=6, d_ff=1408,
-               capacity_factor=None, dispatch='ragged', priority='token', renormalize=False,
+               capacity_factor=None, dispatch='auto', priority='token', renormalize=False,
                load_balancing_coef=0.001, z_loss_coef=0.0),
       train=dict(steps=106_449, warmup_steps=2_000, learning_rate=4.2e-4, weight_decay=0.1,
                  clip_norm=1.0),

@@ -17,8 +17,8 @@ the sequence-wise balance loss (`balance_over='sequence'`). Not modelled: the 2.
 outputs. Data: the paper's corpus is not public; C4 stands in.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 2 blocks (the first dense), 16 experts, batch 1 of 2,048 tokens, vocabulary
-32,768 (64.2 GiB planned).
+one 80 GB GPU: 2 blocks (the first dense), 16 experts, batch 1 of 1,024 tokens, vocabulary
+32,768 (55.5 GiB planned).
 """
 from configs.papers import common
 
@@ -30,7 +30,7 @@ def get_config(arg=None):
                  q_lora_rank=1536, kv_lora_rank=512, d_ff=18432, moe_every=1,
                  first_dense_layers=3, vocab_size=129_280, dtype='bfloat16'),
       moe=dict(router='token_choice', num_experts=256, num_shared_experts=1, k=8, d_ff=2048,
-               capacity_factor=None, dispatch='ragged', priority='token', score='sigmoid',
+               capacity_factor=None, dispatch='auto', priority='token', score='sigmoid',
                renormalize=True, bias_update_rate=1e-3, load_balancing_coef=1e-4,
                balance_over='sequence', num_expert_groups=8, groups_per_token=4,
                z_loss_coef=0.0),

@@ -32,6 +32,18 @@ def feed_forward(matmul: Callable, x, w_in, w_out, w_gate=None):
   return matmul(h, w_out)
 
 
+def pad_hidden(width: int, w_in, w_out, w_gate=None):
+  """The FFN weights with the hidden width f zero-padded to `width`: w_in, w_gate [..., d, f] ->
+  [..., d, width], w_out [..., f, d] -> [..., width, d]. The FFN's output is unchanged: a padded
+  unit has zero input weights, so h = 0 (gelu(0) = 0, 0 * silu(0) = 0), and zero output weights;
+  the gradients of the real weights are unchanged too."""
+  extra = width - w_in.shape[-1]
+  if extra == 0:
+    return w_in, w_out, w_gate
+  wide = lambda w: None if w is None else jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, extra)])
+  return wide(w_in), jnp.pad(w_out, [(0, 0)] * (w_out.ndim - 2) + [(0, extra), (0, 0)]), wide(w_gate)
+
+
 def _dense(x, w):
   return jnp.einsum('...d,df->...f', x, w)
 
@@ -92,5 +104,11 @@ class Experts(nn.Module):
 
   def __call__(self, rows: jax.Array, matmul: Callable) -> jax.Array:
     """Each expert's FFN on its rows (in the compute dtype), every product `matmul(rows, w)` with w
-    [E, d, f] or [E, f, d]: a dispatcher's, which knows the rows' layout."""
-    return feed_forward(matmul, rows, *self.weights())
+    [E, d, f] or [E, f, d]: a dispatcher's, which knows the rows' layout. A matmul with a
+    `hidden_width(d, f)` method (the 'blocked' dispatcher's) gets the weights zero-padded to the
+    width it runs (`pad_hidden`: the same output)."""
+    weights = self.weights()
+    hidden_width = getattr(matmul, 'hidden_width', None)
+    if hidden_width is not None:
+      weights = pad_hidden(hidden_width(self.d_model, self.d_ff), *weights)
+    return feed_forward(matmul, rows, *weights)

@@ -48,6 +48,10 @@ def fuse_gate_up(d_ff: int) -> bool:
     return d_ff % 256 != 0
   return bool(FUSE_GATE_UP)
 
+
+# The smallest edge of a kernel tile (`grouped_matmul`'s tilings): expert widths are padded to it.
+KERNEL_ALIGN = 64
+
 # jnp.searchsorted's default 'scan' is a while loop, which XLA's GPU backend steps from the host;
 # unrolled, its ~log2(n) steps are plain kernels of one executable.
 SEARCH = 'scan_unrolled'
@@ -250,6 +254,22 @@ class GroupedMatmul:
 
   def __call__(self, rows: jax.Array, w: jax.Array) -> jax.Array:
     return gm.grouped_matmul(rows, w, self.layout, self.backend, self.tilings)
+
+  def hidden_width(self, d_model: int, d_ff: int) -> int:
+    """The expert width the products run at: d_ff, or where no kernel tiling fits the products
+    [M, d] @ [E, d, f] and [M, f] @ [E, f, d] (e.g. f = 880, DeepSeekMoE 2B's), the next multiple
+    of KERNEL_ALIGN that fits. `experts.Experts` zero-pads the weights to it (the same output, the
+    padding's FLOPs executed); unpadded, the products would run on XLA's ragged_dot, which the
+    GPU backend expands to dense per-expert work (tens of GB at paper scale)."""
+    if (self.backend or gm.default_backend()) == 'xla' or self._fits(d_model, d_ff):
+      return d_ff
+    padded = -(-d_ff // KERNEL_ALIGN) * KERNEL_ALIGN
+    return padded if self._fits(d_model, padded) else d_ff
+
+  def _fits(self, d_model: int, d_ff: int) -> bool:
+    rows = self.layout.block_rows
+    return all(gm.kernel_tilings((rows, k), (1, k, n), rows) is not None
+               for k, n in ((d_model, d_ff), (d_ff, d_model)))
 
   def swiglu(self, rows: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
     if not fuse_gate_up(w_gate.shape[-1]):  # exactly experts.feed_forward's unfused arithmetic
