@@ -249,9 +249,9 @@ def load_peer(name: str):
 
 def peer_hyper(case: Case) -> dict:
   """Our step's optimizer and aux-loss hyper-parameters, for a peer to copy."""
-  train, spec = TrainConfig(), case.spec()
-  return dict(learning_rate=train.learning_rate, weight_decay=train.weight_decay,
-              clip_norm=train.clip_norm, load_balancing_coef=spec.load_balancing_coef,
+  cfg, spec = case.train_config(), case.spec()
+  return dict(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+              clip_norm=cfg.clip_norm, load_balancing_coef=spec.load_balancing_coef,
               z_loss_coef=spec.z_loss_coef)
 
 
@@ -272,8 +272,8 @@ def run_peers(name: str, cases: list[Case], warmup: int, steps: int, budget_s: f
   run = getattr(module, PEERS[name][2])
   todo = {}
   for case in cases:
-    if peer_case(case) is not None:
-      todo.setdefault(peer_case(case), case.name)
+    if (peer := peer_case(case)) is not None:
+      todo.setdefault(peer, case.name)
   results = {}
   for case, label in todo.items():
     if elapsed() > budget_s:

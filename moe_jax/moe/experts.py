@@ -41,7 +41,8 @@ def pad_hidden(width: int, w_in, w_out, w_gate=None):
   if extra == 0:
     return w_in, w_out, w_gate
   wide = lambda w: None if w is None else jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, extra)])
-  return wide(w_in), jnp.pad(w_out, [(0, 0)] * (w_out.ndim - 2) + [(0, extra), (0, 0)]), wide(w_gate)
+  tall = jnp.pad(w_out, [(0, 0)] * (w_out.ndim - 2) + [(0, extra), (0, 0)])
+  return wide(w_in), tall, wide(w_gate)
 
 
 def _dense(x, w):

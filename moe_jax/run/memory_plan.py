@@ -100,9 +100,9 @@ class Plan:
   def total(self, kind: str = 'tpu') -> float:
     return sum(self.memory(kind).values())
 
-  def fits(self) -> dict[str, bool]:
-    """{accelerator: the plan needs at most HEADROOM of its HBM}."""
-    return {name: self.total(kind) <= HEADROOM * hbm
+  def fits(self, share: float = HEADROOM) -> dict[str, bool]:
+    """{accelerator: the plan needs at most `share` of its HBM}."""
+    return {name: self.total(kind) <= share * hbm
             for name, (kind, hbm) in ACCELERATORS.items()}
 
 
