@@ -224,11 +224,11 @@ def gpu_scale(config: ml_collections.ConfigDict) -> list[str]:
   `moe-jax plan`'s count (`moe_jax.run.memory_plan`, nothing allocated): bf16 compute, widths,
   experts and routing kept, one device (config.mesh 1 x 1), a batch of GPU_TOKENS tokens (at most
   16 sequences or 128 images); then, until the plan needs at most GPU_PRESET_SHARE of an H100, in
-  this order: fewer blocks (decoder and encoder alike, the MoE pattern kept, down to one MoE
-  block past the dense first blocks, then fewer of those, down to one), fewer experts (halved,
-  down to twice the experts a token takes: k, or expert choice's capacity factor; k and the
-  expert groups kept), a smaller batch (halved, down to 1), a vocabulary of GPU_VOCAB (the
-  bytes tokenizer uses 256 ids; a SentencePiece model of up to that many fits it), shorter sequences (halved, down to
+  this order: fewer blocks (decoder and encoder alike, the MoE pattern kept, down to one MoE block
+  past the dense first blocks, then fewer of those, down to one), fewer experts (halved, down to
+  twice the experts a token takes: k, or expert choice's capacity factor; k and the expert groups
+  kept), a smaller batch (halved, down to 1), a vocabulary of GPU_VOCAB (the bytes tokenizer uses
+  256 ids; a SentencePiece model of up to that many fits it), shorter sequences (halved, down to
   GPU_MIN_SEQ_LEN). The data name stays the paper's. Returns what was reduced, in words ('field
   before -> after'); a ValueError if nothing fits."""
   model, data, lm = config.model, config.data, config.task == 'lm'
