@@ -103,15 +103,17 @@ def direction_of(instruction: Instruction | None) -> str:
 
 
 def attribute(events, table: dict[str, Instruction], iters: int) -> dict:
-  """{part: {'forward': ms, 'backward': ms, 'kernels': {kernel: ms}}} per step, of `events`
-  ((start ns, kernel, hlo_op, ns), `profile_layer.kernel_events`) over `iters` steps."""
-  parts = {part: {'forward': 0.0, 'backward': 0.0, 'kernels': collections.Counter()}
-           for part in ORDER}
+  """{part: {'forward': ms, 'backward': ms, 'launches': n, 'kernels': {kernel: ms}}} per step,
+  of `events` ((start ns, kernel, hlo_op, ns), `profile_layer.kernel_events`) over `iters`
+  steps."""
+  parts = {part: {'forward': 0.0, 'backward': 0.0, 'launches': 0.0,
+                  'kernels': collections.Counter()} for part in ORDER}
   for _, kernel, hlo_op, ns in events:
     instruction = table.get(hlo_op) if hlo_op else None
     part = parts[part_of(instruction)]
     ms = ns / 1e6 / iters
     part[direction_of(instruction)] += ms
+    part['launches'] += 1 / iters
     part['kernels'][kernel] += ms
   return {name: {**p, 'kernels': dict(p['kernels'].most_common(5))} for name, p in parts.items()}
 

@@ -41,7 +41,9 @@ def test_train_step_benchmark_small(tmp_path):
                  'embedding, logits, loss', 'optimizer update'):
       assert ms[name] > 0, (row['name'], name, ms)
     assert parts['routed experts']['backward'] > 0 and parts['optimizer update']['backward'] == 0
-    assert ms[step_profile.REST] < 0.25 * sum(ms.values()), (row['name'], ms)  # scopes name most
+    # the scopes name most kernels (counted, not timed: a share of time moves with the CPU's load)
+    launches = {name: part['launches'] for name, part in parts.items()}
+    assert launches[step_profile.REST] < 0.25 * sum(launches.values()), (row['name'], launches)
   assert '| routed experts |' in result.stdout
 
 
