@@ -5,9 +5,12 @@ Each config of configs/papers/ trains in a process of its own (`moe-jax train`, 
 is its own) for --steps steps into a fresh folder under --workdir, on --data (read by
 --tokenizer); its plan (`moe_jax.run.memory_plan`, no device) is made here from the same config
 and overrides. A row: plan GiB (the GPU count), measured peak GiB (summary.json's
-peak_memory_bytes), measured / plan, tokens/s, useful MFU (3 x flops_active per token x tokens/s
-/ --peak-tflops: the papers' FLOPs, k expert slots per token), train loss at the first and the
-last step.
+peak_memory_bytes), measured / plan, XLA step GiB (XLA's memory analysis of the compiled train
+step: arguments + outputs + temporaries, summary.json's step_memory_bytes), tokens/s, useful MFU
+(3 x flops_active per token x tokens/s / --peak-tflops: the papers' FLOPs, k expert slots per
+token), train loss at the first and the last step. A failed run's row keeps its error, the end of
+its stderr and its memory lines (the trainer's XLA analysis, the allocator's summary after an
+out-of-memory error). --out is rewritten after each config.
 
   python benchmarks/paper_scale.py --configs deepseek_moe_2b,switch_base --steps 5 --out plan.json
   python benchmarks/paper_scale.py --configs deepseek_moe_2b --steps 300 --tokenizer DIR/tokenizer.model
@@ -20,6 +23,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +61,12 @@ def paper_config(name: str, scale: str, values: dict):
   return config
 
 
+# stderr lines worth keeping from a failed run: the trainer's line with XLA's memory analysis of
+# its step, and the GPU allocator's summary after an out-of-memory error.
+MEMORY_LINE = re.compile(r'XLA memory per device|^\s*(Limit|InUse|MaxInUse|NumAllocs|MaxAllocSize'
+                         r'|Reserved|PeakReserved|LargestFreeBlock):')
+
+
 def train(name: str, scale: str, values: dict, workdir: pathlib.Path, env: dict) -> dict:
   """Trains the config in a process of its own; returns its summary.json and train losses. The
   run's checkpoint is deleted (a short run keeps its metrics, not tens of GB of state)."""
@@ -68,7 +78,8 @@ def train(name: str, scale: str, values: dict, workdir: pathlib.Path, env: dict)
   if result.returncode:
     lines = result.stderr.strip().splitlines() or ['?']
     error = next((line for line in reversed(lines) if 'Error' in line), lines[-1])
-    return {'error': error[:300], 'stderr_tail': lines[-40:]}
+    return {'error': error[:300], 'stderr_tail': lines[-40:],
+            'memory_lines': [line for line in lines if MEMORY_LINE.search(line)]}
   summary = json.loads((workdir / 'summary.json').read_text())
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   summary['train_losses'] = [r['train_loss'] for r in records if 'train_loss' in r]
@@ -79,6 +90,7 @@ def train(name: str, scale: str, values: dict, workdir: pathlib.Path, env: dict)
 def row(name: str, plan: memory_plan.Plan, summary: dict, peak_tflops: float) -> dict:
   planned = plan.total('gpu')
   measured = summary.get('peak_memory_bytes')
+  xla = (summary.get('step_memory_bytes') or {}).get('total')
   tokens_per_s = summary.get('tokens_per_s')
   flops = summary.get('flops_active')
   losses = summary.get('train_losses') or [None]
@@ -86,12 +98,14 @@ def row(name: str, plan: memory_plan.Plan, summary: dict, peak_tflops: float) ->
       'config': name, 'plan_gib': planned / GiB,
       'measured_gib': None if measured is None else measured / GiB,
       'measured_over_plan': None if measured is None else measured / planned,
+      'xla_step_gib': None if xla is None else xla / GiB,  # XLA's analysis of the step
+      'step_memory_bytes': summary.get('step_memory_bytes'),
       'tokens_per_s': tokens_per_s,
       'mfu_useful': (None if not tokens_per_s or not flops
                      else 3 * flops * tokens_per_s / (peak_tflops * 1e12)),
       'loss_first': losses[0], 'loss_last': losses[-1],
       'params_total': plan.params_total, 'error': summary.get('error'),
-      'stderr_tail': summary.get('stderr_tail'),
+      'stderr_tail': summary.get('stderr_tail'), 'memory_lines': summary.get('memory_lines'),
   }
 
 
@@ -99,15 +113,17 @@ def table(rows: list[dict]) -> str:
   def num(value, form):
     return 'n/a' if value is None else format(value, form)
 
-  lines = ['| config | params | plan GiB | measured peak GiB | measured / plan | tokens/s '
-           '| useful MFU | train loss first -> last |', '| --- | ---: | ---: | ---: | ---: | ---: '
-           '| ---: | --- |']
+  lines = ['| config | params | plan GiB | measured peak GiB | measured / plan | XLA step GiB '
+           '| tokens/s | useful MFU | train loss first -> last |',
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |']
   for r in rows:
     if r['error']:
-      lines.append(f"| {r['config']} | | {r['plan_gib']:.1f} | failed: {r['error'][:80]} | | | | |")
+      lines.append(f"| {r['config']} | | {r['plan_gib']:.1f} | failed: {r['error'][:80]} "
+                   '| | | | | |')
       continue
     lines.append(f"| {r['config']} | {r['params_total'] / 1e9:.2f}B | {r['plan_gib']:.1f} "
                  f"| {num(r['measured_gib'], '.1f')} | {num(r['measured_over_plan'], '.2f')} "
+                 f"| {num(r['xla_step_gib'], '.1f')} "
                  f"| {num(r['tokens_per_s'], ',.0f')} | {num(r['mfu_useful'], '.1%')} "
                  f"| {num(r['loss_first'], '.3f')} -> {num(r['loss_last'], '.3f')} |")
   return '\n'.join(lines)
@@ -141,12 +157,13 @@ def main(argv=None) -> None:
       raise SystemExit(f'{workdir} exists: give another --workdir (a short run starts fresh)')
     rows.append(row(name, plan, train(name, args.scale, values, workdir, env), args.peak_tflops))
     print(table(rows[-1:]), flush=True)
-  text = table(rows)
-  print(f'\nuseful MFU against {args.peak_tflops:g} TFLOP/s; plan: moe-jax plan, GPU count\n')
-  print(text)
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps({'args': vars(args), 'rows': rows}, indent=2))
-    pathlib.Path(args.out).with_suffix('.md').write_text(text + '\n')
+    if args.out:  # after each config: a run cut short keeps the rows before it
+      pathlib.Path(args.out).write_text(json.dumps({'args': vars(args), 'rows': rows}, indent=2))
+      pathlib.Path(args.out).with_suffix('.md').write_text(table(rows) + '\n')
+  print(f'\nuseful MFU against {args.peak_tflops:g} TFLOP/s; plan: moe-jax plan, GPU count; '
+        "XLA step: XLA's memory analysis of the compiled train step (arguments + outputs + "
+        'temporaries)\n')
+  print(table(rows))
 
 
 if __name__ == '__main__':

@@ -25,6 +25,9 @@ def test_paper_scale_small(tmp_path):
   assert row['config'] == 'switch_base' and row['error'] is None, row
   assert row['plan_gib'] > 0 and row['params_total'] > 0
   assert row['measured_gib'] is None and row['measured_over_plan'] is None  # no peak on CPU
+  assert row['xla_step_gib'] > 0  # XLA's analysis of the compiled step, on every backend
+  memory = row['step_memory_bytes']
+  assert row['xla_step_gib'] * 2 ** 30 == memory['total'] >= memory['argument'] > 0, memory
   assert row['tokens_per_s'] > 0 and 0 < row['mfu_useful'] < 1
   assert math.isfinite(row['loss_first']) and math.isfinite(row['loss_last'])
   summary = json.loads((tmp_path / 'runs' / 'switch_base_cpu' / 'summary.json').read_text())
@@ -42,3 +45,15 @@ def test_a_failed_run_is_a_row_naming_its_error(tmp_path):
   summary = paper_scale.train('switch_base', 'cpu', {'data.name': 'no_such_corpus'},
                               tmp_path / 'run', env)
   assert 'no_such_corpus' in summary['error'] and summary['stderr_tail'], summary
+  assert summary['memory_lines'] == [], summary  # it failed before compiling anything
+
+
+def test_memory_lines_are_the_trainers_analysis_and_the_allocators_summary():
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import paper_scale
+  kept = ['moe_jax.run.train: train step compiled; XLA memory per device, GiB: argument 15.18',
+          'Limit:                     77309411328', 'InUse:                     59862188032',
+          'MaxInUse:                  61013467136']
+  dropped = ['  File "/work/main/moe_jax/run/train.py", line 427, in _check_finite',
+             'jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to al']
+  assert [line for line in kept + dropped if paper_scale.MEMORY_LINE.search(line)] == kept

@@ -109,6 +109,7 @@ def test_a_bug_in_the_step_keeps_its_traceback(data_dir, tmp_path, monkeypatch):
   def broken_step(*args, **kwargs):
     raise ValueError('shapes do not match')
 
+  broken_step.lower = train.train_step.lower  # the trainer's memory analysis compiles through it
   monkeypatch.setattr(train, 'train_step', broken_step)
   with pytest.raises(RuntimeError, match='training failed at step 1: shapes do not match'):
     cli.main(train_args(data_dir, tmp_path / 'run'))
@@ -127,6 +128,7 @@ def step_patched(monkeypatch, at_call, change):
       return change(*real_step(*args, **kwargs))
     return real_step(*args, **kwargs)
 
+  step.lower = real_step.lower  # the trainer's memory analysis compiles through it
   monkeypatch.setattr(train, 'train_step', step)
 
 
@@ -148,6 +150,9 @@ def test_ctrl_c_checkpoints_then_resume_matches_an_uninterrupted_run(
   assert cli.main(train_args(data_dir, workdir)) == 0
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['resumed_from_step'] == 5
+  memory = summary['step_memory_bytes']  # XLA's analysis of the resumed call's step
+  assert memory['argument'] > 0 and memory['output'] > 0, memory
+  assert memory['total'] >= max(memory['argument'], memory['output']), memory
   assert summary['wall_s'] > first_call['wall_s'] > 0  # the whole run, both calls
   assert json.loads((workdir / 'timing.json').read_text())['timed_steps'] == 4 + 2
   got, expected = read_metrics(workdir), read_metrics(straight_run)

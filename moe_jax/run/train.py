@@ -202,9 +202,8 @@ def _init_state(rng, *, model, cfg: TrainConfig, inputs: jax.ShapeDtypeStruct,
   return jax.lax.with_sharding_constraint(state, state_shardings(model, cfg, inputs, mesh))
 
 
-@functools.partial(jax.jit, static_argnames=('task', 'model', 'cfg', 'mesh'))
-def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, cfg: TrainConfig,
-               mesh: Mesh | None = None):
+def _train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, cfg: TrainConfig,
+                mesh: Mesh | None = None):
   """One update on a batch of `task`. Returns (new state, metrics): train_loss and train_<metric>
   for each metric of the task's loss, aux_loss, grad_norm, and the MoE layers' metrics ('layers').
 
@@ -242,6 +241,19 @@ def train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, c
              'aux_loss': aux['loss'], 'grad_norm': optax.global_norm(grads),
              'layers': aux['layers']}
   return new_state, metrics
+
+
+train_step = jax.jit(_train_step, static_argnames=('task', 'model', 'cfg', 'mesh'))
+
+
+def step_memory(*args, **statics) -> dict[str, int]:
+  """XLA's memory analysis of `train_step` compiled for (args, statics) on their devices: bytes
+  of its arguments, outputs, outputs aliasing donated arguments, temporaries, and their sum as
+  held at once (argument + output - alias + temp). A call then reuses this compilation."""
+  stats = train_step.lower(*args, **statics).compile().memory_analysis()
+  sizes = {name: int(getattr(stats, f'{name}_size_in_bytes'))
+           for name in ('argument', 'output', 'alias', 'temp')}
+  return {**sizes, 'total': sizes['argument'] + sizes['output'] - sizes['alias'] + sizes['temp']}
 
 
 def _accumulate(grad_fn, state: dict, batch, rng: jax.Array, k: int, mesh: Mesh | None, spec):
@@ -552,7 +564,7 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
 
 
 def _summary(config, loop: StepsDone, *, task: tasks.Task, cfg: TrainConfig, start: int,
-             tokens_per_step: int) -> dict:
+             tokens_per_step: int, step_memory: dict | None = None) -> dict:
   """summary.json (see `train`): the last record's losses and other train_ / eval_ metrics (e.g.
   accuracies), the model's counts, the run's throughput and times, and the software and devices it
   ran on (`reproducibility.environment`)."""
@@ -572,6 +584,7 @@ def _summary(config, loop: StepsDone, *, task: tasks.Task, cfg: TrainConfig, sta
       'wall_s': loop.time.wall_s,
       'first_step_s': loop.first_step_s,
       'peak_memory_bytes': peak_memory_bytes(),
+      'step_memory_bytes': step_memory,
       'resumed_from_step': start,
       'router': describe_router(config),
       'environment': reproducibility.environment(),
@@ -628,7 +641,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
   convention of moe_jax/moe/flops.py); params_total, params_active; tokens_per_s (training throughput
   over all calls, each call's first, compiling step and evaluations left out; a ViT's tokens are
   patches); wall_s (all calls); first_step_s (this call's); peak_memory_bytes (this call's most
-  bytes on a device, `peak_memory_bytes`; None on CPU); resumed_from_step; router
+  bytes on a device, `peak_memory_bytes`; None on CPU); step_memory_bytes (XLA's memory analysis
+  of this call's train step, `step_memory`); resumed_from_step; router
   (`describe_router`); environment (`reproducibility.environment`).
 
   Raises, before writing anything: ValueError for a bad config field, when workdir/config.json
@@ -740,9 +754,16 @@ def _train(config, workdir: str | os.PathLike, hold: contextlib.ExitStack) -> di
                upcycling.latest_step(dense_run), workdir)
   _stop_if_interrupted(start, manager)  # after compiling the initial state or restoring one
 
+  memory = {}  # XLA's analysis of the step (`step_memory`), made at the first step
+
   def step_fn(state, i):
-    return train_step(state, feed.batch(i), jax.random.fold_in(train_key, i),
-                      task=task, model=model, cfg=cfg, mesh=mesh)
+    args = (state, feed.batch(i), jax.random.fold_in(train_key, i))
+    statics = {'task': task, 'model': model, 'cfg': cfg, 'mesh': mesh}
+    if not memory:
+      memory.update(step_memory(*args, **statics))
+      log.info('train step compiled; XLA memory per device, GiB: %s', ', '.join(
+          f'{name} {value / 2 ** 30:.2f}' for name, value in memory.items()))
+    return train_step(*args, **statics)
 
   def evaluate(state) -> dict:
     values = [eval_step(state['params'], state['model_state'], batch, task=task, model=model,
@@ -760,4 +781,5 @@ def _train(config, workdir: str | os.PathLike, hold: contextlib.ExitStack) -> di
                    z_loss_coef=getattr(model.spec, 'z_loss_coef', None),
                    save_data=feed.save)
   return run_dir.write_summary(workdir, _summary(config, loop, task=task, cfg=cfg, start=start,
-                                                 tokens_per_step=tokens_per_step))
+                                                 tokens_per_step=tokens_per_step,
+                                                 step_memory=memory or None))
