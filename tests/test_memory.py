@@ -90,6 +90,19 @@ def test_bf16_computes_on_float32_weights_and_optimizer_state():
   assert hidden.dtype == experts.dtype == jnp.bfloat16
 
 
+def test_step_memory_is_xlas_analysis_or_none_where_the_backend_gives_none(monkeypatch):
+  config = tiny()
+  task, cfg, model, _ = train.check_config(config)
+  state = train.init_state(model, cfg, jax.random.key(0), task.input_spec(config))
+  args, statics = (state, batch(config), jax.random.key(1)), dict(task=task, model=model, cfg=cfg)
+  memory = train.step_memory(*args, **statics)
+  assert memory['argument'] >= sum(leaf.nbytes for leaf in jax.tree.leaves(state)), memory
+  assert memory['total'] == memory['argument'] + memory['output'] - memory['alias'] + memory[
+      'temp'], memory
+  monkeypatch.setattr(jax.stages.Compiled, 'memory_analysis', lambda self: None)
+  assert train.step_memory(*args, **statics) is None
+
+
 def test_microbatches_equal_one_batch():
   """Two steps with the batch in 1, 2 or 4 microbatches: the same losses, gradient norms,
   parameters, AdamW moments and auxiliary-loss-free router bias, to float32 round-off."""

@@ -246,11 +246,14 @@ def _train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, 
 train_step = jax.jit(_train_step, static_argnames=('task', 'model', 'cfg', 'mesh'))
 
 
-def step_memory(*args, **statics) -> dict[str, int]:
+def step_memory(*args, **statics) -> dict[str, int] | None:
   """XLA's memory analysis of `train_step` compiled for (args, statics) on their devices: bytes
   of its arguments, outputs, outputs aliasing donated arguments, temporaries, and their sum as
-  held at once (argument + output - alias + temp). A call then reuses this compilation."""
+  held at once (argument + output - alias + temp); None where the backend gives no analysis. A
+  call then reuses this compilation."""
   stats = train_step.lower(*args, **statics).compile().memory_analysis()
+  if stats is None:
+    return None
   sizes = {name: int(getattr(stats, f'{name}_size_in_bytes'))
            for name in ('argument', 'output', 'alias', 'temp')}
   return {**sizes, 'total': sizes['argument'] + sizes['output'] - sizes['alias'] + sizes['temp']}
@@ -642,7 +645,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
   over all calls, each call's first, compiling step and evaluations left out; a ViT's tokens are
   patches); wall_s (all calls); first_step_s (this call's); peak_memory_bytes (this call's most
   bytes on a device, `peak_memory_bytes`; None on CPU); step_memory_bytes (XLA's memory analysis
-  of this call's train step, `step_memory`); resumed_from_step; router
+  of this call's train step, `step_memory`; None where the backend gives none); resumed_from_step;
+  router
   (`describe_router`); environment (`reproducibility.environment`).
 
   Raises, before writing anything: ValueError for a bad config field, when workdir/config.json
@@ -754,15 +758,16 @@ def _train(config, workdir: str | os.PathLike, hold: contextlib.ExitStack) -> di
                upcycling.latest_step(dense_run), workdir)
   _stop_if_interrupted(start, manager)  # after compiling the initial state or restoring one
 
-  memory = {}  # XLA's analysis of the step (`step_memory`), made at the first step
+  memory = {}  # {'step': XLA's analysis of the step (`step_memory`)}, made at the first step
 
   def step_fn(state, i):
     args = (state, feed.batch(i), jax.random.fold_in(train_key, i))
     statics = {'task': task, 'model': model, 'cfg': cfg, 'mesh': mesh}
-    if not memory:
-      memory.update(step_memory(*args, **statics))
-      log.info('train step compiled; XLA memory per device, GiB: %s', ', '.join(
-          f'{name} {value / 2 ** 30:.2f}' for name, value in memory.items()))
+    if 'step' not in memory:
+      memory['step'] = step_memory(*args, **statics)
+      if memory['step']:
+        log.info('train step compiled; XLA memory per device, GiB: %s', ', '.join(
+            f'{name} {value / 2 ** 30:.2f}' for name, value in memory['step'].items()))
     return train_step(*args, **statics)
 
   def evaluate(state) -> dict:
@@ -782,4 +787,4 @@ def _train(config, workdir: str | os.PathLike, hold: contextlib.ExitStack) -> di
                    save_data=feed.save)
   return run_dir.write_summary(workdir, _summary(config, loop, task=task, cfg=cfg, start=start,
                                                  tokens_per_step=tokens_per_step,
-                                                 step_memory=memory or None))
+                                                 step_memory=memory.get('step')))
