@@ -153,8 +153,10 @@ def train_step(family: Family, spec: MoESpec, mesh, tokens: int, seq: int, shard
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   state = train.init_state(model, cfg, jax.random.key(0),
                            jax.ShapeDtypeStruct((1, seq), jnp.int32), mesh)
-  step = lambda state, batch: train.train_step(state, batch, jax.random.key(2), task=tasks.LM,
-                                               model=model, cfg=cfg, mesh=mesh)
+  # Inside this jit the step does not donate its state: every timed call reuses the same one.
+  step = jax.jit(lambda state, batch: train.train_step(state, batch, jax.random.key(2),
+                                                       task=tasks.LM, model=model, cfg=cfg,
+                                                       mesh=mesh))
   return step, (state, batch)
 
 

@@ -118,26 +118,47 @@ def test_a_bug_in_the_step_keeps_its_traceback(data_dir, tmp_path, monkeypatch):
 # --- Ctrl-C, non-finite loss --------------------------------------------------------------------
 
 
-def step_patched(monkeypatch, at_call, change):
-  """Makes train.train_step's `at_call`-th call (from 1) return change(state, metrics)."""
+def step_patched(monkeypatch, at_call, change, before=False):
+  """Makes train.train_step's `at_call`-th call (from 1) return change(state, metrics), or, with
+  `before`, change(*args, **kwargs) in place of the step."""
   real_step, calls = train.train_step, []
 
   def step(*args, **kwargs):
     calls.append(None)
     if len(calls) == at_call:
-      return change(*real_step(*args, **kwargs))
+      return change(*args, **kwargs) if before else change(*real_step(*args, **kwargs))
     return real_step(*args, **kwargs)
 
   step.lower = real_step.lower  # the trainer's memory analysis compiles through it
   monkeypatch.setattr(train, 'train_step', step)
 
 
-def test_ctrl_c_checkpoints_then_resume_matches_an_uninterrupted_run(
-    straight_run, data_dir, tmp_path, capsys, monkeypatch):
+def interrupt_before(monkeypatch, at_call):
+  """Ctrl-C as train.train_step's `at_call`-th call (from 1) starts, before it takes the state."""
+  def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  step_patched(monkeypatch, at_call, interrupt, before=True)
+
+
+def test_ctrl_c_inside_a_step_keeps_the_last_checkpoint(data_dir, tmp_path, capsys,
+                                                         monkeypatch):
+  """A KeyboardInterrupt raised after step 6 took (was donated) the state of step 5: that state is
+  gone, so the run stops at its last checkpoint (step 4) and says so."""
   def interrupt(state, metrics):
     raise KeyboardInterrupt
 
-  step_patched(monkeypatch, 6, interrupt)  # during step 6: steps 1-5 are done
+  step_patched(monkeypatch, 6, interrupt)
+  workdir = tmp_path / 'run'
+  assert cli.main(train_args(data_dir, workdir)) == 130
+  assert_short_error(capsys.readouterr().err,
+                     'interrupted at step 4; rerun the same command to resume')
+  assert checkpoints(workdir) == [4]
+
+
+def test_ctrl_c_checkpoints_then_resume_matches_an_uninterrupted_run(
+    straight_run, data_dir, tmp_path, capsys, monkeypatch):
+  interrupt_before(monkeypatch, 6)  # as step 6 starts: steps 1-5 are done
   workdir = tmp_path / 'run'
   assert cli.main(train_args(data_dir, workdir)) == 130
   assert_short_error(capsys.readouterr().err,

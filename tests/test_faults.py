@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moe_jax import cli
-from tests.test_daily_use import (assert_short_error, checkpoints, read_metrics, step_patched,
+from tests.test_daily_use import (assert_short_error, checkpoints, interrupt_before, read_metrics,
                                   train_args)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -183,11 +183,8 @@ def test_a_second_run_in_a_live_runs_workdir_is_refused(data_dir, tmp_path, caps
 
 
 def interrupted_run(data_dir, workdir, monkeypatch) -> None:
-  """A run stopped by Ctrl-C during step 6: checkpoints at steps 4 and 5."""
-  def interrupt(state, metrics):
-    raise KeyboardInterrupt
-
-  step_patched(monkeypatch, 6, interrupt)
+  """A run stopped by Ctrl-C as step 6 starts: checkpoints at steps 4 and 5."""
+  interrupt_before(monkeypatch, 6)
   assert cli.main(train_args(data_dir, workdir)) == 130
   monkeypatch.undo()
   assert checkpoints(workdir) == [4, 5]

@@ -15,6 +15,7 @@ restores onto another.
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -57,7 +58,7 @@ def run_steps(config, num_steps=3):
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     state, step_metrics = train.train_step(state, batch, jax.random.key(i), task=task,
                                            model=model, cfg=cfg, mesh=mesh)
-    states.append(state)
+    states.append(jax.tree.map(jnp.copy, state))  # the next step donates `state`
     metrics.append(step_metrics)
   return setup, states, metrics
 

@@ -112,12 +112,14 @@ def test_microbatches_equal_one_batch():
   start = train.init_state(model, cfg, jax.random.key(0), inputs)
   runs = []
   for k in (1, 2, 4):
-    micro, state, steps = dataclasses.replace(cfg, microbatches=k), start, []
+    micro, steps = dataclasses.replace(cfg, microbatches=k), []
+    state = jax.tree.map(jnp.copy, start)  # train_step donates the state it takes
     for step in range(2):
       state, m = train.train_step(state, batch(config, step), jax.random.key(step), task=task,
                                   model=model, cfg=micro)
       steps.append({name: m[name] for name in ('train_loss', 'aux_loss', 'grad_norm')}
-                   | {'load': m['layers']['block_1']['tokens_per_expert'], 'state': state})
+                   | {'load': m['layers']['block_1']['tokens_per_expert'],
+                       'state': jax.device_get(state)})  # the next step donates it
     runs.append(steps)
   assert np.all(np.abs(runs[0][0]['state']['model_state']['router_bias']['block_1']['moe']['bias'])
                 == 0.01)  # one update of the bias at rate 0.01 from the first batch's load

@@ -243,7 +243,11 @@ def _train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, 
   return new_state, metrics
 
 
-train_step = jax.jit(_train_step, static_argnames=('task', 'model', 'cfg', 'mesh'))
+# The state is donated: XLA writes the new state into the old one's buffers, so one state is
+# live per step, not two. A caller that needs the old state after a step passes a copy (or calls
+# train_step inside its own jax.jit, where the donation does not apply).
+train_step = jax.jit(_train_step, static_argnames=('task', 'model', 'cfg', 'mesh'),
+                     donate_argnames='state')
 
 
 def step_memory(*args, **statics) -> dict[str, int] | None:
@@ -496,15 +500,17 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
   end; the state is checkpointed through `manager` (with timing.json, `run_dir.RunTime`;
   call_start: when this call started) every checkpoint_every steps and at the end, the input
   pipeline's state with it (`save_data`, see `_checkpoint`). A tqdm bar
-  shows progress when cfg.progress and stderr is a terminal. Only process 0 writes files (every process steps, evaluates and checkpoints).
+  shows progress when cfg.progress and stderr is a terminal. Only process 0 writes files (every
+  process steps, evaluates and checkpoints).
 
   Before a step is logged or checkpointed, the losses and gradient norms of the steps since the
   last check must be finite, else NonFiniteLoss (the bad state is not saved; its message names
   the knobs of `stability_advice`, z_loss_coef: the MoE layers', None: dense). Ctrl-C checkpoints
   the last completed step and raises `Interrupted` (within `interrupt.deferred()`: once the step in
-  progress is done). A failed save raises `CheckpointNotSaved`. A ValueError from step_fn or
-  evaluate comes from the model's code, not from the user's input: it is re-raised as a
-  RuntimeError.
+  progress is done; a KeyboardInterrupt raised inside a step, which took that state as `train_step`
+  donates it, leaves the last checkpoint as it is). A failed save raises `CheckpointNotSaved`. A
+  ValueError from step_fn or evaluate comes from the model's code, not from the user's input: it
+  is re-raised as a RuntimeError.
   """
   advice = stability_advice(cfg, z_loss_coef)
   run_log = run_dir.RunLog(workdir, start)
@@ -553,7 +559,11 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
         raise KeyboardInterrupt
   except KeyboardInterrupt:
     state, step = done
-    if step > (manager.latest_step() or 0):
+    if _donated(state):  # interrupted inside the step that took it: the last checkpoint stands
+      log.warning('the state of step %d went into the interrupted step: the run resumes from its '
+                  'last checkpoint', step)
+      step = manager.latest_step() or 0
+    elif step > (manager.latest_step() or 0):
       _check_finite([u for u in unchecked if u[0] <= step], manager, workdir, advice)
       _checkpoint(manager, step, state, clock, workdir, save_data)
     raise Interrupted(step) from None
@@ -564,6 +574,11 @@ def run_steps(state, step_fn, evaluate, *, cfg: TrainConfig, start: int, manager
     run_log.close()
     _close(manager, workdir)
   return StepsDone(state, run_log.records, first_step_s, clock)
+
+
+def _donated(state) -> bool:
+  """Whether `state`'s arrays were donated to a step (`train_step`) and are gone."""
+  return any(leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
 
 
 def _summary(config, loop: StepsDone, *, task: tasks.Task, cfg: TrainConfig, start: int,
