@@ -12,8 +12,10 @@ split over data * fsdp * expert (the tensor axis repeats it). Bytes per device:
   gradients      4 per weight held, sharded as the parameters; 8 with config.train.microbatches > 1
                  (the accumulated sum and the current microbatch's)
   optimizer      AdamW's two float32 moments, 8 per weight held
-  updated state  parameters and optimizer again: the train step does not donate its input
-                 state, so the old and the new one are both live when it ends
+  compute copies with a compute dtype narrower than float32 (config.model.dtype bf16 / fp16): the
+                 weights cast to it and their gradients in it before the float32 sum, 2 x its
+                 bytes per weight held. The train step donates its state (`train.train_step`):
+                 the new parameters and moments are written into the old ones' buffers
   activations    what the backward pass keeps of one microbatch (the local batch / config.train.
                  microbatches) (`activation_bytes`): an estimate. On TPU (and CPU) attention
                  keeps its float32 score matrices; on GPU the LM's attention is cuDNN's fused
@@ -88,14 +90,16 @@ class Plan:
   notes: tuple[str, ...] = ()
   microbatches: int = 1  # config.train.microbatches: activations are one microbatch's
   remat: str = 'none'  # config.model.remat
+  compute_bytes: int = 4  # per value of config.model.dtype
 
   def memory(self, kind: str = 'tpu') -> dict[str, float]:
-    """Bytes per device on an accelerator of `kind`: parameters, gradients, optimizer, updated
-    state, activations."""
+    """Bytes per device on an accelerator of `kind`: parameters, gradients, optimizer, compute
+    copies, activations."""
     params, opt = 4.0 * self.local_params, 8.0 * self.local_params
     grads = params * (2 if self.microbatches > 1 else 1)  # + the accumulated sum
+    copies = 2.0 * self.compute_bytes * self.local_params if self.compute_bytes < 4 else 0.0
     return {'parameters': params, 'gradients': grads, 'optimizer': opt,
-            'updated state': params + opt, 'activations': self.activations[kind]}
+            'compute copies': copies, 'activations': self.activations[kind]}
 
   def total(self, kind: str = 'tpu') -> float:
     return sum(self.memory(kind).values())
@@ -214,7 +218,8 @@ def make_plan(config, name: str = '') -> Plan:
                    'gpu': activation_bytes(config, task, model, spec, micro, sharded,
                                            scores=not fused_attention_on_gpu(config, model),
                                            backend='gpu', tensor=tensor)},
-      notes=tuple(notes), microbatches=cfg.microbatches, remat=model.remat)
+      notes=tuple(notes), microbatches=cfg.microbatches, remat=model.remat,
+      compute_bytes=DTYPE_BYTES[model.dtype])
 
 
 def _count(n: float) -> str:
