@@ -279,6 +279,28 @@ def test_plan_arithmetic_matches_a_real_step_on_cpu():
   assert 0.75 <= result.total('tpu') / measured <= 1.5, (memory, stats)
 
 
+@pytest.mark.parametrize('microbatches', [1, 2])
+def test_plan_counts_gradients_as_each_backend_keeps_them(microbatches):
+  """bf16 compute: on GPU the gradients in bf16 (2 bytes per weight held) and no copies; on TPU
+  (XLA:CPU's count) float32 gradients and bf16 weights and gradients (4 + 4); with microbatches
+  both gain the float32 sum (4). Parameters and moments: 4 + 8 on both."""
+  config = lm_tiny.get_config()
+  config.model.dtype = 'bfloat16'
+  config.train.microbatches = microbatches
+  result = memory_plan.make_plan(config)
+  n, summed = result.local_params, 4 * (microbatches > 1)
+  gpu, tpu = result.memory('gpu'), result.memory('tpu')
+  assert (gpu['parameters'], gpu['optimizer']) == (tpu['parameters'], tpu['optimizer']) == (
+      4 * n, 8 * n)
+  assert (gpu['gradients'], gpu['compute copies']) == ((2 + summed) * n, 0)
+  assert (tpu['gradients'], tpu['compute copies']) == ((4 + summed) * n, 4 * n)
+  config.model.dtype = 'float32'  # no narrower copies; float32 gradients on both
+  result = memory_plan.make_plan(config)
+  for kind in ('gpu', 'tpu'):
+    memory = result.memory(kind)
+    assert (memory['gradients'], memory['compute copies']) == ((4 + summed) * n, 0), kind
+
+
 @pytest.mark.parametrize('mesh', [{'fsdp': 8}, {'fsdp': 2, 'expert': 2, 'tensor': 2}],
                          ids=['fsdp8', 'fsdp2_expert2_tensor2'])
 def test_plan_divides_the_state_over_fsdp_and_tensor(mesh):

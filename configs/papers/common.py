@@ -143,9 +143,10 @@ CPU_LATENT = dict(head_dim=16, rope_head_dim=8, q_lora_rank=32, kv_lora_rank=16)
 CPU_EXPERTS = 8
 GPU_TOKENS = 32_768  # tokens per device and step the gpu preset starts from
 GPU_BATCH_CAP = {'lm': 16, 'vit': 128}
-# The share of an H100's 80 GB a gpu preset may plan for. The plan is an estimate: measured on an
-# H100, a preset planned at 66.4 GiB (switch_base) ran out of memory in the 72 GiB (90%) that
-# `moe-jax train` lets JAX take, so the presets keep 1.2x between the plan and that share.
+# The share of an H100's 80 GB a gpu preset may plan for: 1.2x below the 90% that `moe-jax train`
+# lets JAX take. The plan is an estimate: on an H100 the peaks of two paper members came out at
+# 1.01x and 0.94x of it, but XLA's activations came out at 1.3x and 0.9x of its estimate, and
+# activations are most of some presets.
 GPU_PRESET_SHARE = 0.75
 GPU_VOCAB = 32_768  # the vocabulary a gpu preset falls back to when the paper's does not fit
 GPU_MIN_SEQ_LEN = 512

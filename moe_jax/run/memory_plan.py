@@ -9,13 +9,17 @@ scales and the router, < 0.1% of a paper config, are counted as if they were too
 split over data * fsdp * expert (the tensor axis repeats it). Bytes per device:
 
   parameters     4 per weight held (float32 whatever config.model.dtype, the compute dtype)
-  gradients      4 per weight held, sharded as the parameters; 8 with config.train.microbatches > 1
-                 (the accumulated sum and the current microbatch's)
-  optimizer      AdamW's two float32 moments, 8 per weight held
-  compute copies with a compute dtype narrower than float32 (config.model.dtype bf16 / fp16): the
-                 weights cast to it and their gradients in it before the float32 sum, 2 x its
-                 bytes per weight held. The train step donates its state (`train.train_step`):
-                 the new parameters and moments are written into the old ones' buffers
+  optimizer      AdamW's two float32 moments, 8 per weight held. The train step donates its
+                 state (`train.train_step`): the new parameters and moments are written into the
+                 old ones' buffers, so there is one state, not two
+  gradients      sharded as the parameters. GPU: one per weight held in the compute dtype (its
+                 bytes): XLA:GPU fuses their float32 cast into the clipping norm and the update
+                 (`GRADIENT_BYTES`). TPU (as XLA:CPU does, the TPU column's check): float32
+                 gradients, 4 per weight held. Both + 4 with config.train.microbatches > 1 (the
+                 float32 sum the microbatches accumulate into)
+  compute copies TPU (as XLA:CPU does), with a compute dtype narrower than float32: the weights
+                 cast to it and their gradients in it, 2 x its bytes per weight held; GPU: none
+                 (XLA:GPU fuses the casts into their consumers)
   activations    what the backward pass keeps of one microbatch (the local batch / config.train.
                  microbatches) (`activation_bytes`): an estimate. On TPU (and CPU) attention
                  keeps its float32 score matrices; on GPU the LM's attention is cuDNN's fused
@@ -51,6 +55,12 @@ from moe_jax.parallel import sharding
 from moe_jax.run import tasks, train
 
 GiB = 2 ** 30
+# Bytes of gradient per weight held, by accelerator kind, from the compute dtype's bytes. Measured
+# with XLA's memory analysis of the donated bf16 train step (H100, jax 0.11.2, 2026-12-07,
+# `benchmarks/paper_scale.py`): XLA:GPU's temporaries hold 2 bytes per weight and the activations,
+# the float32 gradient never whole; XLA:CPU's hold float32 gradients and bf16 weights and
+# gradients besides. The TPU column keeps the XLA:CPU count: no TPU has measured it.
+GRADIENT_BYTES = {'gpu': lambda compute_bytes: float(compute_bytes), 'tpu': lambda _: 4.0}
 # HBM per chip (vendor figures): TPU v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB;
 # NVIDIA H100 SXM 80 GB (nvidia-smi: 81,559 MiB), H200 141 GB (nvidia-smi: 143,771 MiB).
 ACCELERATORS = {'TPU v4': ('tpu', 32 * GiB), 'TPU v5e': ('tpu', 16 * GiB),
@@ -95,11 +105,13 @@ class Plan:
   def memory(self, kind: str = 'tpu') -> dict[str, float]:
     """Bytes per device on an accelerator of `kind`: parameters, gradients, optimizer, compute
     copies, activations."""
-    params, opt = 4.0 * self.local_params, 8.0 * self.local_params
-    grads = params * (2 if self.microbatches > 1 else 1)  # + the accumulated sum
-    copies = 2.0 * self.compute_bytes * self.local_params if self.compute_bytes < 4 else 0.0
-    return {'parameters': params, 'gradients': grads, 'optimizer': opt,
-            'compute copies': copies, 'activations': self.activations[kind]}
+    n = self.local_params
+    grads = GRADIENT_BYTES[kind](self.compute_bytes) * n
+    grads += 4.0 * n if self.microbatches > 1 else 0.0  # the float32 sum they accumulate into
+    narrow = kind == 'tpu' and self.compute_bytes < 4
+    return {'parameters': 4.0 * n, 'gradients': grads, 'optimizer': 8.0 * n,
+            'compute copies': 2.0 * self.compute_bytes * n if narrow else 0.0,
+            'activations': self.activations[kind]}
 
   def total(self, kind: str = 'tpu') -> float:
     return sum(self.memory(kind).values())
