@@ -14,11 +14,13 @@ out-of-memory error). --out is rewritten after each config.
 
   python benchmarks/paper_scale.py --configs deepseek_moe_2b,switch_base --steps 5 --out plan.json
   python benchmarks/paper_scale.py --configs deepseek_moe_2b --steps 300 --tokenizer DIR/tokenizer.model
+  python benchmarks/paper_scale.py --configs deepseek_moe_2b --set model.num_layers=7   # a smaller member
   python benchmarks/paper_scale.py --scale cpu --configs switch_base --steps 2   # CPU smoke run
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -40,7 +42,8 @@ GiB = 2 ** 30
 
 def overrides(args) -> dict[str, object]:
   """{config path: value} of a short run: steps, logging every step (every 10th past 100 steps),
-  no evaluation before the end, one checkpoint at the end, the data and tokenizer asked for."""
+  no evaluation before the end, one checkpoint at the end, the data and tokenizer asked for, and
+  the fields of --set."""
   steps = args.steps
   values = {'train.steps': steps, 'train.warmup_steps': max(1, steps // 20),
             'train.log_every': 1 if steps <= 100 else 10, 'train.eval_every': 0,
@@ -51,6 +54,12 @@ def overrides(args) -> dict[str, object]:
     values['data.tokenizer'] = str(pathlib.Path(args.tokenizer).resolve())
   if args.data_dir:
     values['data.data_dir'] = str(pathlib.Path(args.data_dir).resolve())
+  for item in args.set:  # PATH=VALUE: a Python literal, else a string
+    path, _, text = item.partition('=')
+    try:
+      values[path] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      values[path] = text
   return values
 
 
@@ -142,16 +151,25 @@ def main(argv=None) -> None:
                       "config's: bytes)")
   parser.add_argument('--data-dir', default='', help="config.data.data_dir: where TFDS keeps the "
                       "prepared data ('' keeps the config's)")
+  parser.add_argument('--set', action='append', default=[], metavar='PATH=VALUE',
+                      help="a config field for every config, as moe-jax train's "
+                      '--config.PATH=VALUE (repeatable), e.g. model.num_layers=7')
   parser.add_argument('--workdir', default='paper_scale_runs', help='one fresh folder per config')
   parser.add_argument('--peak-tflops', type=float, default=PEAK_TFLOPS)
   parser.add_argument('--out', default='', help='JSON results path (and .md beside it)')
   args = parser.parse_args(argv)
+  for item in args.set:
+    if '=' not in item:
+      parser.error(f'--set {item}: give PATH=VALUE, e.g. --set model.num_layers=7')
 
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT),
                                                                     os.environ.get('PYTHONPATH')]))}
   rows, values = [], overrides(args)
   for name in [n.strip() for n in args.configs.split(',') if n.strip()]:
-    plan = memory_plan.make_plan(paper_config(name, args.scale, values), name)
+    try:  # a --set field the config lacks, or a value it rejects: before anything runs
+      plan = memory_plan.make_plan(paper_config(name, args.scale, values), name)
+    except (KeyError, ValueError) as e:
+      parser.error(f'{name}: {e}')
     workdir = pathlib.Path(args.workdir).resolve() / f'{name}_{args.scale}'
     if workdir.exists():
       raise SystemExit(f'{workdir} exists: give another --workdir (a short run starts fresh)')

@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -17,7 +19,7 @@ def test_paper_scale_small(tmp_path):
       [sys.executable, str(ROOT / 'benchmarks' / 'paper_scale.py'), '--scale', 'cpu',
        '--configs', 'switch_base', '--steps', '2', '--data', 'tiny_shakespeare',
        '--data-dir', str(tmp_path / 'tfds'), '--workdir', str(tmp_path / 'runs'),
-       '--out', str(out)],
+       '--set', 'model.num_layers=3', '--set', 'model.encoder_layers=3', '--out', str(out)],
       capture_output=True, text=True, timeout=600, cwd=tmp_path,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr[-3000:]
@@ -32,6 +34,14 @@ def test_paper_scale_small(tmp_path):
   assert math.isfinite(row['loss_first']) and math.isfinite(row['loss_last'])
   summary = json.loads((tmp_path / 'runs' / 'switch_base_cpu' / 'summary.json').read_text())
   assert summary['steps'] == 2 and 'peak_memory_bytes' in summary
+  config = json.loads((tmp_path / 'runs' / 'switch_base_cpu' / 'config.json').read_text())
+  assert config['model']['num_layers'] == config['model']['encoder_layers'] == 3  # --set, run
+  sys.path.insert(0, str(ROOT))
+  from configs.papers import switch_base  # pylint: disable=g-import-not-at-top
+  from moe_jax.run import memory_plan  # pylint: disable=g-import-not-at-top
+  planned = switch_base.get_config('scale=cpu')
+  planned.model.update(num_layers=3, encoder_layers=3)
+  assert row['params_total'] == memory_plan.make_plan(planned).params_total  # --set, planned
   assert '| switch_base |' in (out.with_suffix('.md')).read_text()
 
 
@@ -57,3 +67,16 @@ def test_memory_lines_are_the_trainers_analysis_and_the_allocators_summary():
   dropped = ['  File "/work/main/moe_jax/run/train.py", line 427, in _check_finite',
              'jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to al']
   assert [line for line in kept + dropped if paper_scale.MEMORY_LINE.search(line)] == kept
+
+
+def test_a_bad_set_is_a_short_error_before_any_run(tmp_path, capsys):
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import paper_scale
+  for bad, says in (['--set', 'model.num_layers'], 'give PATH=VALUE'), (
+      ['--set', 'model.no_such_field=3'], 'no_such_field'):
+    with pytest.raises(SystemExit) as exit_:
+      paper_scale.main(['--scale', 'cpu', '--configs', 'switch_base', '--workdir',
+                        str(tmp_path), *bad])
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())  # nothing written

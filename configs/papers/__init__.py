@@ -33,15 +33,15 @@ Presets (`--config configs/papers/<name>.py:scale=cpu` or `:scale=gpu`, `common.
              `--config.data.name=english_mix`, offline, for a first run).
 
   scale=gpu reduces (planned GiB on one H100; a preset plans for at most 75% of its 80 GB):
-    t5_base           batch 16 (9.0)           t5_large        batch 16 (27.0)
-    switch_base       2 + 2 blocks (33.7)      switch_large    2 + 2 blocks (59.1)
-    gshard_top2       2 blocks, 4 experts, batch 4 (57.5); expert_choice the same (57.5)
-    soft_moe_b16      9 blocks (6 dense), batch 128 (58.6)
-    deepseek_moe_2b   6 blocks, batch 16 (58.1)
-    deepseek_moe_16b  2 blocks (1 dense), 32 experts, batch 8 (55.2)
-    mixtral_8x7b      1 block, 4 experts, batch 8 (44.1)
-    deepseek_v3       2 blocks (1 dense), 16 experts, batch 1 of 1,024 tokens, vocabulary 32,768
-                      (55.5)
+    t5_base           batch 16 (6.1)           t5_large        batch 16 (17.4)
+    switch_base       6 + 6 blocks (50.5)      switch_large    4 + 4 blocks (59.4)
+    gshard_top2       2 blocks, 4 experts, batch 8 (42.5); expert_choice the same (42.5)
+    soft_moe_b16      11 blocks (6 dense), batch 128 (52.3)
+    deepseek_moe_2b   all 9 blocks, batch 16 (59.5)
+    deepseek_moe_16b  2 blocks (1 dense), 64 experts, batch 8 (48.2)
+    mixtral_8x7b      1 block, 8 experts, batch 8 (40.2)
+    deepseek_v3       2 blocks (1 dense), 16 experts, batch 1 of 2,048 tokens, vocabulary 32,768
+                      (38.3)
 
 The data sets are stock TFDS names (`c4/en`, `imagenet2012`) standing in where a paper's own data
 is not public. Text is tokenized as bytes by default, so a model's vocabulary rows beyond 256 are

@@ -14,7 +14,7 @@ backward, 3 x forward) of 4,096 tokens, attention included. Data: the paper's co
 public; C4 stands in.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 2 blocks (the first dense), 32 experts, batch 8 (55.2 GiB planned).
+one 80 GB GPU: 2 blocks (the first dense), 64 experts, batch 8 (48.2 GiB planned).
 """
 from configs.papers import common
 

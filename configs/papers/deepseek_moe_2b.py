@@ -13,7 +13,7 @@ ratio, FFN = 2.75 d), which gives 2.03B. Counts: every weight, input and output 
 public; C4 stands in.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 6 blocks, batch 16 (58.1 GiB planned).
+one 80 GB GPU: all 9 blocks, batch 16 (59.5 GiB planned).
 """
 from configs.papers import common
 

@@ -17,8 +17,8 @@ the sequence-wise balance loss (`balance_over='sequence'`). Not modelled: the 2.
 outputs. Data: the paper's corpus is not public; C4 stands in.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 2 blocks (the first dense), 16 experts, batch 1 of 1,024 tokens, vocabulary
-32,768 (55.5 GiB planned).
+one 80 GB GPU: 2 blocks (the first dense), 16 experts, batch 1 of 2,048 tokens, vocabulary
+32,768 (38.3 GiB planned).
 """
 from configs.papers import common
 

@@ -9,7 +9,7 @@ tokens; here a group is one position across the batch (group_by='position'), whi
 decoder causal (moe_jax/moe/causality.py) at the price of coupling the sequences of a batch.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 2 blocks, 4 experts, batch 4 (57.5 GiB planned).
+one 80 GB GPU: 2 blocks, 4 experts, batch 8 (42.5 GiB planned).
 """
 from configs.papers import common
 

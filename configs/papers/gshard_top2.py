@@ -12,7 +12,7 @@ weight, and routes the whole batch as one group; here both choices go, and each 
 routed in token order (causal).
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 2 blocks, 4 experts, batch 4 (57.5 GiB planned).
+one 80 GB GPU: 2 blocks, 4 experts, batch 8 (42.5 GiB planned).
 """
 from configs.papers import common
 

@@ -10,7 +10,7 @@ experts per token. Not stated by the paper, and ours: data (C4 stands in), seque
 (4,096), batch (1,024 sequences: 4M tokens), steps and optimizer (AdamW, lr 3e-4).
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 1 block, 4 experts, batch 8 (44.1 GiB planned).
+one 80 GB GPU: 1 block, 8 experts, batch 8 (40.2 GiB planned).
 """
 from configs.papers import common
 

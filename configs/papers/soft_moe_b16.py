@@ -13,7 +13,7 @@ the head by 22M parameters (0.6%). Counts: every weight. Not counted, as the pro
 none: the biases of attention and MLPs, and the query/key norms (~3M together).
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 9 blocks (the first 6 dense), batch 128 (58.6 GiB planned).
+one 80 GB GPU: 11 blocks (the first 6 dense), batch 128 (52.3 GiB planned).
 """
 from configs.papers import common
 

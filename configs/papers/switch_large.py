@@ -9,7 +9,7 @@ released checkpoint (google/switch-large-128, ~26.3B), which this config follows
 gated-GELU FFN of 2,816 (three matrices) would give 27.2B.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: 2 encoder and 2 decoder blocks, batch 16 (59.1 GiB planned).
+one 80 GB GPU: 4 encoder and 4 decoder blocks, batch 16 (59.4 GiB planned).
 """
 from configs.papers import common
 

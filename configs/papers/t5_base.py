@@ -10,7 +10,7 @@ forward FLOPs per token x 626 tokens (512 input + 114 target); see the test for 
 above the paper's.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: batch 16 of the paper's 2,048 (9.0 GiB planned).
+one 80 GB GPU: batch 16 of the paper's 2,048 (6.1 GiB planned).
 """
 from configs.papers import common
 

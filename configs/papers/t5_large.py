@@ -8,7 +8,7 @@ which this config counts.
 Counts: as t5_base.py.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: batch 16 (27.0 GiB planned).
+one 80 GB GPU: batch 16 (17.4 GiB planned).
 """
 from configs.papers import common
 
