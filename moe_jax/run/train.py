@@ -245,7 +245,9 @@ def _train_step(state: dict, batch, rng: jax.Array, *, task: tasks.Task, model, 
 
 # The state is donated: XLA writes the new state into the old one's buffers, so one state is
 # live per step, not two. A caller that needs the old state after a step passes a copy (or calls
-# train_step inside its own jax.jit, where the donation does not apply).
+# train_step inside its own jax.jit, where the donation does not apply). A checkpoint is safe:
+# orbax copies the arrays to the host before its save returns (TransferPriority.SYNCHRONOUS, its
+# default), so the next step may take them.
 train_step = jax.jit(_train_step, static_argnames=('task', 'model', 'cfg', 'mesh'),
                      donate_argnames='state')
 
