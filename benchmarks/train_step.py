@@ -16,7 +16,8 @@ x tokens, forward FLOPs per token from `transformer.transformer_flops`:
     kept assignments, so 'useful' overstates the work done when tokens drop; 'kept' does not.
     Dropless (`--capacity-factor none`) drops nothing: kept = useful.
 Peak: H100 / H200 SXM dense bf16, 989 TFLOP/s (the datasheet figure without sparsity; the H200 has
-the H100's matrix units). `--shapes` adds a Mixtral-like and a DeepSeek-like model (`SHAPES`).
+the H100's matrix units). `--shapes` adds a Mixtral-like and a DeepSeek-like model, and
+deepseek_moe_2b's gpu preset (`SHAPES`).
 
   python benchmarks/train_step.py --out train_step.json    # GPU: ~1B model, gather and blocked
   python benchmarks/train_step.py --shapes mixtral,deepseek --dispatch blocked --big-batch 0
@@ -80,6 +81,10 @@ SHAPES = {
     'mixtral': dict(d_model=4096, num_heads=32, num_layers=2, d_ff=14336, num_experts=8, k=2),
     'deepseek': dict(d_model=2048, num_heads=16, num_layers=4, d_ff=1408, num_experts=64, k=6,
                      num_shared_experts=2),
+    # configs/papers/deepseek_moe_2b.py at scale=gpu (its blocks, widths and routing; vocabulary
+    # 256 here): the shape of benchmarks/paper_scale.py's run of that preset.
+    'deepseek_moe_2b': dict(d_model=1280, num_heads=10, num_layers=9, d_ff=880, num_experts=63,
+                            k=7, num_shared_experts=1),
 }
 
 
