@@ -14,7 +14,7 @@ split over data * fsdp * expert (the tensor axis repeats it). Bytes per device:
                  old ones' buffers, so there is one state, not two
   gradients      sharded as the parameters. GPU: one per weight held in the compute dtype (its
                  bytes): XLA:GPU fuses their float32 cast into the clipping norm and the update
-                 (`GRADIENT_BYTES`). TPU (as XLA:CPU does, the TPU column's check): float32
+                 (`WEIGHT_WORKING_BYTES`). TPU (as XLA:CPU does, the TPU column's check): float32
                  gradients, 4 per weight held. Both + 4 with config.train.microbatches > 1 (the
                  float32 sum the microbatches accumulate into)
   compute copies TPU (as XLA:CPU does), with a compute dtype narrower than float32: the weights
@@ -55,12 +55,16 @@ from moe_jax.parallel import sharding
 from moe_jax.run import tasks, train
 
 GiB = 2 ** 30
-# Bytes of gradient per weight held, by accelerator kind, from the compute dtype's bytes. Measured
-# with XLA's memory analysis of the donated bf16 train step (H100, jax 0.11.2, 2026-12-07,
-# `benchmarks/paper_scale.py`): XLA:GPU's temporaries hold 2 bytes per weight and the activations,
-# the float32 gradient never whole; XLA:CPU's hold float32 gradients and bf16 weights and
-# gradients besides. The TPU column keeps the XLA:CPU count: no TPU has measured it.
-GRADIENT_BYTES = {'gpu': lambda compute_bytes: float(compute_bytes), 'tpu': lambda _: 4.0}
+# (gradients, compute copies) in bytes per weight held, by accelerator kind, from the compute
+# dtype's bytes. Measured with XLA's memory analysis of the donated bf16 train step (H100, jax
+# 0.11.2, 2026-12-07, `benchmarks/paper_scale.py`): XLA:GPU's temporaries hold 2 bytes per weight
+# and the activations, the float32 gradient never whole; XLA:CPU's hold float32 gradients and the
+# weights and gradients in a narrower compute dtype besides. The TPU column keeps the XLA:CPU
+# count: no TPU has measured it.
+WEIGHT_WORKING_BYTES = {
+    'gpu': lambda compute_bytes: (float(compute_bytes), 0.0),
+    'tpu': lambda compute_bytes: (4.0, 2.0 * compute_bytes if compute_bytes < 4 else 0.0),
+}
 # HBM per chip (vendor figures): TPU v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB;
 # NVIDIA H100 SXM 80 GB (nvidia-smi: 81,559 MiB), H200 141 GB (nvidia-smi: 143,771 MiB).
 ACCELERATORS = {'TPU v4': ('tpu', 32 * GiB), 'TPU v5e': ('tpu', 16 * GiB),
@@ -106,12 +110,10 @@ class Plan:
     """Bytes per device on an accelerator of `kind`: parameters, gradients, optimizer, compute
     copies, activations."""
     n = self.local_params
-    grads = GRADIENT_BYTES[kind](self.compute_bytes) * n
-    grads += 4.0 * n if self.microbatches > 1 else 0.0  # the float32 sum they accumulate into
-    narrow = kind == 'tpu' and self.compute_bytes < 4
-    return {'parameters': 4.0 * n, 'gradients': grads, 'optimizer': 8.0 * n,
-            'compute copies': 2.0 * self.compute_bytes * n if narrow else 0.0,
-            'activations': self.activations[kind]}
+    grads, copies = WEIGHT_WORKING_BYTES[kind](self.compute_bytes)
+    grads += 4.0 if self.microbatches > 1 else 0.0  # the float32 sum they accumulate into
+    return {'parameters': 4.0 * n, 'gradients': grads * n, 'optimizer': 8.0 * n,
+            'compute copies': copies * n, 'activations': self.activations[kind]}
 
   def total(self, kind: str = 'tpu') -> float:
     return sum(self.memory(kind).values())
