@@ -13,7 +13,8 @@ ratio, FFN = 2.75 d), which gives 2.03B. Counts: every weight, input and output 
 public; C4 stands in.
 
 Presets (`common.cpu_scale`, `common.gpu_scale`): scale=cpu, the family at a test's size; scale=gpu,
-one 80 GB GPU: all 9 blocks, batch 16 (59.5 GiB planned).
+one 80 GB GPU: all 9 blocks, batch 16 (59.5 GiB planned; 56.2 GiB measured on an H100,
+README).
 """
 from configs.papers import common
 
