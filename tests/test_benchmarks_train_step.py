@@ -47,6 +47,26 @@ def test_train_step_benchmark_small(tmp_path):
   assert '| routed experts |' in result.stdout
 
 
+def test_deepseek_moe_2b_shape_is_the_gpu_preset():
+  """`--shapes deepseek_moe_2b` times the block of configs/papers/deepseek_moe_2b.py:scale=gpu, the
+  run benchmarks/paper_scale.py trains, so the two figures compare (vocabulary aside)."""
+  import train_step  # pylint: disable=g-import-not-at-top
+  from configs.papers import deepseek_moe_2b  # pylint: disable=g-import-not-at-top
+  config = deepseek_moe_2b.get_config('scale=gpu')
+  model, moe = config.model, config.moe
+  assert train_step.SHAPES['deepseek_moe_2b'] == dict(
+      d_model=model.d_model, num_heads=model.num_heads, num_layers=model.num_layers,
+      d_ff=moe.d_ff, num_experts=moe.num_experts, k=moe.k,
+      num_shared_experts=moe.num_shared_experts)
+  # what a Case fixes: every block MoE, multi-head attention, SwiGLU, token choice by sequence
+  assert (model.moe_every, model.first_dense_layers, model.num_kv_heads, model.kv_lora_rank) == (
+      1, 0, 0, 0)
+  assert (model.activation, moe.activation, moe.router, moe.group_by, moe.priority) == (
+      'swiglu', 'swiglu', 'token_choice', 'sequence', 'token')
+  # `--capacity-factor none --batch 16`, and train_step's sequence length
+  assert (moe.capacity_factor, config.data.batch_size, config.data.seq_len) == (None, 16, 2048)
+
+
 def test_profile_reads_scopes_inside_transformations():
   """A scope inside a transformation's parentheses (`jvp(loss)`) names its part; the gradient's
   instructions (`transpose(...)`) count as backward; collectives go by opcode."""
