@@ -54,13 +54,19 @@ def overrides(args) -> dict[str, object]:
     values['data.tokenizer'] = str(pathlib.Path(args.tokenizer).resolve())
   if args.data_dir:
     values['data.data_dir'] = str(pathlib.Path(args.data_dir).resolve())
-  for item in args.set:  # PATH=VALUE: a Python literal, else a string
-    path, _, text = item.partition('=')
-    try:
-      values[path] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      values[path] = text
+  values.update(args.set)
   return values
+
+
+def field_value(item: str) -> tuple[str, object]:
+  """--set's PATH=VALUE as (path, value): VALUE a Python literal, else a string."""
+  path, equals, text = item.partition('=')
+  if not equals:
+    raise argparse.ArgumentTypeError(f'{item}: give PATH=VALUE, e.g. --set model.num_layers=7')
+  try:
+    return path, ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return path, text
 
 
 def paper_config(name: str, scale: str, values: dict):
@@ -151,16 +157,14 @@ def main(argv=None) -> None:
                       "config's: bytes)")
   parser.add_argument('--data-dir', default='', help="config.data.data_dir: where TFDS keeps the "
                       "prepared data ('' keeps the config's)")
-  parser.add_argument('--set', action='append', default=[], metavar='PATH=VALUE',
+  parser.add_argument('--set', action='append', default=[], type=field_value,
+                      metavar='PATH=VALUE',
                       help="a config field for every config, as moe-jax train's "
                       '--config.PATH=VALUE (repeatable), e.g. model.num_layers=7')
   parser.add_argument('--workdir', default='paper_scale_runs', help='one fresh folder per config')
   parser.add_argument('--peak-tflops', type=float, default=PEAK_TFLOPS)
   parser.add_argument('--out', default='', help='JSON results path (and .md beside it)')
   args = parser.parse_args(argv)
-  for item in args.set:
-    if '=' not in item:
-      parser.error(f'--set {item}: give PATH=VALUE, e.g. --set model.num_layers=7')
 
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT),
                                                                     os.environ.get('PYTHONPATH')]))}
