@@ -144,9 +144,9 @@ CPU_EXPERTS = 8
 GPU_TOKENS = 32_768  # tokens per device and step the gpu preset starts from
 GPU_BATCH_CAP = {'lm': 16, 'vit': 128}
 # The share of an H100's 80 GB a gpu preset may plan for: 1.2x below the 90% that `moe-jax train`
-# lets JAX take. The plan is an estimate: on an H100 the peaks of two paper members came out at
-# 1.01x and 0.94x of it, but XLA's activations came out at 1.3x and 0.9x of its estimate, and
-# activations are most of some presets.
+# lets JAX take. The plan is an estimate: on an H100 the peaks of four paper members (two of them
+# presets) came out at 0.94x to 1.01x of it, but XLA's activations came out at 1.3x and 0.9x of its
+# estimate in two of them, and activations are most of some presets.
 GPU_PRESET_SHARE = 0.75
 GPU_VOCAB = 32_768  # the vocabulary a gpu preset falls back to when the paper's does not fit
 GPU_MIN_SEQ_LEN = 512
