@@ -96,14 +96,14 @@ def seeds_ran(verdict: common.Verdict) -> int:
   return min(len(values) for values in verdict.per_seed.values())
 
 
-def prepare_data(keys: list[str], scale: str, data_dir: str | None) -> None:
-  """Prepares (TFDS download_and_prepare, offline) every data set the claims `keys` read, once,
-  before child processes would race to prepare one data dir."""
+def prepare_data(keys: list[str], scale: str, data_dir: str | None, pilot: bool = False) -> None:
+  """Prepares (TFDS download_and_prepare, offline) every data set the claims `keys` read (their
+  pilot sweeps' if `pilot`), once, before child processes would race to prepare one data dir."""
   from moe_jax.data import images as image_data, text
   loaders = {'lm': text.load_text_splits, 'vit': image_data.load_image_splits}
   seen = set()
   for key in keys:
-    sweep = runs_lib.claim_config(key, scale)
+    sweep = runs_lib.claim_config(key, scale, pilot)
     if (sweep.task, sweep.base.data.name) not in seen:
       seen.add((sweep.task, sweep.base.data.name))
       loaders[sweep.task](sweep.base.data.name, data_dir=data_dir or sweep.base.data.data_dir,
@@ -117,7 +117,7 @@ def train_claims(keys: list[str], args, seeds_of, pilot: bool = False) -> dict:
                                          args.workdir, args.data_dir, pilot) for key in keys}
   args.workdir.mkdir(parents=True, exist_ok=True)
   if args.jobs > 1:
-    prepare_data(keys, args.scale, args.data_dir)
+    prepare_data(keys, args.scale, args.data_dir, pilot)
   if args.report_only:
     return claim_runs
   # Seed-major order: every member of the first seed before the second seed's, so that paired

@@ -12,7 +12,7 @@ import pytest
 
 from configs.common import SCALES
 from experiments import CLAIMS, common
-from experiments.__main__ import main
+from experiments.__main__ import main, prepare_data
 from moe_jax.models import transformer
 from moe_jax.run import sweep, tasks
 
@@ -38,6 +38,18 @@ def test_every_claim_builds_with_its_flops(key, scale):
     assert max(flops) / min(flops) - 1 < 0.02
   else:  # (e): the same expert width, so FLOPs grow with the capacity factor
     assert flops == sorted(flops) and flops[-1] > flops[0]
+
+
+@pytest.mark.parametrize('scale', SCALES)
+def test_a_pilot_prepares_its_pilot_sweeps_data(scale, monkeypatch):
+  """`pilot --jobs N` prepares the data of the pilot's sweep, which exists before the claim's
+  final regime is fixed ((d)'s get_config refuses until then)."""
+  from moe_jax.data import text
+  prepared = []
+  monkeypatch.setattr(text, 'load_text_splits', lambda name, **kw: prepared.append(name))
+  prepare_data(['d'], scale, None, pilot=True)
+  pilot_sweep = importlib.import_module(f'experiments.{CLAIMS["d"]}').pilot_config(f'scale={scale}')
+  assert prepared == [pilot_sweep.base.data.name]
 
 
 def test_fine_grained_member_has_gshards_total_params():
