@@ -1,14 +1,15 @@
 """Paper configs at `:scale=gpu` on one GPU: `moe-jax plan`'s memory per device against the
-measured peak, and a short training run's throughput, useful MFU and loss.
+measured peak, and a short training run's throughput, MFU and loss.
 
 Each config of configs/papers/ trains in a process of its own (`moe-jax train`, so that the peak
 is its own) for --steps steps into a fresh folder under --workdir, on --data (read by
 --tokenizer); its plan (`moe_jax.run.memory_plan`, no device) is made here from the same config
 and overrides. A row: plan GiB (the GPU count), measured peak GiB (summary.json's
 peak_memory_bytes), measured / plan, XLA step GiB (XLA's memory analysis of the compiled train
-step: arguments + outputs + temporaries, summary.json's step_memory_bytes), tokens/s, useful MFU
+step: arguments + outputs + temporaries, summary.json's step_memory_bytes), tokens/s, active MFU
 (3 x flops_active per token x tokens/s / --peak-tflops: the papers' FLOPs, k expert slots per
-token), train loss at the first and the last step. A failed run's row keeps its error, the end of
+token and the full [L, L] attention scores; benchmarks/train_step.py's 'useful' MFU counts only
+their causal half), train loss at the first and the last step. A failed run's row keeps its error, the end of
 its stderr and its memory lines (the trainer's XLA analysis, the allocator's summary after an
 out-of-memory error). --out is rewritten after each config.
 
@@ -116,7 +117,7 @@ def row(name: str, plan: memory_plan.Plan, summary: dict, peak_tflops: float) ->
       'xla_step_gib': None if xla is None else xla / GiB,  # XLA's analysis of the step
       'step_memory_bytes': summary.get('step_memory_bytes'),
       'tokens_per_s': tokens_per_s,
-      'mfu_useful': (None if not tokens_per_s or not flops
+      'mfu_active': (None if not tokens_per_s or not flops
                      else 3 * flops * tokens_per_s / (peak_tflops * 1e12)),
       'loss_first': losses[0], 'loss_last': losses[-1],
       'params_total': plan.params_total, 'error': summary.get('error'),
@@ -129,7 +130,7 @@ def table(rows: list[dict]) -> str:
     return 'n/a' if value is None else format(value, form)
 
   lines = ['| config | params | plan GiB | measured peak GiB | measured / plan | XLA step GiB '
-           '| tokens/s | useful MFU | train loss first -> last |',
+           '| tokens/s | active MFU | train loss first -> last |',
            '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |']
   for r in rows:
     if r['error']:
@@ -139,7 +140,7 @@ def table(rows: list[dict]) -> str:
     lines.append(f"| {r['config']} | {r['params_total'] / 1e9:.2f}B | {r['plan_gib']:.1f} "
                  f"| {num(r['measured_gib'], '.1f')} | {num(r['measured_over_plan'], '.2f')} "
                  f"| {num(r['xla_step_gib'], '.1f')} "
-                 f"| {num(r['tokens_per_s'], ',.0f')} | {num(r['mfu_useful'], '.1%')} "
+                 f"| {num(r['tokens_per_s'], ',.0f')} | {num(r['mfu_active'], '.1%')} "
                  f"| {num(r['loss_first'], '.3f')} -> {num(r['loss_last'], '.3f')} |")
   return '\n'.join(lines)
 
@@ -182,7 +183,8 @@ def main(argv=None) -> None:
     if args.out:  # after each config: a run cut short keeps the rows before it
       pathlib.Path(args.out).write_text(json.dumps({'args': vars(args), 'rows': rows}, indent=2))
       pathlib.Path(args.out).with_suffix('.md').write_text(table(rows) + '\n')
-  print(f'\nuseful MFU against {args.peak_tflops:g} TFLOP/s; plan: moe-jax plan, GPU count; '
+  print(f"\nactive MFU (the papers' FLOPs, full attention scores) against {args.peak_tflops:g} "
+        'TFLOP/s; plan: moe-jax plan, GPU count; '
         "XLA step: XLA's memory analysis of the compiled train step (arguments + outputs + "
         'temporaries)\n')
   print(table(rows))

@@ -23,17 +23,20 @@ def test_paper_scale_small(tmp_path):
       capture_output=True, text=True, timeout=600, cwd=tmp_path,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr[-3000:]
-  (row,) = json.loads(out.read_text())['rows']
+  results = json.loads(out.read_text())
+  (row,) = results['rows']
   assert row['config'] == 'switch_base' and row['error'] is None, row
   assert row['plan_gib'] > 0 and row['params_total'] > 0
   assert row['measured_gib'] is None and row['measured_over_plan'] is None  # no peak on CPU
   assert row['xla_step_gib'] > 0  # XLA's analysis of the compiled step, on every backend
   memory = row['step_memory_bytes']
   assert row['xla_step_gib'] * 2 ** 30 == memory['total'] >= memory['argument'] > 0, memory
-  assert row['tokens_per_s'] > 0 and 0 < row['mfu_useful'] < 1
+  assert row['tokens_per_s'] > 0 and 0 < row['mfu_active'] < 1
   assert math.isfinite(row['loss_first']) and math.isfinite(row['loss_last'])
   summary = json.loads((tmp_path / 'runs' / 'switch_base_cpu' / 'summary.json').read_text())
   assert summary['steps'] == 2 and 'peak_memory_bytes' in summary
+  peak = results['args']['peak_tflops'] * 1e12  # active MFU: the papers' FLOPs per token
+  assert row['mfu_active'] == pytest.approx(3 * summary['flops_active'] * row['tokens_per_s'] / peak)
   config = json.loads((tmp_path / 'runs' / 'switch_base_cpu' / 'config.json').read_text())
   assert config['model']['num_layers'] == config['model']['encoder_layers'] == 3  # --set, run
   sys.path.insert(0, str(ROOT))
