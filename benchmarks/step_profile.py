@@ -16,9 +16,12 @@ import collections
 import dataclasses
 import os
 import re
+import statistics
 import tempfile
+import time
 
 import jax
+import jax.numpy as jnp
 
 import profile_layer
 
@@ -132,9 +135,10 @@ def profile_step(compiled, state, batch, iters: int):
 
 
 def markdown(label: str, parts: dict, step_ms: float | None = None,
-             optimizer_floor: float | None = None) -> str:
+             optimizer_floor: float | None = None, perfect: PerfectStep | None = None) -> str:
   """The table of one step's parts: forward, backward and total ms, and the share of kernel time;
-  with `optimizer_floor` (ms, `optimizer_floor_ms`), a line on how far the update is from it."""
+  with `optimizer_floor` (ms, `optimizer_floor_ms`), a line on how far the update is from it;
+  with `perfect` (`perfect_step`), a line on the step's bound."""
   total = sum(p['forward'] + p['backward'] for p in parts.values())
   lines = [f'### {label}: {total:.2f} ms of kernels per step'
            + (f' (step {step_ms:.2f} ms wall)' if step_ms else ''), '']
@@ -143,6 +147,13 @@ def markdown(label: str, parts: dict, step_ms: float | None = None,
     lines += [f"The optimizer update's floor at HBM bandwidth ({OPTIMIZER_BYTES_PER_PARAM} bytes "
               f"per parameter): {optimizer_floor:.2f} ms; measured "
               f"{update['forward'] + update['backward']:.2f} ms.", '']
+  if perfect is not None:
+    lines += [f'A perfect step: every useful FLOP at the dense matmul rate measured here '
+              f'({perfect.dense_tflops:.3g} TFLOP/s), the update at its floor (or as measured '
+              f'where the floor is unknown), every other part as measured: {perfect.ms:.2f} ms, '
+              f'{perfect.useful_tflops:.3g} useful TFLOP/s'
+              + ('' if perfect.mfu_useful is None else f', {perfect.mfu_useful:.1%} useful MFU')
+              + '.', '']
   lines += ['| part | forward ms | backward ms | total ms | share | largest kernel |',
             '| --- | ---: | ---: | ---: | ---: | --- |']
   for name, p in sorted(parts.items(), key=lambda kv: -(kv[1]['forward'] + kv[1]['backward'])):
@@ -170,6 +181,51 @@ def optimizer_floor_ms(params: int, device_kind: str) -> float | None:
   bandwidth = next((bw for kind, bw in HBM_BANDWIDTH.items() if device_kind.startswith(kind)),
                    None)
   return None if bandwidth is None else 1e3 * params * OPTIMIZER_BYTES_PER_PARAM / bandwidth
+
+
+# Parts whose time is matmuls (attention's projections and flash kernels included): a perfect step
+# runs their useful FLOPs at the dense matmul rate. The other parts are memory-bound.
+MATMUL_PARTS = ('attention', 'routed experts', 'shared experts', 'embedding, logits, loss')
+
+
+@dataclasses.dataclass(frozen=True)
+class PerfectStep:
+  """`perfect_step`'s bound: its ms, the useful TFLOP/s and MFU (None without a peak) it would
+  give, and the dense rate it assumes."""
+  ms: float
+  useful_tflops: float
+  mfu_useful: float | None
+  dense_tflops: float
+
+
+def perfect_step(parts: dict, useful_flops: float, dense_tflops: float,
+                 optimizer_floor: float | None, peak_tflops: float | None) -> PerfectStep:
+  """The bound of a step of `parts` (`attribute`'s, per step) on its GPU: `useful_flops` (the
+  step's, forward and backward) all at `dense_tflops`, the optimizer update at `optimizer_floor`
+  ms (as measured where None), every other part (norms, permutation, router, the rest) as
+  measured. No step with these parts can beat it without making those parts faster."""
+  measured = {name: p['forward'] + p['backward'] for name, p in parts.items()}
+  update = measured['optimizer update'] if optimizer_floor is None else optimizer_floor
+  other = sum(ms for name, ms in measured.items()
+              if name not in MATMUL_PARTS and name != 'optimizer update')
+  ms = 1e3 * useful_flops / (dense_tflops * 1e12) + update + other
+  tflops = useful_flops / ms / 1e9
+  return PerfectStep(ms, tflops, None if peak_tflops is None else tflops / peak_tflops,
+                     dense_tflops)
+
+
+def dense_matmul_tflops(n: int, iters: int = 10) -> float:
+  """The rate of one [n, n] x [n, n] bfloat16 matmul on the default device, TFLOP/s (median of
+  `iters` timed calls): the rate `perfect_step` holds every matmul to (8192 on an H100: ~798)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
 def disable_command_buffers() -> None:

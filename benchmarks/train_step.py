@@ -235,10 +235,14 @@ def run_case(case: Case, warmup: int, steps: int, peak: float | None,
       f'{result["tflops_executed"]:.0f} / {result["tflops_useful"]:.0f} / {result["tflops_kept"]:.0f} '
       f'TFLOP/s executed / useful / kept, {100 * dropped:.1f}% assignments dropped, '
       f'loss {losses[0]:.3f} -> {losses[-1]:.3f}')
+  del state, compiled  # the memory the dense matmul below needs
   if profile_steps:
+    dense = step_profile.dense_matmul_tflops(8192 if jax.default_backend() == 'gpu' else 256)
+    perfect = step_profile.perfect_step(result['parts'], useful, dense,
+                                        result['optimizer_floor_ms'], peak)
+    result['perfect_step'] = dataclasses.asdict(perfect)
     print(step_profile.markdown(case.name, result['parts'], result['step_ms'],
-                                result['optimizer_floor_ms']), flush=True)
-  del state, compiled
+                                result['optimizer_floor_ms'], perfect), flush=True)
   return result
 
 

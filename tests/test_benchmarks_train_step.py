@@ -44,7 +44,10 @@ def test_train_step_benchmark_small(tmp_path):
     # the scopes name most kernels (counted, not timed: a share of time moves with the CPU's load)
     launches = {name: part['launches'] for name, part in parts.items()}
     assert launches[step_profile.REST] < 0.25 * sum(launches.values()), (row['name'], launches)
-  assert '| routed experts |' in result.stdout
+    perfect = row['perfect_step']  # the bound, from the dense matmul rate measured in the run
+    assert perfect['dense_tflops'] > 0 and perfect['mfu_useful'] is None, perfect  # no CPU peak
+    assert perfect['ms'] > ms['norms'] + ms['permutation'] + ms['router + top-k'], perfect
+  assert '| routed experts |' in result.stdout and 'A perfect step: ' in result.stdout
 
 
 def test_deepseek_moe_2b_shape_is_the_gpu_preset():
@@ -101,6 +104,25 @@ def test_optimizer_floor_is_its_bytes_at_the_hbm_bandwidth():
   parts = {name: {'forward': 1.0, 'backward': 0.0, 'kernels': {}} for name in step_profile.ORDER}
   assert 'floor at HBM bandwidth (28 bytes per parameter): 2.00 ms; measured 1.00 ms' in (
       step_profile.markdown('x', parts, 5.0, 2.0))
+
+
+def test_perfect_step_by_hand():
+  """The DeepSeek-like step's profile (H100, docs/performance.md): its 35.6 TFLOP of useful work at
+  798 TFLOP/s, the update at its 19.7 ms floor, norms, permutation and router as measured."""
+  measured = {'routed experts': (14.4, 24.1), 'optimizer update': (22.2, 0.0),
+              'attention': (4.6, 10.3), 'shared experts': (3.4, 6.8), 'norms': (1.5, 2.3),
+              'permutation': (2.0, 0.6), 'router + top-k': (0.5, 0.4),
+              'embedding, logits, loss': (0.1, 0.2)}
+  parts = {name: {'forward': measured.get(name, (0.0, 0.0))[0],
+                  'backward': measured.get(name, (0.0, 0.0))[1], 'kernels': {}}
+           for name in step_profile.ORDER}
+  perfect = step_profile.perfect_step(parts, 35.6e12, 798.0, 19.7, 989.0)
+  by_hand = 1e3 * 35.6 / 798 + 19.7 + (1.5 + 2.3) + (2.0 + 0.6) + (0.5 + 0.4)
+  assert perfect.ms == pytest.approx(by_hand) and 71 < by_hand < 72
+  assert perfect.mfu_useful == pytest.approx(35.6e12 / (by_hand * 1e-3) / 989e12)  # 50.3%
+  assert step_profile.perfect_step(parts, 35.6e12, 798.0, None, 989.0).ms == pytest.approx(
+      by_hand - 19.7 + 22.2)  # no floor known: the update as measured
+  assert 'A perfect step: ' in step_profile.markdown('x', parts, 96.3, 19.7, perfect)
 
 
 # The PyTorch peer (`--peer torch`, benchmarks/torch_peer.py): these run where torch is installed.
