@@ -9,9 +9,9 @@ peak_memory_bytes), measured / plan, XLA step GiB (XLA's memory analysis of the 
 step: arguments + outputs + temporaries, summary.json's step_memory_bytes), tokens/s, active MFU
 (3 x flops_active per token x tokens/s / --peak-tflops: the papers' FLOPs, k expert slots per
 token and the full [L, L] attention scores; benchmarks/train_step.py's 'useful' MFU counts only
-their causal half), train loss at the first and the last step. A failed run's row keeps its error, the end of
-its stderr and its memory lines (the trainer's XLA analysis, the allocator's summary after an
-out-of-memory error). --out is rewritten after each config.
+their causal half), train loss at the first and the last step. A failed run's row keeps its
+error, the end of its stderr and its memory lines (the trainer's XLA analysis, the allocator's
+summary after an out-of-memory error). --out is rewritten after each config.
 
   python benchmarks/paper_scale.py --configs deepseek_moe_2b,switch_base --steps 5 --out plan.json
   python benchmarks/paper_scale.py --configs deepseek_moe_2b --steps 300 --tokenizer DIR/tokenizer.model

@@ -16,13 +16,12 @@ import collections
 import dataclasses
 import os
 import re
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 
+import moe_layer
 import profile_layer
 
 # (part, scope names), the first part with a scope on the op_name path wins (a scope may sit in a
@@ -215,17 +214,11 @@ def perfect_step(parts: dict, useful_flops: float, dense_tflops: float,
 
 
 def dense_matmul_tflops(n: int, iters: int = 10) -> float:
-  """The rate of one [n, n] x [n, n] bfloat16 matmul on the default device, TFLOP/s (median of
-  `iters` timed calls): the rate `perfect_step` holds every matmul to (8192 on an H100: ~798)."""
+  """The rate of one [n, n] x [n, n] bfloat16 matmul on the default device, TFLOP/s (median wall
+  time of `iters` synchronized calls, `moe_layer.time_ms`): the rate `perfect_step` holds every
+  matmul to (8192 on an H100: ~798)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    matmul(a, a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / statistics.median(times) / 1e12
+  return 2 * n ** 3 / moe_layer.time_ms(jax.jit(jnp.matmul), a, a, iters=iters) / 1e9
 
 
 def disable_command_buffers() -> None:
